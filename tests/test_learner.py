@@ -1,0 +1,269 @@
+"""The ILQ learner: the fused jitted ILB target against a plain step-by-step computation of Eq. 16-20,
+its invariants, gradient isolation, determinism, NaN handling, and the CLI (summary.json, resume)."""
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ilq_jax as ilq
+
+OBS, ACT, B, N_OOD, M = 5, 2, 8, 2, 4
+
+
+def setup(seed=0, family="hopper", **overrides):
+    """Random (untrained) networks and models: the target must be right for any parameters."""
+    kw = dict(obs_dim=OBS, act_dim=ACT, eta=0.7, delta=0.3, penalty_coef=0.5, critic_lr=1e-3, actor_lr=1e-3,
+              entropy=True, cosine_lr=False, total_steps=100, batch_size=B, num_behavior_samples=M,
+              num_ood_actions=N_OOD, hidden_dim=32, num_hidden=2)
+    kw.update(overrides)
+    cfg = ilq.ILQConfig(**kw)
+    k = jax.random.split(jax.random.PRNGKey(seed), 8)
+    dyn_net = ilq.DynamicsEnsemble(OBS + 1, 3, 16, 4)
+    dyn = ilq.DynamicsModel(dyn_net.init(k[0], jnp.zeros((1, OBS + ACT))), jax.random.normal(k[1], (OBS + ACT,)),
+                            0.5 + jnp.abs(jax.random.normal(k[2], (OBS + ACT,))), jnp.array([0, 2], jnp.int32),
+                            OBS, 3, 16, 4, family)
+    beh = ilq.BehaviorModel(ilq.NoiseNet(ACT, 32).init(k[3], jnp.zeros((1, ACT)), jnp.zeros(1, jnp.int32),
+                                                       jnp.zeros((1, OBS))), ACT, 5, 32)
+    n = 64
+    data = ilq.Transitions(
+        observations=jax.random.normal(k[4], (n, OBS)) + jnp.array([1.2, 0, 0, 0, 0]),
+        actions=jax.random.uniform(k[5], (n, ACT), minval=-1, maxval=1),
+        rewards=jax.random.normal(k[6], (n,)),
+        next_observations=jax.random.normal(k[7], (n, OBS)),
+        terminals=(jnp.arange(n) % 3 == 0).astype(jnp.float32))
+    state = ilq.init_train_state(cfg, jax.random.PRNGKey(seed + 100))
+    # targets differ from the online critics, alpha != 1: a mix-up of the two would show
+    noise = jax.tree_util.tree_map(lambda p: 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 7), p.shape),
+                                   state.critic_params)
+    state = state.replace(target_critic_params=jax.tree_util.tree_map(jnp.add, state.critic_params, noise),
+                          log_alpha=jnp.asarray(-0.7))
+    batch = jax.tree_util.tree_map(lambda x: x[:B], data)
+    return cfg, state, ilq.Frozen(data, dyn, beh), batch
+
+
+def q_plain(cfg, params, j, s, a):
+    """Critic j on one (s, a) pair, without vmap or batching."""
+    p = jax.tree_util.tree_map(lambda x: x[j], params)
+    return float(ilq.QNetwork(cfg.hidden_dim, cfg.num_hidden).apply(p, np.asarray(s)[None], np.asarray(a)[None])[0])
+
+
+def reference_targets(cfg, state, frozen, batch, key, behavior_actions=None):
+    """Eq. 17-20 element by element, with the same random draws as the fused version."""
+    k_next, k_ood, k_img, k_img_next, k_beh = jax.random.split(key, 5)
+    T = state.target_critic_params
+    s, r, d, s2 = (np.asarray(x) for x in (batch.observations, batch.rewards, batch.terminals, batch.next_observations))
+    alpha = float(np.exp(state.log_alpha)) if (cfg.entropy and cfg.target_entropy_bonus) else 0.0
+
+    a2, logp2 = ilq.sample_action(cfg.actor, state.actor_params, batch.next_observations, k_next)
+    y_in = [r[i] + cfg.gamma * (1 - d[i]) * (min(q_plain(cfg, T, j, s2[i], a2[i]) for j in (0, 1)) - alpha * logp2[i])
+            for i in range(B)]
+
+    s_ood = np.repeat(s, cfg.num_ood_actions, axis=0)
+    a_ood, _ = ilq.sample_action(cfg.actor, state.actor_params, jnp.asarray(s_ood), k_ood)
+    y_img = y_lmt = None
+    if cfg.imagination:
+        s_img, r_img, pen, done = ilq.dynamics_step(frozen.dynamics, jnp.asarray(s_ood), a_ood, k_img)
+        a_img, logp_img = ilq.sample_action(cfg.actor, state.actor_params, s_img, k_img_next)
+        y_img = []
+        for i in range(len(s_ood)):
+            boot = 0.0 if bool(done[i]) else cfg.gamma * (
+                min(q_plain(cfg, T, j, s_img[i], a_img[i]) for j in (0, 1)) - alpha * logp_img[i])
+            y_img.append(float(r_img[i]) - cfg.penalty_coef * float(pen[i]) + boot)
+    if cfg.limitation:
+        a_beh = behavior_actions if behavior_actions is not None else ilq.diffusion_sample(
+            frozen.behavior, batch.observations, k_beh, cfg.num_behavior_samples)
+        per_state = [min(max(q_plain(cfg, T, j, s[i], a_beh[i, m]) for m in range(cfg.num_behavior_samples))
+                         for j in (0, 1)) for i in range(B)]
+        y_lmt = [per_state[i // cfg.num_ood_actions] for i in range(len(s_ood))]
+    if y_img is not None and y_lmt is not None:
+        y_ood = [min(a, b) + cfg.delta for a, b in zip(y_img, y_lmt)]
+    else:
+        y_ood = [v + cfg.delta for v in (y_img if y_img is not None else y_lmt)]
+    return dict(y_in=np.array(y_in), y_ood=np.array(y_ood), a_ood=np.asarray(a_ood), s_ood=s_ood,
+                y_img=None if y_img is None else np.array(y_img), y_lmt=None if y_lmt is None else np.array(y_lmt))
+
+
+def reference_loss(cfg, critic_params, batch, ref):
+    """Eq. 16: eta * mean in-sample squared error + (1 - eta) * mean OOD squared error, per critic, summed."""
+    s, a = np.asarray(batch.observations), np.asarray(batch.actions)
+    loss = 0.0
+    for j in (0, 1):
+        e_in = np.mean([(q_plain(cfg, critic_params, j, s[i], a[i]) - ref["y_in"][i]) ** 2 for i in range(B)])
+        e_ood = np.mean([(q_plain(cfg, critic_params, j, ref["s_ood"][i], ref["a_ood"][i]) - ref["y_ood"][i]) ** 2
+                         for i in range(len(ref["y_ood"]))])
+        loss += cfg.eta * e_in + (1 - cfg.eta) * e_ood
+    return loss
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(imagination=False), dict(limitation=False),
+                                     dict(target_entropy_bonus=True), dict(num_ood_actions=1, delta=-1.0)])
+def test_fused_target_equals_plain_reference(variant):
+    cfg, state, frozen, batch = setup(**variant)
+    key = jax.random.PRNGKey(42)
+    fused = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, None, key)
+    ref = reference_targets(cfg, state, frozen, batch, key)
+    np.testing.assert_allclose(fused.y_in, ref["y_in"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused.y_ood, ref["y_ood"], rtol=1e-5, atol=1e-5)
+    for name in ("y_img", "y_lmt"):
+        if ref[name] is None:
+            assert getattr(fused, name) is None
+        else:
+            np.testing.assert_allclose(getattr(fused, name), ref[name], rtol=1e-5, atol=1e-5)
+    loss, _ = jax.jit(partial(ilq.critic_loss, cfg))(state.critic_params, batch, fused)
+    np.testing.assert_allclose(float(loss), reference_loss(cfg, state.critic_params, batch, ref), rtol=1e-5)
+
+
+def test_behavior_bank_actions_are_used_for_the_limit():
+    cfg, state, frozen, batch = setup()
+    bank = jax.random.uniform(jax.random.PRNGKey(3), (B, M, ACT), minval=-1, maxval=1)
+    key = jax.random.PRNGKey(5)
+    fused = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, bank, key)
+    ref = reference_targets(cfg, state, frozen, batch, key, behavior_actions=np.asarray(bank))
+    np.testing.assert_allclose(fused.y_lmt, ref["y_lmt"], rtol=1e-5, atol=1e-5)
+    fresh = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, None, key)
+    assert not np.allclose(fresh.y_lmt, fused.y_lmt)
+
+
+def test_ood_target_is_capped_by_the_limit_and_equals_imagination_below_it():
+    seen_img, seen_lmt = 0, 0
+    for seed in range(6):
+        cfg, state, frozen, batch = setup(seed=seed, penalty_coef=float(seed % 3))
+        t = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, None, jax.random.PRNGKey(seed))
+        y_img, y_lmt, y_ood = map(np.asarray, (t.y_img, t.y_lmt, t.y_ood))
+        assert np.all(y_ood <= y_lmt + cfg.delta + 1e-6)
+        below = y_img < y_lmt
+        np.testing.assert_allclose(y_ood[below], y_img[below] + cfg.delta, rtol=1e-6)
+        np.testing.assert_allclose(y_ood[~below], y_lmt[~below] + cfg.delta, rtol=1e-6)
+        seen_img, seen_lmt = seen_img + below.sum(), seen_lmt + (~below).sum()
+    assert seen_img > 0 and seen_lmt > 0, "both branches of the min must have been exercised"
+
+
+def test_no_gradient_flows_into_targets():
+    cfg, state, frozen, batch = setup()
+
+    def loss_through_targets(actor_params, target_params, log_alpha):
+        st = state.replace(actor_params=actor_params, target_critic_params=target_params, log_alpha=log_alpha)
+        t = ilq.ilb_targets(cfg, st, frozen, batch, None, jax.random.PRNGKey(0))
+        return ilq.critic_loss(cfg, state.critic_params, batch, t)[0]
+
+    grads = jax.grad(loss_through_targets, argnums=(0, 1, 2))(state.actor_params, state.target_critic_params,
+                                                               state.log_alpha)
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert leaves and all(np.all(np.asarray(g) == 0) for g in leaves)
+    # while the online critics do get a gradient
+    t = ilq.ilb_targets(cfg, state, frozen, batch, None, jax.random.PRNGKey(0))
+    g_critic = jax.grad(lambda p: ilq.critic_loss(cfg, p, batch, t)[0])(state.critic_params)
+    assert any(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(g_critic))
+
+
+def _run_updates(seed, n=6):
+    cfg, state, frozen, _ = setup()
+    update = ilq.make_update_fn(cfg)
+    state, metrics = update(state, frozen, jax.random.split(jax.random.PRNGKey(seed), n))
+    return jax.device_get(metrics), state
+
+
+def test_same_seed_same_numbers_and_the_update_learns_something():
+    m1, s1 = _run_updates(0)
+    m2, s2 = _run_updates(0)
+    m3, _ = _run_updates(1)
+    for k in m1:
+        np.testing.assert_array_equal(m1[k], m2[k])
+    assert not np.array_equal(m1["losses/critic_loss"], m3["losses/critic_loss"])
+    assert m1["losses/critic_loss"].shape == (6,)
+    _, s0, _, _ = setup()
+    moved = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
+                                   s1.target_critic_params, s0.target_critic_params)
+    assert max(jax.tree_util.tree_leaves(moved)) > 0  # soft target update happened
+    assert float(s1.log_alpha) != float(s0.log_alpha)  # alpha is tuned
+
+
+def test_soft_target_update_uses_tau():
+    cfg, state, frozen, _ = setup(tau=0.25)
+    new_state, _ = ilq.ilq_update(cfg, state, frozen, jax.random.PRNGKey(0))
+    expected = jax.tree_util.tree_map(lambda o, t: 0.25 * o + 0.75 * t, new_state.critic_params,
+                                      state.target_critic_params)
+    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(new_state.target_critic_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_entropy_off_keeps_alpha_zero():
+    cfg, state, frozen, _ = setup(entropy=False)
+    new_state, metrics = ilq.ilq_update(cfg, state, frozen, jax.random.PRNGKey(0))
+    assert float(metrics["losses/alpha"]) == 0.0 and float(new_state.log_alpha) == float(state.log_alpha)
+
+
+def test_injected_nan_is_caught_with_the_update_step(tmp_path):
+    cfg, state, frozen, _ = setup()
+    state = state.replace(critic_params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.critic_params))
+    _, metrics = ilq.make_update_fn(cfg)(state, frozen, jax.random.split(jax.random.PRNGKey(0), 3))
+    with pytest.raises(ilq.ILQError, match="update 501"):
+        ilq.check_finite(jax.device_get(metrics), 501, str(tmp_path))
+    finite = {k: np.zeros(3) for k in ("losses/critic_loss", "losses/actor_loss", "losses/q_data", "losses/q_ood")}
+    ilq.check_finite(finite, 1, str(tmp_path))  # no false alarm
+
+
+def test_paper_hyperparameters_apply_by_task_and_flags_override():
+    info = ilq.DatasetInfo("hopper-medium-replay", "", "hopper-medium-replay", "hopper", "Hopper-v5", 0, 1, 11, 3,
+                           np.zeros(1), "")
+    hp = ilq.effective_hparams(ilq.Args(), info)
+    assert (hp["eta"], hp["delta"], hp["penalty_coef"], hp["critic_lr"], hp["actor_lr"]) == (0.8, -0.5, 1.0, 3e-4, 1e-4)
+    hp = ilq.effective_hparams(ilq.Args(delta=0.0, eta=0.5), info)
+    assert (hp["eta"], hp["delta"]) == (0.5, 0.0) and set(hp["overridden"]) == {"eta", "delta"}
+    pen = ilq.effective_hparams(ilq.Args(), ilq.DatasetInfo("pen-human", "", "pen-human", "pen", "", 0, 1, 45, 24,
+                                                            np.zeros(1), ""))
+    assert pen["entropy"] is False and pen["cosine_lr"] is True
+
+
+def test_intervals_must_be_multiples_of_the_fused_call():
+    with pytest.raises(ilq.ILQError, match="multiple"):
+        ilq.resolve_args(ilq.Args(total_steps=1000, updates_per_call=300))
+    with pytest.raises(ilq.ILQError, match="no OOD target"):
+        ilq.resolve_args(ilq.Args(imagination=False, limitation=False))
+
+
+TINY = ["--random-dataset-steps", "3000", "--total-steps", "40", "--updates-per-call", "10", "--eval-interval", "20",
+        "--eval-episodes", "2", "--dynamics-epochs", "1", "--diffusion-steps", "100", "--hidden-dim", "32",
+        "--dynamics-hidden", "32", "--batch-size", "32", "--num-behavior-samples", "3"]
+
+
+def _tiny_args(tmp_path, **kw):
+    return ilq.Args(random_dataset_steps=3000, total_steps=40, updates_per_call=10, eval_interval=20, eval_episodes=2,
+                    dynamics_epochs=1, diffusion_steps=100, hidden_dim=32, dynamics_hidden=32, batch_size=32,
+                    num_behavior_samples=3, model_dir=str(tmp_path / "models"), **kw)
+
+
+def test_cli_tiny_run_writes_summary(tmp_path):
+    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "ilq_jax.py"), *TINY, "--run-name", "tiny",
+                          "--model-dir", str(tmp_path / "models")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.load(open(tmp_path / "runs" / "tiny" / "summary.json"))
+    for key in ("final_normalized_score", "dataset_mean_normalized_return", "eval_steps", "normalized_scores",
+                "returns", "updates_per_second", "wall_time_s", "args", "versions"):
+        assert key in summary
+    assert summary["eval_steps"] == [20, 40] and len(summary["returns"][0]) == 2
+    assert np.isclose(summary["final_normalized_score"], np.mean(summary["normalized_scores"]))
+    assert summary["args"]["total_steps"] == 40 and summary["updates_per_second"] > 0
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "runs" / "tiny"))
+    assert "final normalised score" in out.stdout
+
+
+def test_resume_equals_uninterrupted_and_run_folders_are_not_overwritten(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    full = ilq.train(_tiny_args(tmp_path, run_name="full"))
+    assert ilq.train(_tiny_args(tmp_path, run_name="half", stop_after=20)) == {}
+    assert json.load(open(tmp_path / "runs" / "half" / "checkpoint.json"))["updates"] == 20
+    resumed = ilq.train(ilq.Args(resume=str(tmp_path / "runs" / "half")))
+    assert resumed["returns"] == full["returns"]
+    assert resumed["normalized_scores"] == full["normalized_scores"]
+    with pytest.raises(ilq.ILQError, match="already exists"):
+        ilq.train(_tiny_args(tmp_path, run_name="full"))
