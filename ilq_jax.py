@@ -294,8 +294,8 @@ def validate_arrays(arrays: dict, name: str) -> None:
 def read_d4rl_hdf5(path: str) -> dict:
     """Transitions from a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts,
     optional next_observations). Without next_observations the successor is obs[i+1], so rows whose
-    successor is unknown (timeouts, the last row, terminals) are dropped, unlike D4RL's qlearning_dataset
-    which invents successors across episode boundaries."""
+    successor is unknown (timeouts and a final row that is not terminal) are dropped, unlike D4RL's
+    qlearning_dataset which invents successors across episode boundaries."""
     import h5py
 
     try:
@@ -321,13 +321,10 @@ def read_d4rl_hdf5(path: str) -> dict:
     if "next_observations" in raw:
         keep = np.ones(n, bool)
         next_obs = raw["next_observations"].astype(np.float32)
-    else:
-        keep = ~(timeouts | terminals)
-        keep[-1] = False
-        next_obs = np.concatenate([obs[1:], obs[-1:]])
-        if (terminals & ~timeouts).any():
-            print(f"[data] note: '{path}' has no next_observations; {int(terminals.sum())} terminal rows "
-                  f"are dropped because their successor is unknown.")
+    else:  # a terminal row's successor is masked by (1 - terminal) in Eq. 17: it keeps itself as a placeholder
+        next_obs = np.where(terminals[:, None], obs, np.concatenate([obs[1:], obs[-1:]]))
+        keep = terminals | ~timeouts
+        keep[-1] = terminals[-1]
     arrays = dict(observations=obs[keep], actions=raw["actions"][keep].astype(np.float32),
                   rewards=raw["rewards"].reshape(-1)[keep].astype(np.float32), next_observations=next_obs[keep],
                   terminals=terminals[keep].astype(np.float32))
@@ -439,18 +436,19 @@ def load_minari(args: Args) -> tuple[dict, DatasetInfo]:
     import minari
 
     env_id = args.env_id
-    local = re.fullmatch(LOCAL_NAMESPACE + r"/(hopper|walker2d|halfcheetah)/random-v\d+", env_id)
+    local = re.fullmatch(LOCAL_NAMESPACE + r"/(hopper|walker2d|halfcheetah)/(random|medium|medium-replay)-v\d+", env_id)
     try:
         dataset = minari.load_dataset(env_id, download=False)
     except FileNotFoundError:
-        if local:
+        if local and local.group(2) == "random":
             robot = local.group(1)
             make_random_dataset(env_id, D4RL_LOCOMOTION[robot], args.random_dataset_steps,
                                 ref_scores=D4RL_REF_SCORES[robot])
             dataset = minari.load_dataset(env_id, download=False)
         elif env_id.startswith(LOCAL_NAMESPACE + "/"):
-            raise ILQError(f"'{env_id}' is not a dataset ilq_jax.py can generate: use "
-                           f"{LOCAL_NAMESPACE}/<hopper|walker2d|halfcheetah>/random-v0.") from None
+            raise ILQError(f"'{env_id}' is not in the local Minari folder. ilq_jax.py generates "
+                           f"{LOCAL_NAMESPACE}/<hopper|walker2d|halfcheetah>/random-v0 itself; the medium and "
+                           f"medium-replay datasets come from `python benchmarks/make_datasets.py`.") from None
         elif not args.download:
             raise ILQError(f"Minari dataset '{env_id}' is not in the local Minari folder and --no-download is "
                            f"set. Run `minari download {env_id}` on a machine with network access.") from None
@@ -466,9 +464,11 @@ def load_minari(args: Args) -> tuple[dict, DatasetInfo]:
     meta = dataset.storage.metadata
     spec = dataset.spec
     eval_spec = getattr(spec, "eval_env_spec", None) or dataset.env_spec
-    task = (f"{local.group(1)}-random" if local else None)
-    src = ("generated locally by ilq_jax.py (uniform random policy; not D4RL data)" if local
-           else f"Minari dataset {env_id}")
+    # A local dataset follows a D4RL protocol, so it takes that D4RL task's hyper-parameters (Tables 3-6).
+    task = f"{local.group(1)}-{local.group(2)}" if local else None
+    src = (f"Minari dataset {env_id}" if not env_id.startswith(LOCAL_NAMESPACE + "/") else
+           "generated locally by ilq_jax.py (uniform random policy; not D4RL data)" if local and local.group(2) == "random"
+           else f"generated locally ({LOCAL_NAMESPACE} namespace; not D4RL data): {meta.get('description') or ''}")
     info = DatasetInfo(name=env_id, source=src, task=task, family=family_of(env_id), eval_env=eval_spec,
                        ref_min=meta.get("ref_min_score"), ref_max=meta.get("ref_max_score"),
                        obs_dim=arrays["observations"].shape[1], act_dim=arrays["actions"].shape[1],
@@ -1166,6 +1166,26 @@ def critic_loss(cfg: ILQConfig, critic_params, batch: Transitions, t: Targets):
     return cfg.eta * loss_in + (1.0 - cfg.eta) * loss_ood, (loss_in, loss_ood, q_data.mean(), q_ood.mean())
 
 
+def actor_alpha_update(cfg: ILQConfig, state: TrainState, observations, key):
+    """Eq. 21: max E[min_j Q_theta_j(s, a) - alpha log pi(a|s)] with the state's (just updated) critics,
+    then SAC's automatic temperature with target entropy -|A| (A5). Returns (state, (actor loss, log pi))."""
+    alpha = jnp.exp(state.log_alpha) if cfg.entropy else 0.0
+
+    def actor_loss(actor_params):
+        a, logp = sample_action(cfg.actor, actor_params, observations, key)
+        return jnp.mean(alpha * logp - cfg.critic.apply(state.critic_params, observations, a).min(0)), logp
+
+    (loss_pi, logp), grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor_params)
+    updates, actor_opt_state = cfg.optimizer(cfg.actor_lr).update(grads, state.actor_opt_state)
+    state = state.replace(actor_params=optax.apply_updates(state.actor_params, updates), actor_opt_state=actor_opt_state)
+    if cfg.entropy:
+        target_entropy = -float(cfg.act_dim)
+        grad = jax.grad(lambda la: -la * jnp.mean(jax.lax.stop_gradient(logp) + target_entropy))(state.log_alpha)
+        updates, alpha_opt_state = cfg.optimizer(cfg.actor_lr).update(grad, state.alpha_opt_state)
+        state = state.replace(log_alpha=optax.apply_updates(state.log_alpha, updates), alpha_opt_state=alpha_opt_state)
+    return state, (loss_pi, logp)
+
+
 def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key):
     """One step of Algorithm 1: minibatch (inside jit) -> targets -> critics (Eq. 16) -> actor and alpha
     (Eq. 21) -> soft target update."""
@@ -1179,35 +1199,18 @@ def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key):
     updates, critic_opt_state = cfg.optimizer(cfg.critic_lr).update(grads, state.critic_opt_state)
     critic_params = optax.apply_updates(state.critic_params, updates)
 
-    # Eq. 21: max E[min_j Q_theta_j(s, a) - alpha log pi(a|s)] with the online (just updated) critics
-    alpha = jnp.exp(state.log_alpha) if cfg.entropy else 0.0
-
-    def actor_loss(actor_params):
-        a, logp = sample_action(cfg.actor, actor_params, batch.observations, k_actor)
-        return jnp.mean(alpha * logp - cfg.critic.apply(critic_params, batch.observations, a).min(0)), logp
-
-    (loss_pi, logp), grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor_params)
-    updates, actor_opt_state = cfg.optimizer(cfg.actor_lr).update(grads, state.actor_opt_state)
-    actor_params = optax.apply_updates(state.actor_params, updates)
-
-    log_alpha, alpha_opt_state = state.log_alpha, state.alpha_opt_state
-    if cfg.entropy:  # SAC's automatic temperature, target entropy -|A| (A5)
-        target_entropy = -float(cfg.act_dim)
-        grad = jax.grad(lambda la: -la * jnp.mean(jax.lax.stop_gradient(logp) + target_entropy))(log_alpha)
-        updates, alpha_opt_state = cfg.optimizer(cfg.actor_lr).update(grad, alpha_opt_state)
-        log_alpha = optax.apply_updates(log_alpha, updates)
-
-    new_state = TrainState(actor_params, critic_params,
-                           optax.incremental_update(critic_params, state.target_critic_params, cfg.tau),
-                           log_alpha, actor_opt_state, critic_opt_state, alpha_opt_state)
+    state = state.replace(critic_params=critic_params, critic_opt_state=critic_opt_state)
+    state, (loss_pi, logp) = actor_alpha_update(cfg, state, batch.observations, k_actor)
+    state = state.replace(target_critic_params=optax.incremental_update(
+        state.critic_params, state.target_critic_params, cfg.tau))
     metrics = {"losses/critic_loss": loss_q, "losses/critic_loss_in_sample": loss_in, "losses/critic_loss_ood": loss_ood,
-               "losses/actor_loss": loss_pi, "losses/alpha": jnp.exp(log_alpha) if cfg.entropy else jnp.zeros(()),
+               "losses/actor_loss": loss_pi, "losses/alpha": jnp.exp(state.log_alpha) if cfg.entropy else jnp.zeros(()),
                "losses/entropy": -jnp.mean(logp), "losses/q_data": q_data, "losses/q_ood": q_ood,
                "ilq/y_in": t.y_in.mean(), "ilq/y_ood": t.y_ood.mean()}
     if t.y_img is not None and t.y_lmt is not None:  # the paper's health check (Fig. 10a)
         metrics["ilq/y_img_minus_y_lmt"] = jnp.mean(t.y_img - t.y_lmt)
         metrics["ilq/ood_clip_frac"] = jnp.mean(t.y_lmt < t.y_img)
-    return new_state, metrics
+    return state, metrics
 
 
 def make_update_fn(cfg: ILQConfig):
@@ -1335,7 +1338,7 @@ def train(args: Args) -> dict:
                     args.limitation, bank is not None, args.target_entropy_bonus, args.hidden_dim, args.num_hidden)
     frozen = Frozen(data, dynamics, behavior, bank)
     state = init_train_state(cfg, jax.random.PRNGKey(args.seed))
-    progress = dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], train_time_s=0.0)
+    progress = dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0)
     if args.resume and os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")):
         state = flax.serialization.from_bytes(state, open(os.path.join(run_dir, "checkpoint.msgpack"), "rb").read())
         progress = json.load(open(os.path.join(run_dir, "checkpoint.json")))
@@ -1371,6 +1374,7 @@ def train(args: Args) -> dict:
                 progress["eval_steps"].append(step)
                 progress["returns"].append(returns.tolist())
                 progress["normalized_scores"].append(None if norm is None else float(norm.mean()))
+                progress["q_data"].append(float(np.mean(metrics["losses/q_data"])))  # over-optimism check (Fig. 10)
                 tb.scalar("eval/episodic_return", returns.mean(), step)
                 if norm is not None:
                     tb.scalar("eval/normalized_score", norm.mean(), step)
@@ -1398,7 +1402,8 @@ def train(args: Args) -> dict:
         dataset_mean_normalized_return=None if ds_norm is None else float(ds_norm.mean()),
         dataset_mean_return=float(info.episode_returns.mean()),
         eval_steps=progress["eval_steps"], normalized_scores=progress["normalized_scores"],
-        returns=progress["returns"], updates_per_second=progress["updates"] / progress["train_time_s"],
+        returns=progress["returns"], q_data=progress["q_data"],
+        updates_per_second=progress["updates"] / progress["train_time_s"],
         wall_time_s=time.time() - t_start, dataset=dict(name=info.name, source=info.source,
                                                         fingerprint=info.fingerprint, ref_min=info.ref_min,
                                                         ref_max=info.ref_max),

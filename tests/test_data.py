@@ -1,0 +1,308 @@
+"""The data entry point, offline: tiny Minari datasets and D4RL-format HDF5 files made here, and every error."""
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import h5py
+import minari
+import numpy as np
+import pytest
+
+import ilq_jax as ilq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Tiny environments: a counter that terminates on even-seeded episodes and runs into its time limit on odd ones,
+# and a goal-conditioned one with a Dict observation.
+# ------------------------------------------------------------------------------------------------------------------
+
+class CountEnv(gym.Env):
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.term_at = 0, (3 if (seed or 0) % 2 == 0 else 10**6)
+        return self._obs(), {}
+
+    def _obs(self):
+        return np.array([self.t, 10.0 * self.t, -self.t], np.float64)
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), float(self.t), self.t >= self.term_at, False, {}
+
+
+class GoalEnv(gym.Env):
+    observation_space = gym.spaces.Dict({
+        "observation": gym.spaces.Box(-np.inf, np.inf, (2,), np.float64),
+        "desired_goal": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
+        "achieved_goal": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
+        "bonus": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
+    })
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def _obs(self):
+        return {"observation": np.array([self.t, self.t + 0.5]), "desired_goal": np.array([100.0 + self.t]),
+                "achieved_goal": np.array([-1.0]), "bonus": np.array([200.0 + self.t])}
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 0.0, False, False, {}
+
+
+gym.register("TinyCount-v0", entry_point=f"{__name__}:CountEnv", max_episode_steps=5)
+gym.register("TinyGoal-v0", entry_point=f"{__name__}:GoalEnv", max_episode_steps=4)
+
+
+def record(dataset_id, env_id, seeds, **kw):
+    env = minari.DataCollector(gym.make(env_id))
+    for seed in seeds:
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            _, _, term, trunc, _ = env.step(env.action_space.sample())
+            done = term or trunc
+    ds = env.create_dataset(dataset_id=dataset_id, algorithm_name="test", author="tests", author_email="t@t.invalid",
+                            code_permalink="tests/test_data.py",
+                            description="made by tests/test_data.py", eval_env=env_id, **kw)
+    env.close()
+    return ds
+
+
+@pytest.fixture(scope="module")
+def count_dataset():
+    # episodes: seed 0 terminates after 3 steps; seed 1 is truncated by the time limit after 5 steps; seed 2 terminates
+    return record("tests/count/tiny-v0", "TinyCount-v0", [0, 1, 2], ref_min_score=0.0, ref_max_score=15.0)
+
+
+def load(env_id, **kw):
+    return ilq.load_dataset(ilq.Args(env_id=env_id, **kw))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Minari
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_minari_transitions_and_the_done_mask_across_a_truncation(count_dataset):
+    data, info = load("tests/count/tiny-v0")
+    assert all(np.asarray(x).dtype == np.float32 for x in data)
+    assert data.observations.shape == (11, 3) and data.actions.shape == (11, 2)
+    obs, nxt = np.asarray(data.observations), np.asarray(data.next_observations)
+    # successors are the next observation of the same episode, including the last step of the truncated episode
+    np.testing.assert_array_equal(obs[:, 0], [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2])
+    np.testing.assert_array_equal(nxt[:, 0], [1, 2, 3, 1, 2, 3, 4, 5, 1, 2, 3])
+    np.testing.assert_array_equal(obs[:, 1], 10 * obs[:, 0])
+    # only the two real terminations mask bootstrapping; the time-limit truncation (row 7) does not
+    np.testing.assert_array_equal(np.asarray(data.terminals), [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(np.asarray(data.rewards), [1, 2, 3, 1, 2, 3, 4, 5, 1, 2, 3])
+    assert (info.obs_dim, info.act_dim) == (3, 2)
+    assert (info.ref_min, info.ref_max) == (0.0, 15.0)  # from the dataset's metadata
+    np.testing.assert_array_equal(info.episode_returns, [6, 15, 6])
+    np.testing.assert_allclose(info.normalize([7.5]), [50.0])
+    assert info.source == "Minari dataset tests/count/tiny-v0"
+
+
+def test_dict_observations_are_flattened_in_the_documented_order():
+    record("tests/goal/tiny-v0", "TinyGoal-v0", [0])
+    data, info = load("tests/goal/tiny-v0")
+    obs, nxt = np.asarray(data.observations), np.asarray(data.next_observations)
+    # observation first, then the other keys sorted (bonus, desired_goal); achieved_goal dropped
+    assert info.obs_dim == 4
+    np.testing.assert_array_equal(obs[1], [1.0, 1.5, 201.0, 101.0])
+    np.testing.assert_array_equal(nxt[3], [4.0, 4.5, 204.0, 104.0])
+    assert data.terminals.sum() == 0  # the episode only ever truncates
+    # the same order for a single Dict observation and for a batch of them
+    env = GoalEnv()
+    env.reset()
+    single = env._obs()
+    np.testing.assert_array_equal(ilq.flatten_obs(single), [0.0, 0.5, 200.0, 100.0])
+    batch = {k: np.stack([v, v]) for k, v in single.items()}
+    assert ilq.flatten_obs(batch).shape == (2, 4)
+
+
+def test_missing_minari_dataset_names_the_download_command(monkeypatch):
+    with pytest.raises(ilq.ILQError, match="minari download mujoco/hopper/medium-v0"):
+        load("mujoco/hopper/medium-v0", download=False)
+    # with download allowed and no hub reachable (HF_HUB_OFFLINE=1 in conftest), one clear message, no traceback
+    with pytest.raises(ilq.ILQError, match=r"could not be downloaded.*minari download mujoco/hopper/medium-v0"):
+        load("mujoco/hopper/medium-v0")
+    with pytest.raises(ilq.ILQError, match="benchmarks/make_datasets.py"):
+        load("ilq-local/hopper/medium-replay-v0")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The locally generated default
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_random_dataset_is_generated_once_labelled_as_local_and_has_reference_scores(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # a fresh Minari folder, whatever ran before
+    data, info = load("ilq-local/hopper/random-v0", random_dataset_steps=1500)
+    assert "generated" in capsys.readouterr().out
+    assert data.observations.shape == (1500, 11) and data.actions.shape == (1500, 3)
+    assert float(np.abs(np.asarray(data.actions)).max()) <= 1.0
+    assert "not D4RL" in info.source and info.task == "hopper-random"
+    assert (info.ref_min, info.ref_max) == ilq.D4RL_REF_SCORES["hopper"]
+    assert str(info.eval_env.id if not isinstance(info.eval_env, str) else info.eval_env) == "Hopper-v5"
+    meta = minari.load_dataset("ilq-local/hopper/random-v0").storage.metadata
+    assert "NOT a D4RL dataset" in meta["description"]
+    # Hopper falls over under a random policy: real terminations, and the mask has them
+    assert 0 < float(data.terminals.sum()) < 1500
+    again, info2 = load("ilq-local/hopper/random-v0", random_dataset_steps=1500)
+    assert "generated" not in capsys.readouterr().out  # the cache is reused
+    assert info2.fingerprint == info.fingerprint
+
+
+def test_failed_generation_leaves_no_dataset(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    def broken_step(self, action):
+        raise RuntimeError("simulated crash")
+    monkeypatch.setattr(minari.DataCollector, "step", broken_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
+    assert "ilq-local/walker2d/random-v0" not in minari.list_local_datasets()
+    assert not any(files for _, _, files in os.walk(tmp_path))  # not even a partial file
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# D4RL HDF5 files
+# ------------------------------------------------------------------------------------------------------------------
+
+def write_d4rl(path, n=12, next_obs=True, **override):
+    rng = np.random.default_rng(0)
+    arrays = dict(observations=rng.normal(size=(n, 11)).astype(np.float32),
+                  actions=rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
+                  rewards=np.arange(n, dtype=np.float32), terminals=np.zeros(n, bool), timeouts=np.zeros(n, bool))
+    arrays["terminals"][3] = True  # episode 1: rows 0-3, terminates
+    arrays["timeouts"][8] = True  # episode 2: rows 4-8, times out; episode 3: rows 9-11, data ends
+    if next_obs:
+        arrays["next_observations"] = rng.normal(size=(n, 11)).astype(np.float32)
+    arrays.update(override)
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+    return arrays
+
+
+def test_d4rl_file_with_next_observations(tmp_path):
+    raw = write_d4rl(tmp_path / "h.hdf5")
+    data, info = load("hopper-medium-replay-v2", dataset_path=str(tmp_path / "h.hdf5"))
+    np.testing.assert_array_equal(np.asarray(data.next_observations), raw["next_observations"])
+    np.testing.assert_array_equal(np.asarray(data.terminals), raw["terminals"].astype(np.float32))  # timeouts: 0
+    assert info.eval_env == "Hopper-v5" and info.task == "hopper-medium-replay"
+    assert (info.ref_min, info.ref_max) == (-20.272305, 3234.3)
+    assert (info.obs_dim, info.act_dim) == (11, 3)
+    np.testing.assert_array_equal(info.episode_returns, [0 + 1 + 2 + 3, 4 + 5 + 6 + 7 + 8, 9 + 10 + 11])
+    assert "D4RL HDF5" in info.source
+
+
+def test_d4rl_file_without_next_observations_drops_unknown_successors(tmp_path):
+    raw = write_d4rl(tmp_path / "h.hdf5", next_obs=False)
+    data, _ = load("hopper-medium-replay", dataset_path=str(tmp_path / "h.hdf5"))
+    kept = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10]  # the timeout row 8 and the final, non-terminal row 11 have no successor
+    np.testing.assert_array_equal(np.asarray(data.observations), raw["observations"][kept])
+    np.testing.assert_array_equal(np.asarray(data.next_observations)[:3], raw["observations"][1:4])
+    np.testing.assert_array_equal(np.asarray(data.next_observations)[4:8], raw["observations"][5:9])
+    np.testing.assert_array_equal(np.asarray(data.terminals), [0, 0, 0, 1, 0, 0, 0, 0, 0, 0])  # termination kept
+
+
+def test_d4rl_file_is_found_in_the_d4rl_cache_folder():
+    _, fname = ilq.d4rl_source("walker2d-medium", None)
+    assert fname == "walker2d_medium-v2.hdf5"
+    os.makedirs(os.environ["D4RL_DATASET_DIR"], exist_ok=True)
+    write_d4rl(os.path.join(os.environ["D4RL_DATASET_DIR"], fname), observations=np.zeros((12, 17), np.float32),
+               next_observations=np.zeros((12, 17), np.float32), actions=np.zeros((12, 6), np.float32))
+    data, info = load("walker2d-medium")
+    assert info.eval_env == "Walker2d-v5" and data.observations.shape == (12, 17)
+
+
+def test_every_paper_name_parses_with_or_without_a_version():
+    for name in ilq.D4RL_NAMES:
+        assert ilq.parse_d4rl_name(name) == (name, None)
+        for v in ("v0", "v1", "v2"):
+            assert ilq.parse_d4rl_name(f"{name}-{v}") == (name, v)
+    assert len(ilq.D4RL_NAMES) == 15 + 6 + 2
+    assert ilq.d4rl_source("maze2d-umaze-dense", None)[1] == "maze2d-umaze-dense-v1.hdf5"
+    assert ilq.d4rl_source("pen-human", None)[1] == "pen-v0_demos_clipped.hdf5"
+
+
+def test_unknown_env_id_suggests_the_closest_names():
+    with pytest.raises(ilq.ILQError, match="Did you mean: .*hopper-medium-replay"):
+        load("hoper-medium-replay")
+    with pytest.raises(ilq.ILQError, match="Unknown --env-id"):
+        load("zzzz")
+
+
+def test_d4rl_missing_and_not_downloadable_names_the_file_and_url(tmp_path, monkeypatch):
+    with pytest.raises(ilq.ILQError, match=r"halfcheetah_expert-v2\.hdf5.*--no-download"):
+        load("halfcheetah-expert", download=False)
+    with pytest.raises(ilq.ILQError, match="does not exist"):
+        load("hopper-medium", dataset_path=str(tmp_path / "nope.hdf5"))
+
+    def unreachable(url, timeout=None):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(ilq.urllib.request, "urlopen", unreachable)
+    with pytest.raises(ilq.ILQError, match=r"Could not download http://rail\.eecs\.berkeley\.edu/datasets/offline_rl/"
+                                           r"gym_mujoco_v2/halfcheetah_expert-v2\.hdf5.*--dataset-path"):
+        load("halfcheetah-expert")
+    leftovers = os.listdir(os.environ["D4RL_DATASET_DIR"]) if os.path.isdir(os.environ["D4RL_DATASET_DIR"]) else []
+    assert not [f for f in leftovers if f.startswith("halfcheetah_expert")]  # nothing half-written
+
+
+def test_truncated_or_corrupt_or_incomplete_hdf5_is_refused(tmp_path):
+    write_d4rl(tmp_path / "good.hdf5")
+    blob = open(tmp_path / "good.hdf5", "rb").read()
+    open(tmp_path / "cut.hdf5", "wb").write(blob[: len(blob) // 2])
+    open(tmp_path / "junk.hdf5", "wb").write(b"this is not hdf5" * 100)
+    for name in ("cut.hdf5", "junk.hdf5"):
+        with pytest.raises(ilq.ILQError, match="truncated or corrupt"):
+            load("hopper-medium", dataset_path=str(tmp_path / name))
+    with h5py.File(tmp_path / "partial.hdf5", "w") as f:
+        f["observations"] = np.zeros((4, 11))
+    with pytest.raises(ilq.ILQError, match=r"lacks \['actions', 'rewards', 'terminals'\]"):
+        load("hopper-medium", dataset_path=str(tmp_path / "partial.hdf5"))
+
+
+@pytest.mark.parametrize("key", ["observations", "actions", "rewards", "next_observations"])
+def test_non_finite_values_are_refused(tmp_path, key):
+    raw = write_d4rl(tmp_path / "ok.hdf5")
+    bad = raw[key].copy()
+    bad[5] = np.nan if key != "rewards" else np.inf
+    write_d4rl(tmp_path / "bad.hdf5", **{key: bad})
+    with pytest.raises(ilq.ILQError, match=rf"NaN/inf values in `{key}` \(first at transition 5\)"):
+        load("hopper-medium", dataset_path=str(tmp_path / "bad.hdf5"))
+
+
+def test_actions_outside_the_unit_box_are_refused(tmp_path):
+    raw = write_d4rl(tmp_path / "ok.hdf5")
+    acts = raw["actions"].copy()
+    acts[2, 1] = 1.5
+    write_d4rl(tmp_path / "bad.hdf5", actions=acts)
+    with pytest.raises(ilq.ILQError, match=r"outside \[-1, 1\] \(max \|a\| = 1\.5\)"):
+        load("hopper-medium", dataset_path=str(tmp_path / "bad.hdf5"))
+
+
+def test_observation_size_must_match_the_evaluation_env(tmp_path):
+    write_d4rl(tmp_path / "h.hdf5", observations=np.zeros((12, 9), np.float32),
+               next_observations=np.zeros((12, 9), np.float32))
+    data, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"))
+    with pytest.raises(ilq.ILQError, match="Hopper-v5 has observation size 11 .* has 9 and 3.*--eval-env-id"):
+        ilq.make_env(info)
+    _, good = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"), eval_env_id="Walker2d-v5")
+    assert good.eval_env == "Walker2d-v5"  # the override is honoured (and then checked the same way)
+
+
+def test_cli_prints_one_paragraph_error_without_traceback():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), "--env-id", "hopper-mediun"],
+                       capture_output=True, text=True, env=os.environ.copy(), timeout=120, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: Unknown --env-id 'hopper-mediun'") and "hopper-medium" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
