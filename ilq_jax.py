@@ -675,10 +675,10 @@ def terminated(family: str, next_obs):
         healthy = jnp.all(jnp.abs(next_obs[..., 1:]) < 100, -1) & (height > 0.7) & (jnp.abs(angle) < 0.2)
     elif family == "walker2d":
         healthy = (height > 0.8) & (height < 2.0) & (angle > -1.0) & (angle < 1.0)
-    elif family == "halfcheetah":
+    elif family == "halfcheetah":  # never falls; only a blown-up imagined state ends the rollout
         healthy = jnp.all(jnp.abs(next_obs) < 100, -1)
-    elif family == "pen":  # D4RL pen obs[30:33] is the object's position; it is dropped when z < 0.075
-        healthy = next_obs[..., 32] >= 0.075
+    elif family == "pen":  # obs[24:27] is the pen's position (after 24 hand joints); dropped when z < 0.075
+        healthy = next_obs[..., 26] >= 0.075
     else:  # maze2d / pointmaze and unknown envs: never terminal
         healthy = jnp.ones(next_obs.shape[:-1], bool)
     return ~(finite & healthy)
@@ -978,8 +978,12 @@ def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, log=None,
         else:
             model, metrics = train_diffusion(data, k=args.diffusion_k, steps=args.diffusion_steps,
                                              lr=args.diffusion_lr, seed=args.pretrain_seed, log=log)
+        # The sidecar repeats what a reader needs without loading the msgpack: scaler, elites, schedule.
+        state = (dict(input_mean=np.asarray(model.input_mean).tolist(), input_std=np.asarray(model.input_std).tolist(),
+                      elites=np.asarray(model.elites).tolist()) if kind == "dynamics" else
+                 dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()}))
         save_artifact(path, model, dict(
-            kind=kind, config=model_settings(args, kind), trained=wanted[kind], metrics=metrics,
+            kind=kind, config=model_settings(args, kind), trained=wanted[kind], metrics=metrics, **state,
             dataset=dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim,
                          transitions=int(data.rewards.shape[0])),
             family=info.family, created=time.strftime("%Y-%m-%d %H:%M:%S"), versions=package_versions()))
