@@ -223,6 +223,11 @@ def d4rl_source(task: str, version: Optional[str]) -> tuple[str, str]:
             return D4RL_URL + "hand_dapg/" + fname, fname
         return D4RL_URL + f"hand_dapg_{version}/{task}-{version}.hdf5", f"{task}-{version}.hdf5"
     version = version or "v2"
+    if version == "v0":  # D4RL's first release: gym_mujoco/<robot>_<kind>.hdf5, medium-replay named "mixed"
+        robot, kind = task.split("-", 1)
+        kind = "mixed" if kind == "medium-replay" else kind.replace("-", "_")
+        fname = f"{'walker' if (robot, kind) == ('walker2d', 'mixed') else robot}_{kind}.hdf5"
+        return D4RL_URL + "gym_mujoco/" + fname, fname
     fname = f"{task.replace('-', '_')}-{version}.hdf5"
     return D4RL_URL + f"gym_mujoco_{version}/" + fname, fname
 
@@ -315,6 +320,12 @@ def read_d4rl_hdf5(path: str) -> dict:
     if any(len(v) != n for v in raw.values()):
         raise ILQError(f"'{path}' is inconsistent: its arrays have lengths "
                        f"{ {k: len(v) for k, v in raw.items()} }. Delete it and download it again.")
+    shapes = {k: v.shape for k, v in raw.items() if k in ("observations", "actions", "next_observations")}
+    if n == 0 or any(len(s) != 2 for s in shapes.values()) or shapes.get("next_observations", shapes["observations"]) \
+            != shapes["observations"]:
+        raise ILQError(f"'{path}' is not a usable D4RL-format file: its arrays have shapes {shapes}, but they must "
+                       f"be 2-D (transitions x features), non-empty, with next_observations shaped like "
+                       f"observations. Delete it and download it again, or fix the program that wrote it.")
     obs = raw["observations"].astype(np.float32)
     terminals = raw["terminals"].reshape(-1).astype(bool)
     timeouts = raw.get("timeouts", np.zeros(n)).reshape(-1).astype(bool)
@@ -341,9 +352,11 @@ def download_d4rl(url: str, dest: str) -> None:
         with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
             shutil.copyfileobj(r, f, length=1 << 20)
         os.replace(part, dest)
-    except Exception as e:
+    except BaseException as e:  # Ctrl-C included: never leave a partial file behind
         if os.path.exists(part):
             os.remove(part)
+        if not isinstance(e, Exception):
+            raise
         raise ILQError(f"Could not download {url} ({type(e).__name__}: {e}). Download that file by other means "
                        f"and pass it with --dataset-path, or place it at {dest}.") from None
 
@@ -437,6 +450,10 @@ def load_minari(args: Args) -> tuple[dict, DatasetInfo]:
 
     env_id = args.env_id
     local = re.fullmatch(LOCAL_NAMESPACE + r"/(hopper|walker2d|halfcheetah)/(random|medium|medium-replay)-v\d+", env_id)
+    folder = os.path.join(os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets"), env_id)
+    damaged = lambda e: (f"The local Minari dataset '{env_id}' is damaged ({type(e).__name__}: {str(e)[:200]}). "
+                         f"Delete its folder {folder} (or run `minari delete {env_id}`) and download or generate it "
+                         f"again.")
     try:
         dataset = minari.load_dataset(env_id, download=False)
     except FileNotFoundError:

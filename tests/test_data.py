@@ -1,5 +1,6 @@
 """The data entry point, offline: tiny Minari datasets and D4RL-format HDF5 files made here, and every error."""
 import os
+import re
 import subprocess
 import sys
 
@@ -59,7 +60,17 @@ class GoalEnv(gym.Env):
         return self._obs(), 0.0, False, False, {}
 
 
+class CountBothEnv(CountEnv):
+    """Terminates on exactly the step where the time limit also truncates."""
+
+    def reset(self, seed=None, options=None):
+        out = super().reset(seed=seed)
+        self.term_at = 4
+        return out
+
+
 gym.register("TinyCount-v0", entry_point=f"{__name__}:CountEnv", max_episode_steps=5)
+gym.register("TinyCountBoth-v0", entry_point=f"{__name__}:CountBothEnv", max_episode_steps=4)
 gym.register("TinyGoal-v0", entry_point=f"{__name__}:GoalEnv", max_episode_steps=4)
 
 
@@ -93,6 +104,9 @@ def load(env_id, **kw):
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_minari_transitions_and_the_done_mask_across_a_truncation(count_dataset):
+    eps = list(count_dataset.iterate_episodes())  # the recorded data: terminate, truncate (TimeLimit), terminate
+    assert [bool(e.terminations[-1]) for e in eps] == [True, False, True]
+    assert [bool(e.truncations[-1]) for e in eps] == [False, True, False]
     data, info = load("tests/count/tiny-v0")
     assert all(np.asarray(x).dtype == np.float32 for x in data)
     assert data.observations.shape == (11, 3) and data.actions.shape == (11, 2)
@@ -108,7 +122,20 @@ def test_minari_transitions_and_the_done_mask_across_a_truncation(count_dataset)
     assert (info.ref_min, info.ref_max) == (0.0, 15.0)  # from the dataset's metadata
     np.testing.assert_array_equal(info.episode_returns, [6, 15, 6])
     np.testing.assert_allclose(info.normalize([7.5]), [50.0])
-    assert info.source == "Minari dataset tests/count/tiny-v0"
+    assert info.source == "Minari dataset tests/count/tiny-v0" and info.task is None and info.family == "none"
+    text = ilq.describe_dataset(data, info)
+    assert "11 transitions, 3 episodes" in text and "terminals 2" in text and "reference scores min 0 / max 15" in text
+    envs = ilq.make_env(info, 2)  # the dataset's own env spec is its evaluation env, and its sizes match
+    assert envs.num_envs == 2
+    envs.close()
+
+
+def test_a_termination_on_the_time_limit_step_still_masks():
+    ds = record("tests/countboth/tiny-v0", "TinyCountBoth-v0", [0])
+    ep = next(ds.iterate_episodes())
+    assert bool(ep.terminations[-1]) and bool(ep.truncations[-1])
+    data, _ = load("tests/countboth/tiny-v0")
+    np.testing.assert_array_equal(np.asarray(data.terminals), [0, 0, 0, 1])
 
 
 def test_dict_observations_are_flattened_in_the_documented_order():
@@ -125,8 +152,24 @@ def test_dict_observations_are_flattened_in_the_documented_order():
     env.reset()
     single = env._obs()
     np.testing.assert_array_equal(ilq.flatten_obs(single), [0.0, 0.5, 200.0, 100.0])
-    batch = {k: np.stack([v, v]) for k, v in single.items()}
-    assert ilq.flatten_obs(batch).shape == (2, 4)
+    batch = {k: np.stack([v, 2 * v]) for k, v in single.items()}
+    np.testing.assert_array_equal(ilq.flatten_obs(batch), [[0.0, 0.5, 200.0, 100.0], [0.0, 1.0, 400.0, 200.0]])
+    # no reference scores in this dataset's metadata: raw returns only
+    assert info.ref_min is None and info.ref_max is None and info.normalize([1.0]) is None
+    assert "no reference scores" in ilq.describe_dataset(data, info)
+    envs = ilq.make_env(info)  # the env's Dict observation space flattens to the dataset's size
+    envs.close()
+
+
+def test_flatten_obs_nested_and_without_an_observation_key():
+    # without `observation`, every key is kept in sorted order (achieved_goal included)
+    flat = ilq.flatten_obs({"desired_goal": np.array([3.0]), "achieved_goal": np.array([2.0]), "b": np.array([1.0])})
+    np.testing.assert_array_equal(flat, [2.0, 1.0, 3.0])
+    assert flat.dtype == np.float32
+    nested = {"observation": {"z": np.array([2.0]), "a": np.array([1.0])}, "desired_goal": np.array([9.0]),
+              "achieved_goal": np.array([-1.0])}
+    np.testing.assert_array_equal(ilq.flatten_obs(nested), [1.0, 2.0, 9.0])
+    np.testing.assert_array_equal(ilq.flatten_obs(np.array([[1, 2]], np.float64)), [[1.0, 2.0]])  # arrays pass
 
 
 def test_missing_minari_dataset_names_the_download_command(monkeypatch):
@@ -139,26 +182,55 @@ def test_missing_minari_dataset_names_the_download_command(monkeypatch):
         load("ilq-local/hopper/medium-replay-v0")
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "no-data", "metadata"])
+def test_damaged_local_minari_dataset_is_refused_with_what_to_delete(monkeypatch, tmp_path, damage):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    record("tests/count/tiny-v0", "TinyCount-v0", [0, 1])
+    folder = tmp_path / "tests" / "count" / "tiny-v0"
+    main = folder / "data" / "main_data.hdf5"
+    blob = main.read_bytes()
+    if damage == "truncate":
+        main.write_bytes(blob[: len(blob) // 2])
+    elif damage == "garbage":
+        main.write_bytes(b"not hdf5 at all" * 64)
+    elif damage == "no-data":
+        main.unlink()
+    else:
+        (folder / "data" / "metadata.json").write_text("{broken")
+    with pytest.raises(ilq.ILQError, match=rf"'tests/count/tiny-v0' is damaged .*Delete its folder {re.escape(str(folder))}"):
+        load("tests/count/tiny-v0")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The locally generated default
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_random_dataset_is_generated_once_labelled_as_local_and_has_reference_scores(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # a fresh Minari folder, whatever ran before
-    data, info = load("ilq-local/hopper/random-v0", random_dataset_steps=1500)
+    data, info = load("ilq-local/hopper/random-v0", random_dataset_steps=2000)
     assert "generated" in capsys.readouterr().out
-    assert data.observations.shape == (1500, 11) and data.actions.shape == (1500, 3)
+    assert data.observations.shape == (2000, 11) and data.actions.shape == (2000, 3)
+    assert all(np.asarray(x).dtype == np.float32 for x in data)
     assert float(np.abs(np.asarray(data.actions)).max()) <= 1.0
     assert "not D4RL" in info.source and info.task == "hopper-random"
     assert (info.ref_min, info.ref_max) == ilq.D4RL_REF_SCORES["hopper"]
     assert str(info.eval_env.id if not isinstance(info.eval_env, str) else info.eval_env) == "Hopper-v5"
     meta = minari.load_dataset("ilq-local/hopper/random-v0").storage.metadata
     assert "NOT a D4RL dataset" in meta["description"]
-    # Hopper falls over under a random policy: real terminations, and the mask has them
-    assert 0 < float(data.terminals.sum()) < 1500
-    again, info2 = load("ilq-local/hopper/random-v0", random_dataset_steps=1500)
+    assert meta["ref_min_score"] == ilq.D4RL_REF_SCORES["hopper"][0]
+    assert meta["ref_max_score"] == ilq.D4RL_REF_SCORES["hopper"][1]
+    text = ilq.describe_dataset(data, info)
+    assert "not D4RL data" in text and "reference scores min -20.2723 / max 3234.3" in text
+    # Hopper falls over under a random policy: the mask is 1 exactly where Hopper-v5's health check fails
+    terminals = np.asarray(data.terminals)
+    assert 0 < terminals.sum() < 2000
+    np.testing.assert_array_equal(np.asarray(ilq.terminated("hopper", data.next_observations)), terminals == 1)
+    assert len(info.episode_returns) >= terminals.sum()
+    again, info2 = load("ilq-local/hopper/random-v0", random_dataset_steps=2000)
     assert "generated" not in capsys.readouterr().out  # the cache is reused
     assert info2.fingerprint == info.fingerprint
+    again, info3 = load("ilq-local/hopper/random-v0", random_dataset_steps=999)  # the size only matters when generating
+    assert "generated" not in capsys.readouterr().out and info3.fingerprint == info.fingerprint
 
 
 def test_failed_generation_leaves_no_dataset(monkeypatch, tmp_path):
@@ -170,6 +242,23 @@ def test_failed_generation_leaves_no_dataset(monkeypatch, tmp_path):
         load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
     assert "ilq-local/walker2d/random-v0" not in minari.list_local_datasets()
     assert not any(files for _, _, files in os.walk(tmp_path))  # not even a partial file
+
+
+def test_a_crash_while_writing_the_dataset_removes_it_and_the_next_run_regenerates(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    create = minari.DataCollector.create_dataset
+    def crash_after_writing(self, *a, **kw):  # the files are on disk when the interruption comes
+        create(self, *a, **kw)
+        assert os.path.isdir(tmp_path / "ilq-local" / "walker2d" / "random-v0")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(minari.DataCollector, "create_dataset", crash_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
+    assert not (tmp_path / "ilq-local" / "walker2d" / "random-v0").exists()
+    assert "ilq-local/walker2d/random-v0" not in minari.list_local_datasets()
+    monkeypatch.setattr(minari.DataCollector, "create_dataset", create)
+    data, info = load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
+    assert data.observations.shape == (100, 17) and info.eval_env.id == "Walker2d-v5"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -224,6 +313,76 @@ def test_d4rl_file_is_found_in_the_d4rl_cache_folder():
     assert info.eval_env == "Walker2d-v5" and data.observations.shape == (12, 17)
 
 
+def test_hopper_medium_replay_is_found_under_its_d4rl_file_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    raw = write_d4rl(tmp_path / "hopper_medium_replay-v2.hdf5")
+    for name in ("hopper-medium-replay", "hopper-medium-replay-v2"):
+        data, info = load(name, download=False)
+        np.testing.assert_array_equal(np.asarray(data.observations), raw["observations"])
+        assert info.source == f"D4RL HDF5 {tmp_path / 'hopper_medium_replay-v2.hdf5'}"
+        assert info.task == "hopper-medium-replay" and info.family == "hopper" and info.eval_env == "Hopper-v5"
+    assert "reference scores min -20.2723 / max 3234.3" in ilq.describe_dataset(data, info)
+    with pytest.raises(ilq.ILQError, match="hopper_medium_replay-v1.hdf5"):  # another version is another file
+        load("hopper-medium-replay-v1", download=False)
+
+
+def test_d4rl_urls_and_file_names_per_version():
+    base = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
+    assert ilq.d4rl_source("hopper-medium-replay", None) == (
+        base + "gym_mujoco_v2/hopper_medium_replay-v2.hdf5", "hopper_medium_replay-v2.hdf5")
+    assert ilq.d4rl_source("halfcheetah-medium-expert", "v1") == (
+        base + "gym_mujoco_v1/halfcheetah_medium_expert-v1.hdf5", "halfcheetah_medium_expert-v1.hdf5")
+    # D4RL's first release (d4rl/infos.py): no version in the file name, and medium-replay is called "mixed"
+    assert ilq.d4rl_source("hopper-medium-replay", "v0") == (base + "gym_mujoco/hopper_mixed.hdf5", "hopper_mixed.hdf5")
+    assert ilq.d4rl_source("walker2d-medium-replay", "v0")[1] == "walker_mixed.hdf5"
+    assert ilq.d4rl_source("halfcheetah-medium-expert", "v0")[1] == "halfcheetah_medium_expert.hdf5"
+    assert ilq.d4rl_source("maze2d-large", None) == (base + "maze2d/maze2d-large-sparse-v1.hdf5",
+                                                     "maze2d-large-sparse-v1.hdf5")
+    assert ilq.d4rl_source("pen-cloned", "v1") == (base + "hand_dapg_v1/pen-cloned-v1.hdf5", "pen-cloned-v1.hdf5")
+
+
+@pytest.mark.parametrize("name, eval_env, ref", [
+    ("halfcheetah-expert-v2", "HalfCheetah-v5", ilq.D4RL_REF_SCORES["halfcheetah"]),
+    ("walker2d-random", "Walker2d-v5", ilq.D4RL_REF_SCORES["walker2d"]),
+    ("maze2d-umaze", "PointMaze_UMaze-v3", (23.85, 161.86)),
+    ("maze2d-medium-dense-v1", "PointMaze_MediumDense-v3", ilq.D4RL_REF_SCORES["maze2d-medium-dense"]),
+    ("pen-human", "AdroitHandPen-v1", ilq.D4RL_REF_SCORES["pen"]),
+])
+def test_d4rl_metadata_per_family(tmp_path, name, eval_env, ref):
+    write_d4rl(tmp_path / "x.hdf5")
+    _, info = load(name, dataset_path=str(tmp_path / "x.hdf5"))
+    assert info.eval_env == eval_env and (info.ref_min, info.ref_max) == ref
+    assert info.task == ilq.parse_d4rl_name(name)[0] and info.family == ilq.family_of(name)
+
+
+def test_d4rl_edge_rows_without_next_observations(tmp_path):
+    n = 6
+    obs = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 11), np.float32)
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[2] = timeouts[2] = True  # a termination on the time-limit step: kept, and it masks
+    terminals[5] = True  # the final row terminates: kept (its successor is never used)
+    with h5py.File(tmp_path / "h.hdf5", "w") as f:
+        f["observations"], f["actions"], f["rewards"] = obs, np.zeros((n, 3), np.float32), np.arange(n, dtype=np.float32)
+        f["terminals"], f["timeouts"] = terminals, timeouts
+    data, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"))
+    np.testing.assert_array_equal(np.asarray(data.observations)[:, 0], [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(np.asarray(data.next_observations)[[0, 1, 3, 4], 0], [1, 2, 4, 5])
+    np.testing.assert_array_equal(np.asarray(data.terminals), [0, 0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(info.episode_returns, [0 + 1 + 2, 3 + 4 + 5])
+
+
+def test_d4rl_file_without_timeouts(tmp_path):
+    raw = write_d4rl(tmp_path / "h.hdf5", next_obs=False)
+    with h5py.File(tmp_path / "h.hdf5", "a") as f:
+        del f["timeouts"]
+    data, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"))
+    # no timeouts recorded: every row but the final, non-terminal one has obs[i+1] as its successor
+    np.testing.assert_array_equal(np.asarray(data.observations), raw["observations"][:11])
+    np.testing.assert_array_equal(np.asarray(data.next_observations)[4:], raw["observations"][5:12])
+    assert float(data.terminals.sum()) == 1.0
+    np.testing.assert_array_equal(info.episode_returns, [0 + 1 + 2 + 3, sum(range(4, 12))])
+
+
 def test_every_paper_name_parses_with_or_without_a_version():
     for name in ilq.D4RL_NAMES:
         assert ilq.parse_d4rl_name(name) == (name, None)
@@ -257,14 +416,88 @@ def test_d4rl_missing_and_not_downloadable_names_the_file_and_url(tmp_path, monk
     assert not [f for f in leftovers if f.startswith("halfcheetah_expert")]  # nothing half-written
 
 
+class FakeResponse:
+    """What urlopen returns: a context manager with read(n); it can break after serving some chunks."""
+
+    def __init__(self, chunks, error=None, before_error=None):
+        self.chunks, self.error, self.before_error = list(chunks), error, before_error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, n=-1):
+        if self.chunks:
+            return self.chunks.pop(0)
+        if self.error is not None:
+            if self.before_error:
+                self.before_error()
+            raise self.error
+        return b""
+
+
+def test_a_download_is_placed_in_the_cache_and_reused(monkeypatch, tmp_path):
+    write_d4rl(tmp_path / "src.hdf5")
+    blob = (tmp_path / "src.hdf5").read_bytes()
+    cache = tmp_path / "d4rl"
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    urls = []
+    monkeypatch.setattr(ilq.urllib.request, "urlopen",
+                        lambda url, timeout=None: urls.append(url) or FakeResponse([blob[:1000], blob[1000:]]))
+    data, info = load("hopper-expert")
+    assert urls == ["http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_expert-v2.hdf5"]
+    assert sorted(os.listdir(cache)) == ["hopper_expert-v2.hdf5"]  # no .part left over
+    assert (cache / "hopper_expert-v2.hdf5").read_bytes() == blob
+    assert data.observations.shape == (12, 11) and info.source == f"D4RL HDF5 {cache / 'hopper_expert-v2.hdf5'}"
+    load("hopper-expert")
+    assert len(urls) == 1  # the second load reads the cache
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError("connection reset"), KeyboardInterrupt()])
+def test_a_broken_download_leaves_nothing_behind(monkeypatch, tmp_path, error):
+    cache = tmp_path / "d4rl"
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    seen = []
+    monkeypatch.setattr(ilq.urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(
+        [b"\x89HDF\r\n\x1a\n" + b"0" * 5000], error, lambda: seen.append(os.listdir(cache))))
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C is not turned into an ILQError, but still cleans up
+        with pytest.raises(KeyboardInterrupt):
+            load("walker2d-expert")
+    else:
+        with pytest.raises(ilq.ILQError, match=r"Could not download .*walker2d_expert-v2\.hdf5 \(ConnectionResetError"
+                                               r".*--dataset-path"):
+            load("walker2d-expert")
+    assert seen == [["walker2d_expert-v2.hdf5.part"]]  # a partial file did exist while the download ran...
+    assert os.listdir(cache) == []  # ...and is gone
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (dict(observations=(0, 11), actions=(0, 3), rewards=(0,), terminals=(0,), timeouts=(0,)), "non-empty"),
+    (dict(observations=(5, 11), actions=(5,), rewards=(5,), terminals=(5,), timeouts=(5,)), "must be 2-D"),
+    (dict(observations=(5, 11), actions=(5, 3), rewards=(5,), terminals=(5,), timeouts=(5,),
+          next_observations=(5, 12)), "next_observations shaped like observations"),
+    (dict(observations=(5, 11), actions=(4, 3), rewards=(5,), terminals=(5,), timeouts=(5,)), "inconsistent"),
+])
+def test_malformed_d4rl_arrays_are_refused(tmp_path, shapes, match):
+    with h5py.File(tmp_path / "bad.hdf5", "w") as f:
+        for k, shape in shapes.items():
+            f[k] = np.zeros(shape, np.float32)
+    with pytest.raises(ilq.ILQError, match=match) as e:
+        load("hopper-medium", dataset_path=str(tmp_path / "bad.hdf5"))
+    assert "Delete it and download it again" in str(e.value)
+
+
 def test_truncated_or_corrupt_or_incomplete_hdf5_is_refused(tmp_path):
     write_d4rl(tmp_path / "good.hdf5")
     blob = open(tmp_path / "good.hdf5", "rb").read()
     open(tmp_path / "cut.hdf5", "wb").write(blob[: len(blob) // 2])
     open(tmp_path / "junk.hdf5", "wb").write(b"this is not hdf5" * 100)
     for name in ("cut.hdf5", "junk.hdf5"):
-        with pytest.raises(ilq.ILQError, match="truncated or corrupt"):
+        with pytest.raises(ilq.ILQError, match=f"{name}' as HDF5 .*truncated or corrupt: delete it and download it"):
             load("hopper-medium", dataset_path=str(tmp_path / name))
+    assert sorted(os.listdir(tmp_path)) == ["cut.hdf5", "good.hdf5", "junk.hdf5"]  # nothing written beside them
     with h5py.File(tmp_path / "partial.hdf5", "w") as f:
         f["observations"] = np.zeros((4, 11))
     with pytest.raises(ilq.ILQError, match=r"lacks \['actions', 'rewards', 'terminals'\]"):
@@ -300,9 +533,25 @@ def test_observation_size_must_match_the_evaluation_env(tmp_path):
     assert good.eval_env == "Walker2d-v5"  # the override is honoured (and then checked the same way)
 
 
-def test_cli_prints_one_paragraph_error_without_traceback():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), "--env-id", "hopper-mediun"],
-                       capture_output=True, text=True, env=os.environ.copy(), timeout=120, cwd=ROOT)
-    assert r.returncode == 2
-    assert r.stderr.startswith("error: Unknown --env-id 'hopper-mediun'") and "hopper-medium" in r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def run_cli(*argv):
+    env = dict(os.environ)  # conftest's temporary MINARI_DATASETS_PATH / D4RL_DATASET_DIR and HF_HUB_OFFLINE=1
+    assert env["HF_HUB_OFFLINE"] == "1" and "ilq-tests-" in env["D4RL_DATASET_DIR"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), *argv],
+                       capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1  # one paragraph
+    return r.stderr
+
+
+@pytest.mark.parametrize("env_id, suggestion", [("not-a-dataset", None), ("hopper-mediun", "hopper-medium")])
+def test_cli_prints_one_paragraph_error_without_traceback(env_id, suggestion):
+    err = run_cli("--env-id", env_id)
+    assert err.startswith(f"error: Unknown --env-id '{env_id}'") and "ilq-local/hopper/random-v0" in err
+    if suggestion:
+        assert f"Did you mean: {suggestion}" in err
+
+
+def test_cli_reports_a_corrupt_dataset_file_without_traceback(tmp_path):
+    (tmp_path / "junk.hdf5").write_bytes(b"junk" * 100)
+    err = run_cli("--env-id", "hopper-medium-replay", "--dataset-path", str(tmp_path / "junk.hdf5"))
+    assert err.startswith(f"error: Could not read '{tmp_path / 'junk.hdf5'}' as HDF5") and "truncated or corrupt" in err
