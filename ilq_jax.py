@@ -477,7 +477,12 @@ def load_minari(args: Args) -> tuple[dict, DatasetInfo]:
                                f"({type(e).__name__}: {str(e)[:200]}). Run `pip install \"minari[hf]\"` and "
                                f"`minari download {env_id}` where the network is reachable, or copy the dataset "
                                f"into {os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}.") from None
-    arrays = minari_arrays(dataset)
+    except Exception as e:  # a damaged local copy: bad metadata.json, missing data file, ...
+        raise ILQError(damaged(e)) from None
+    try:
+        arrays = minari_arrays(dataset)
+    except Exception as e:  # h5py reports a truncated or corrupt data file only when the episodes are read
+        raise ILQError(damaged(e)) from None
     meta = dataset.storage.metadata
     spec = dataset.spec
     eval_spec = getattr(spec, "eval_env_spec", None) or dataset.env_spec
@@ -640,6 +645,15 @@ class DynamicsEnsemble(nn.Module):
         return mean, logvar
 
 
+def mish(x):
+    """x * tanh(softplus(x)) with one exp, since tanh(log(1 + e)) = e(e + 2) / (e(e + 2) + 2) for e = exp(x): the same
+    values as jax.nn.mish (to float rounding) at about a quarter of its cost on CPU, where exp/log1p/tanh dominate
+    the diffusion sampler (benchmarks/speed.py)."""
+    e = jnp.exp(jnp.minimum(x, 20.0))
+    n = e * (e + 2.0)
+    return jnp.where(x > 20.0, x, x * n / (n + 2.0))
+
+
 class NoiseNet(nn.Module):
     """Diffusion-QL's epsilon-network xi_omega(a^k, s, k): [noisy action, time embedding, state] -> 3x256 Mish."""
     act_dim: int
@@ -652,10 +666,10 @@ class NoiseNet(nn.Module):
         freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half) / (half - 1))
         emb = t.astype(jnp.float32)[:, None] * freqs[None]
         emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], -1)
-        emb = nn.Dense(self.t_dim)(jax.nn.mish(nn.Dense(2 * self.t_dim)(emb)))
+        emb = nn.Dense(self.t_dim)(mish(nn.Dense(2 * self.t_dim)(emb)))
         h = jnp.concatenate([x, emb, obs], -1)
         for _ in range(3):
-            h = jax.nn.mish(nn.Dense(self.hidden)(h))
+            h = mish(nn.Dense(self.hidden)(h))
         return nn.Dense(self.act_dim)(h)
 
 
@@ -938,8 +952,12 @@ def load_artifact(path: str, kind: str, info: DatasetInfo):
     if not (os.path.exists(path) and os.path.exists(side_path)):
         raise ILQError(f"No {kind} model at '{path}' (both the .msgpack and its .json sidecar are needed). Train one "
                        f"with `python pretrain_models.py --env-id {info.name}` or drop the path to train inline.")
-    side = json.load(open(side_path))
-    ds = side.get("dataset", {})
+    try:
+        side = json.load(open(side_path))
+        ds = side.get("dataset", {})
+    except Exception as e:  # a truncated or hand-edited sidecar (JSONDecodeError, a non-object, ...)
+        raise ILQError(f"The sidecar '{side_path}' of '{path}' is damaged ({type(e).__name__}: {e}). Delete both "
+                       f"and pretrain again.") from None
     if side.get("kind") != kind:
         raise ILQError(f"'{path}' holds a {side.get('kind')} model, not a {kind} model.")
     if (ds.get("obs_dim"), ds.get("act_dim")) != (info.obs_dim, info.act_dim) or ds.get("fingerprint") != info.fingerprint:
@@ -950,16 +968,21 @@ def load_artifact(path: str, kind: str, info: DatasetInfo):
     c = side["config"]
     if kind == "dynamics":
         net = DynamicsEnsemble(info.obs_dim + 1, c["members"], c["hidden"], c["layers"])
-        template = DynamicsModel(net.init(jax.random.PRNGKey(0), jnp.zeros((1, info.obs_dim + info.act_dim))),
+        template = DynamicsModel(jax.eval_shape(net.init, jax.random.PRNGKey(0),
+                                                jnp.zeros((1, info.obs_dim + info.act_dim))),
                                  jnp.zeros(info.obs_dim + info.act_dim), jnp.zeros(info.obs_dim + info.act_dim),
                                  jnp.zeros(c["elites"], jnp.int32), info.obs_dim, c["members"], c["hidden"],
                                  c["layers"], info.family)
     else:
         net = NoiseNet(info.act_dim, c["hidden"])
-        template = BehaviorModel(net.init(jax.random.PRNGKey(0), jnp.zeros((1, info.act_dim)), jnp.zeros(1, jnp.int32),
-                                          jnp.zeros((1, info.obs_dim))), info.act_dim, c["k"], c["hidden"])
-    try:
-        return flax.serialization.from_bytes(template, open(path, "rb").read()), side
+        template = BehaviorModel(jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, info.act_dim)),
+                                                jnp.zeros(1, jnp.int32), jnp.zeros((1, info.obs_dim))),
+                                 info.act_dim, c["k"], c["hidden"])
+    try:  # the template only gives structure and shapes (eval_shape: no eager init); from_bytes does not check shapes
+        model = flax.serialization.from_bytes(template, open(path, "rb").read())
+        if [x.shape for x in jax.tree_util.tree_leaves(model)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
+            raise ValueError("its arrays have other shapes than the sidecar's architecture")
+        return model, side
     except Exception as e:
         raise ILQError(f"'{path}' does not match its sidecar's architecture or is damaged ({e}). "
                        f"Delete it and pretrain again.") from None
