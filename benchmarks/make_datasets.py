@@ -1,0 +1,223 @@
+"""Datasets with headroom, made on this machine with D4RL's "medium-replay" and "medium" protocols.
+
+An online SAC agent built from ilq_jax.py's own actor, twin critics, train state and Eq. 21 actor/temperature
+update trains on Gymnasium's Hopper-v5 (or Walker2d-v5) until its deterministic evaluation return reaches a
+medium level: one third of the way from D4RL's random to expert reference score (D4RL's definition of
+"medium": a policy at about 1/3 of the expert's performance). Then it writes two local Minari datasets:
+
+    ilq-local/<robot>/medium-replay-v0   every transition SAC saw until then (its whole replay buffer)
+    ilq-local/<robot>/medium-v0          rollouts of that policy (actions sampled from it, as D4RL did)
+
+Both are real data made here, labelled as locally generated, never as D4RL data; D4RL's reference scores of
+the robot are stored with them so scores normalise on the usual scale. Commands:
+
+    python benchmarks/make_datasets.py                    # hopper; time-boxed by --max-minutes
+    python benchmarks/make_datasets.py --robot walker2d
+    python benchmarks/make_datasets.py --quick            # a few minutes: tiny datasets under ilq-local/*-quick
+"""
+
+import argparse
+import os
+import sys
+import time
+from functools import partial
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ilq_jax as ilq  # noqa: E402
+
+
+def sac_update(cfg: ilq.ILQConfig, state: ilq.TrainState, batch: ilq.Transitions, key):
+    """Plain SAC: the in-sample soft TD target for both critics, then ILQ's own actor/temperature step (Eq. 21)."""
+    k_next, k_actor = jax.random.split(key)
+    alpha = jnp.exp(state.log_alpha)
+    a_next, logp_next = ilq.sample_action(cfg.actor, state.actor_params, batch.next_observations, k_next)
+    v_next = cfg.critic.apply(state.target_critic_params, batch.next_observations, a_next).min(0) - alpha * logp_next
+    y = jax.lax.stop_gradient(batch.rewards + cfg.gamma * (1.0 - batch.terminals) * v_next)
+    loss_q, grads = jax.value_and_grad(
+        lambda p: jnp.mean((cfg.critic.apply(p, batch.observations, batch.actions) - y) ** 2, axis=1).sum()
+    )(state.critic_params)
+    updates, critic_opt_state = cfg.optimizer(cfg.critic_lr).update(grads, state.critic_opt_state)
+    state = state.replace(critic_params=optax.apply_updates(state.critic_params, updates),
+                          critic_opt_state=critic_opt_state)
+    state, _ = ilq.actor_alpha_update(cfg, state, batch.observations, k_actor)
+    state = state.replace(target_critic_params=optax.incremental_update(
+        state.critic_params, state.target_critic_params, cfg.tau))
+    return state, loss_q
+
+
+def make_sac_step(cfg: ilq.ILQConfig):
+    """`update_every` SAC updates per call (a lax.scan over pre-sampled minibatches), train state donated."""
+    def many(state, batches, keys):
+        return jax.lax.scan(lambda s, x: sac_update(cfg, s, x[0], x[1]), state, (batches, keys))
+    return jax.jit(many, donate_argnums=0)
+
+
+class Episodes:
+    """Episodes as Minari wants them: T+1 observations, T actions/rewards/terminations/truncations."""
+
+    def __init__(self):
+        self.done, self.current = [], None
+
+    def start(self, obs):
+        self.current = dict(observations=[obs], actions=[], rewards=[], terminations=[], truncations=[])
+
+    def add(self, act, rew, next_obs, term, trunc):
+        c = self.current
+        c["observations"].append(next_obs)
+        c["actions"].append(act)
+        c["rewards"].append(rew)
+        c["terminations"].append(term)
+        c["truncations"].append(trunc)
+
+    def close(self):
+        """Keep the running episode (cut as a truncation: the data simply stops there)."""
+        c = self.current
+        if c and c["actions"]:
+            c["truncations"][-1] = not c["terminations"][-1]
+            self.done.append(c)
+        self.current = None
+
+    def finish(self):
+        self.done.append(self.current)
+        self.current = None
+
+    def buffers(self):
+        from minari.data_collector import EpisodeBuffer
+        return [EpisodeBuffer(id=i, observations=np.asarray(e["observations"], np.float64),
+                              actions=np.asarray(e["actions"], np.float32), rewards=list(map(float, e["rewards"])),
+                              terminations=list(map(bool, e["terminations"])),
+                              truncations=list(map(bool, e["truncations"])))
+                for i, e in enumerate(self.done)]
+
+    def returns(self):
+        return np.array([sum(e["rewards"]) for e in self.done])
+
+
+def write_dataset(dataset_id: str, episodes: Episodes, env_id: str, refs, description: str):
+    import minari
+    if dataset_id in minari.list_local_datasets():
+        minari.delete_dataset(dataset_id)
+    ds = minari.create_dataset_from_buffers(
+        dataset_id=dataset_id, buffer=episodes.buffers(), env=env_id, eval_env=env_id,
+        algorithm_name="SAC (ilq_jax.py networks)", author="ilq-jax", author_email="none@ilq-jax.invalid",
+        code_permalink="benchmarks/make_datasets.py", ref_min_score=refs[0], ref_max_score=refs[1],
+        description=description + " Locally generated by ilq-jax; NOT a D4RL dataset. Reference scores are "
+                                  "D4RL's for this robot.")
+    r = episodes.returns()
+    print(f"[datasets] wrote {dataset_id}: {ds.total_steps} steps, {ds.total_episodes} episodes, "
+          f"return mean {r.mean():.1f} (normalised {100 * (r.mean() - refs[0]) / (refs[1] - refs[0]):.1f})", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--robot", choices=["hopper", "walker2d"], default="hopper")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=300_000, help="env-step cap of the online SAC run")
+    p.add_argument("--max-minutes", type=float, default=60.0, help="wall-time cap of the online SAC run")
+    p.add_argument("--medium-fraction", type=float, default=1 / 3,
+                   help="stop once the evaluation return reaches this fraction of D4RL's random->expert range")
+    p.add_argument("--medium-steps", type=int, default=100_000, help="size of the medium (policy rollout) dataset")
+    p.add_argument("--learning-starts", type=int, default=5_000)
+    p.add_argument("--update-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=5_000)
+    p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny run for a smoke check; datasets get a -quick suffix")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.max_steps, a.learning_starts, a.eval_every, a.medium_steps, a.eval_episodes = 4_000, 1_000, 1_000, 2_000, 2
+    suffix = "-quick" if a.quick else ""
+    env_id = ilq.D4RL_LOCOMOTION[a.robot]
+    refs = ilq.D4RL_REF_SCORES[a.robot]
+    target = refs[0] + a.medium_fraction * (refs[1] - refs[0])
+
+    env = gym.make(env_id)
+    eval_envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(a.eval_episodes)])
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    cfg = ilq.ILQConfig(obs_dim, act_dim, eta=1.0, delta=0.0, penalty_coef=0.0, critic_lr=3e-4, actor_lr=3e-4,
+                        entropy=True, cosine_lr=False, total_steps=a.max_steps)
+    k_init, k_act, k_update, k_rollout = jax.random.split(jax.random.PRNGKey(a.seed), 4)
+    state = ilq.init_train_state(cfg, k_init)
+    update = make_sac_step(cfg)
+    act_fn = jax.jit(partial(ilq.sample_action, cfg.actor))
+    sample = lambda params, o, k: np.asarray(act_fn(params, jnp.asarray(o[None], jnp.float32), k)[0][0])
+    policy = jax.jit(partial(ilq.deterministic_action, cfg.actor))
+    rng = np.random.default_rng(a.seed)
+    env.action_space.seed(a.seed)
+
+    buf = {k: np.zeros((a.max_steps,) + s, np.float32) for k, s in
+           dict(observations=(obs_dim,), actions=(act_dim,), rewards=(), next_observations=(obs_dim,),
+                terminals=()).items()}
+    episodes = Episodes()
+    obs, _ = env.reset(seed=a.seed)
+    episodes.start(obs)
+    t0, n_ep, last_eval = time.time(), 0, float("nan")
+    print(f"[datasets] online SAC on {env_id} until the evaluation return reaches {target:.0f} "
+          f"(normalised {100 * a.medium_fraction:.1f}), at most {a.max_steps} steps / {a.max_minutes} min", flush=True)
+    step = 0
+    for step in range(1, a.max_steps + 1):
+        if step <= a.learning_starts:
+            act = env.action_space.sample()
+        else:
+            act = sample(state.actor_params, obs, jax.random.fold_in(k_act, step))
+        next_obs, rew, term, trunc, _ = env.step(act)
+        i = step - 1
+        buf["observations"][i], buf["actions"][i], buf["rewards"][i] = obs, act, rew
+        buf["next_observations"][i], buf["terminals"][i] = next_obs, float(term)
+        episodes.add(act, rew, next_obs, term, trunc)
+        obs = next_obs
+        if term or trunc:
+            episodes.finish()
+            n_ep += 1
+            obs, _ = env.reset(seed=a.seed + n_ep)
+            episodes.start(obs)
+        if step > a.learning_starts and step % a.update_every == 0:
+            idx = rng.integers(0, step, size=(a.update_every, cfg.batch_size))
+            batches = ilq.Transitions(**{k: jnp.asarray(v[idx]) for k, v in buf.items()})
+            state, _ = update(state, batches, jax.random.split(jax.random.fold_in(k_update, step), a.update_every))
+        if step > a.learning_starts and step % a.eval_every == 0:
+            last_eval = float(ilq.evaluate(eval_envs, policy, state.actor_params, 10_000 + step).mean())
+            print(f"[datasets] step {step:7d} | {step / (time.time() - t0):5.0f} steps/s | eval return "
+                  f"{last_eval:7.1f} | episodes {n_ep}", flush=True)
+            if last_eval >= target:
+                break
+        if time.time() - t0 > 60 * a.max_minutes:
+            print(f"[datasets] time box of {a.max_minutes} min reached at step {step}", flush=True)
+            break
+    episodes.close()
+    reached = last_eval >= target
+    level = (f"reached evaluation return {last_eval:.1f} (target {target:.0f}) after {step} steps" if reached else
+             f"did NOT reach the medium target {target:.0f}: last evaluation return {last_eval:.1f} after {step} steps")
+    print(f"[datasets] SAC {level} in {time.time() - t0:.0f}s", flush=True)
+
+    write_dataset(f"{ilq.LOCAL_NAMESPACE}/{a.robot}/medium-replay{suffix}-v0", episodes, env_id, refs,
+                  f"D4RL 'medium-replay' protocol on {env_id}: the full replay buffer of an online SAC run (seed "
+                  f"{a.seed}) that {level}.")
+
+    rollouts = Episodes()
+    obs, _ = env.reset(seed=a.seed + 1_000_000)
+    rollouts.start(obs)
+    for i in range(a.medium_steps):
+        act = sample(state.actor_params, obs, jax.random.fold_in(k_rollout, i))
+        next_obs, rew, term, trunc, _ = env.step(act)
+        rollouts.add(act, rew, next_obs, term, trunc)
+        obs = next_obs
+        if term or trunc:
+            rollouts.finish()
+            obs, _ = env.reset(seed=a.seed + 1_000_001 + len(rollouts.done))
+            rollouts.start(obs)
+    rollouts.close()
+    write_dataset(f"{ilq.LOCAL_NAMESPACE}/{a.robot}/medium{suffix}-v0", rollouts, env_id, refs,
+                  f"D4RL 'medium' protocol on {env_id}: {a.medium_steps} steps of the stochastic policy of an online "
+                  f"SAC run (seed {a.seed}) that {level}.")
+    env.close()
+    eval_envs.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""How fast is the fused ILQ update, against this machine's matmul peak and against d3rlpy (PyTorch)?
+
+    python benchmarks/speed.py                 # ~15 min on 2 CPU cores; writes the Speed section of RESULTS.md
+    python benchmarks/speed.py --quick         # a smoke run (1 repeat, 1 and 10 per call): prints, writes nothing
+    python benchmarks/speed.py --quick --out-md /tmp/speed.md   # a smoke run written to a file, marked as such
+
+At the paper's settings (batch 256, M = 10 behaviour samples, K = 5 diffusion steps, 3 x 256 actor and critics,
+a 7 x 4 x 200 dynamics ensemble, hopper sizes: 11-dim states, 3-dim actions, 100k transitions on the device),
+with random weights (speed does not depend on them). Measured: compile time; updates/s for 1, 10, 100 and 1000
+updates per host call (ilq_jax.make_update_fn: lax.scan inside one jit, state donated, as train() runs it); each
+part of the update alone; FLOPs per update from XLA's cost analysis; the measured float32 matmul peak; utilisation =
+FLOPs/update x updates/s / peak; all for fresh behaviour samples (the paper) and for --behavior-bank. Medians over
+--repeats. The load average is recorded with the figures: run on a quiet machine.
+
+FLOPs: XLA's cost analysis counts the body of a loop once, whatever its trip count, so the compiled K-step
+diffusion scan would count as one step and a call of 1000 updates as one update. The FLOP counts are therefore
+taken from a single update (ilq_jax.ilq_update) lowered with every lax.scan fully unrolled; a call of n updates
+does n times that work. (The only loop left is threefry's, integer work the count does not need.)
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ilq_jax as ilq  # noqa: E402
+from results_md import command, git_commit, machine, write_section  # noqa: E402
+
+OBS, ACT, N = 11, 3, 100_000
+
+
+def median_time(fn, repeats: int, min_time: float = 0.0) -> float:
+    """Median wall time of fn() (which must block), over `repeats` calls and at least `min_time` seconds."""
+    times, t_all = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - t_all < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def flops_of(compiled) -> float:
+    """XLA's own FLOP count of a compiled program (a dict, or a list of one dict per device in older JAX)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """Trace with every jax.lax.scan fully unrolled, so that XLA's cost analysis sees every step of a loop."""
+    scan = jax.lax.scan
+    jax.lax.scan = lambda *a, **k: scan(*a, **{**k, "unroll": True})
+    try:
+        yield
+    finally:
+        jax.lax.scan = scan
+
+
+def counted_flops(fn, *args) -> float:
+    """FLOPs of fn(*args) by XLA's cost analysis, every scan unrolled (compiled for the count only). A fresh
+    wrapper, since jit reuses the (rolled) trace of a function it has seen."""
+    with unrolled_scans():
+        return flops_of(jax.jit(lambda *x: fn(*x)).lower(*args).compile())
+
+
+def build(bank: bool, seed: int = 0):
+    """Random-weight models and a random device-resident dataset at the paper's sizes."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 8)
+    data = ilq.Transitions(jax.random.normal(k[0], (N, OBS)), jax.random.uniform(k[1], (N, ACT), minval=-1, maxval=1),
+                           jax.random.normal(k[2], (N,)), jax.random.normal(k[3], (N, OBS)), jnp.zeros(N))
+    net = ilq.DynamicsEnsemble(OBS + 1, 7, 200, 4)
+    dyn = ilq.DynamicsModel(net.init(k[4], jnp.zeros((1, OBS + ACT))), jnp.zeros(OBS + ACT), jnp.ones(OBS + ACT),
+                            jnp.arange(5), OBS, 7, 200, 4, "hopper")
+    noise_net = ilq.NoiseNet(ACT, 256)
+    beh = ilq.BehaviorModel(noise_net.init(k[5], jnp.zeros((1, ACT)), jnp.zeros(1, jnp.int32), jnp.zeros((1, OBS))),
+                            ACT, 5, 256)
+    cfg = ilq.ILQConfig(OBS, ACT, eta=0.9, delta=1.0, penalty_coef=1.0, critic_lr=3e-4, actor_lr=1e-4, entropy=True,
+                        cosine_lr=False, total_steps=1_000_000, behavior_bank=bank)
+    # the bank's contents do not matter for speed: random actions, not ilq.make_behavior_bank's 100k x M samples
+    behavior_bank = jax.random.uniform(k[6], (N, cfg.num_behavior_samples, ACT), minval=-1, maxval=1) if bank else None
+    return cfg, ilq.Frozen(data, dyn, beh, behavior_bank), k[7]
+
+
+def fused(bank: bool, calls, repeats: int) -> dict:
+    cfg, frozen, key = build(bank)
+    update = ilq.make_update_fn(cfg)
+    flops = counted_flops(partial(ilq.ilq_update, cfg), ilq.init_train_state(cfg, key), frozen, key)
+    print(f"[speed] {'bank ' if bank else 'fresh'} one update: {flops / 1e9:.3f} GFLOP (XLA, scans unrolled)", flush=True)
+    out = {}
+    for per_call in calls:
+        state = ilq.init_train_state(cfg, key)
+        keys = jax.random.split(key, per_call)
+        t0 = time.perf_counter()
+        compiled = update.lower(state, frozen, keys).compile()
+        compile_s = time.perf_counter() - t0
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = compiled(holder["state"], frozen, keys)
+            jax.block_until_ready(metrics)
+        if per_call < 100 or repeats < 3:
+            run()  # warm-up (for long calls the median of 3+ repeats already leaves a slow first call out)
+        t = median_time(run, repeats if per_call >= 100 else 5 * repeats, min_time=2.0 if per_call < 100 else 0.0)
+        out[per_call] = dict(updates_per_s=per_call / t, compile_s=compile_s, flops=flops)
+        print(f"[speed] {'bank ' if bank else 'fresh'} {per_call:5d} updates/call: {per_call / t:8.1f} updates/s "
+              f"(compile {compile_s:.1f}s)", flush=True)
+    return out
+
+
+def parts(repeats: int) -> dict:
+    """Each piece of the update alone at batch 256, jitted on its own (fresh behaviour samples unless named)."""
+    cfg, frozen, key = build(False)
+    cfg_bank, frozen_bank, _ = build(True)
+    state = ilq.init_train_state(cfg, key)
+    batch = jax.tree_util.tree_map(lambda x: x[:256], frozen.data)
+    obs, act = batch.observations, batch.actions
+    targets = ilq.ilb_targets(cfg, state, frozen, batch, None, key)
+    opt = cfg.optimizer(cfg.critic_lr)
+
+    def critic_step(critic_params, opt_state):
+        grads = jax.grad(lambda p: ilq.critic_loss(cfg, p, batch, targets)[0])(critic_params)
+        updates, opt_state = opt.update(grads, opt_state)
+        return optax.apply_updates(critic_params, updates), opt_state
+
+    m = cfg.num_behavior_samples
+    pieces = {
+        f"behaviour sampling ({256 * m} actions, K={frozen.behavior.k})":
+            (partial(ilq.diffusion_sample, frozen.behavior, num_samples=m), (obs, key)),
+        "dynamics step (7-member ensemble)": (partial(ilq.dynamics_step, frozen.dynamics), (obs, act, key)),
+        "ILB targets (all of Eq. 17-20, fresh samples)":
+            (lambda st, fr, b, k: ilq.ilb_targets(cfg, st, fr, b, None, k), (state, frozen, batch, key)),
+        "ILB targets (all of Eq. 17-20, `--behavior-bank`)":
+            (lambda st, fr, b, k: ilq.ilb_targets(cfg_bank, st, fr, b, fr.bank[:256], k),
+             (state, frozen_bank, batch, key)),
+        "critic update (Eq. 16, given targets)": (critic_step, (state.critic_params, state.critic_opt_state)),
+        "actor + alpha update (Eq. 21)": (partial(ilq.actor_alpha_update, cfg), (state, obs, key)),
+    }
+    out = {}
+    for name, (fn, args) in pieces.items():
+        compiled = jax.jit(fn).lower(*args).compile()
+        t = median_time(lambda: jax.block_until_ready(compiled(*args)), 20 * repeats, min_time=1.0)
+        out[name] = dict(ms=1e3 * t, flops=counted_flops(fn, *args))
+        print(f"[speed] part: {name}: {1e3 * t:.2f} ms, {out[name]['flops'] / 1e9:.3f} GFLOP", flush=True)
+    return out
+
+
+def matmul_peak(repeats: int) -> dict:
+    """The best median rate of a square float32 matmul over a few sizes (JAX's default matmul precision)."""
+    sizes = (1024, 2048, 4096) if jax.default_backend() == "cpu" else (4096, 8192, 16384)
+    mm = jax.jit(lambda x, y: x @ y)
+    best = dict(n=0, flops_per_s=0.0)
+    for n in sizes:
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        jax.block_until_ready(mm(a, a))
+        t = median_time(lambda: jax.block_until_ready(mm(a, a)), 5 * repeats, min_time=2.0)
+        print(f"[speed] float32 matmul {n}x{n}: {2 * n**3 / t / 1e9:.1f} GFLOP/s", flush=True)
+        if 2 * n**3 / t > best["flops_per_s"]:
+            best = dict(n=n, flops_per_s=2 * n**3 / t)
+        del a
+    return best
+
+
+def peers(python: str, steps: int, repeats: int) -> dict:
+    if not os.path.exists(python):
+        print(f"[speed] no peers virtualenv at {python}: skipping d3rlpy (see benchmarks/README.md)", flush=True)
+        return {}
+    out = subprocess.run([python, os.path.join(ROOT, "benchmarks", "peers_speed.py"), "--steps", str(steps),
+                          "--repeats", str(repeats)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"peers_speed.py failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--calls", default="1,10,100,1000", help="updates per host call to measure")
+    p.add_argument("--peers-python", default=os.path.join(ROOT, ".venv-peers", "bin", "python"),
+                   help="python of the peers virtualenv (benchmarks/requirements-peers.txt); skipped if absent")
+    p.add_argument("--peer-steps", type=int, default=300, help="timed d3rlpy updates per repeat")
+    p.add_argument("--out-md", default=None,
+                   help="Markdown file whose Speed section is (re)written (default benchmarks/RESULTS.md; "
+                        "with --quick nothing is written unless this is given)")
+    p.add_argument("--quick", action="store_true", help="1 repeat, calls 1 and 10, 20 peer steps: a smoke run")
+    a = p.parse_args()
+    if a.quick:
+        a.repeats, a.calls, a.peer_steps = 1, "1,10", 20
+    out_md = a.out_md or (None if a.quick else os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    calls = [int(c) for c in a.calls.split(",")]
+    t_start, load_start = time.time(), os.getloadavg()
+    peak = matmul_peak(a.repeats)
+    results = {bank: fused(bank, calls, a.repeats) for bank in (False, True)}
+    part_times = parts(a.repeats)
+    peer = peers(a.peers_python, a.peer_steps, a.repeats)
+    load_end = os.getloadavg()
+
+    versions = ilq.package_versions()
+    best = max(calls)
+    lines = []
+    if a.quick:
+        lines += ["**Smoke run (`--quick`: 1 repeat, few updates): not a measurement.**", ""]
+    lines += [f"Machine: {machine()}. Commit {git_commit()}. "
+              + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("python", "jax", "jaxlib", "flax", "optax"))
+              + f"; matmul precision {jax.config.jax_default_matmul_precision or 'default'}. "
+              f"Command: `{command()}` ({time.time() - t_start:.0f} s). Medians of {a.repeats}+ repeats. "
+              f"1-min load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end "
+              f"(this script itself keeps about {os.cpu_count() if jax.default_backend() == 'cpu' else 1} busy).",
+              "", f"Measured float32 matmul peak (best of square sizes, {peak['n']}x{peak['n']}): "
+                  f"**{peak['flops_per_s'] / 1e9:.1f} GFLOP/s**.",
+              "", "| behaviour actions | updates per host call | updates/s | compile s | GFLOP per update (XLA) | "
+                  "achieved GFLOP/s | utilisation of peak |", "|---|---|---|---|---|---|---|"]
+    for bank, name in ((False, "fresh samples (paper)"), (True, "`--behavior-bank`")):
+        for c in calls:
+            r = results[bank][c]
+            achieved = r["flops"] * r["updates_per_s"]
+            lines.append(f"| {name} | {c} | {r['updates_per_s']:.1f} | {r['compile_s']:.1f} | {r['flops'] / 1e9:.3f} | "
+                         f"{achieved / 1e9:.1f} | {100 * achieved / peak['flops_per_s']:.0f} % |")
+    lines += ["", "GFLOP per update: XLA's cost analysis of one update with every `lax.scan` unrolled (XLA counts a "
+                  "loop body once, so the compiled programs themselves under-count).", "",
+              "Each part alone (batch 256, jitted on its own):", "",
+              "| part | ms | GFLOP (XLA) | GFLOP/s | utilisation of peak |", "|---|---|---|---|---|"]
+    for name, r in part_times.items():
+        lines.append(f"| {name} | {r['ms']:.2f} | {r['flops'] / 1e9:.3f} | {r['flops'] / r['ms'] / 1e6:.1f} | "
+                     f"{100 * r['flops'] / r['ms'] * 1e3 / peak['flops_per_s']:.0f} % |")
+    if peer:
+        ours, bank = results[False][best]["updates_per_s"], results[True][best]["updates_per_s"]
+        v = peer["versions"]
+        lines += ["", f"PyTorch peers, run by `{os.path.relpath(a.peers_python, ROOT)} benchmarks/peers_speed.py` "
+                      f"within this command: d3rlpy {v['d3rlpy']}, torch {v['torch']} on {peer.get('device', 'cpu')} "
+                      f"({v['threads']} threads), batch 256, 3 x 256 networks, 100k random hopper-sized transitions; "
+                      f"timed: `algo.update(batch)` on batches sampled beforehand ({a.peer_steps} updates per repeat, "
+                      f"median of {peer['repeats']}). ILQ: {best} updates per host call.", "",
+                  "| algorithm | updates/s | ILQ fresh (paper) ÷ peer | ILQ `--behavior-bank` ÷ peer |",
+                  "|---|---|---|---|"]
+        for algo, ups in peer["updates_per_s"].items():
+            lines.append(f"| d3rlpy {algo} | {ups:.1f} | {ours / ups:.2f} | {bank / ups:.2f} |")
+        lines.append(f"| ilq-jax ILQ, fresh samples | {ours:.1f} | 1.00 | |")
+        lines.append(f"| ilq-jax ILQ, `--behavior-bank` | {bank:.1f} | | 1.00 |")
+    else:
+        lines += ["", f"PyTorch peers: skipped (no virtualenv at `{os.path.relpath(a.peers_python, ROOT)}`)."]
+    text = "\n".join(lines)
+    print(text)
+    if out_md:
+        write_section(out_md, "speed", "## Speed\n\n" + text)
+        print(f"[speed] wrote the Speed section of {out_md}")
+
+
+if __name__ == "__main__":
+    main()
