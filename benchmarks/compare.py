@@ -28,6 +28,7 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ilq_jax as ilq  # noqa: E402
+from results_md import command, git_commit, machine, write_section  # noqa: E402
 
 ILQ_METHODS = {"ILQ": {}, "ILQ w/o imagination": dict(imagination=False), "ILQ w/o limitation": dict(limitation=False)}
 PEERS = ("TD3+BC", "IQL", "CQL")
@@ -168,21 +169,27 @@ def main(argv=None):
                     + f" | {np.mean([r['updates_per_second'] for r in runs]):.1f} | "
                       f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} min |")
     ds_norm = info.normalize(info.episode_returns)
-    header = (f"Dataset `{a.dataset}` ({info.source}); dataset mean normalised return {ds_norm.mean():.1f}; "
-              f"best discounted return in the data {q_ref:.1f}. {a.updates} updates per run, evaluation every "
-              f"{a.eval_interval} updates on 10 episodes; ILQ models pretrained with the '{a.pretrain_budget}' budget"
-              f"{'; ILQ variants with --behavior-bank' if a.behavior_bank else ''}.")
+    versions = ilq.package_versions()
+    total_min = sum(r["wall_time_s"] for runs in results.values() for r in runs) / 60
+    header = (f"Dataset `{a.dataset}` ({info.source}); {len(info.episode_returns)} episodes, {len(data.rewards)} "
+              f"transitions; scores normalised with D4RL's reference returns {info.ref_min:g} (random) and "
+              f"{info.ref_max:g} (expert); dataset mean normalised return {ds_norm.mean():.1f}; best discounted "
+              f"return in the data {q_ref:.1f}. {a.updates} updates per run, evaluation every {a.eval_interval} "
+              f"updates on 10 episodes; ILQ models pretrained with the '{a.pretrain_budget}' budget"
+              f"{'; ILQ variants with --behavior-bank' if a.behavior_bank else ''}.\n\n"
+              f"Machine: {machine()}. Commit {git_commit()}. "
+              + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("python", "jax", "flax", "gymnasium"))
+              + f". Command: `{command()}`; the runs took {total_min:.0f} min in all (finished runs are reused).")
     table = header + "\n\n" + "\n".join(rows)
     print(table)
 
     fig_path = a.figure or os.path.join(ROOT, "benchmarks", "figures", f"compare_{slug(a.dataset)}{'_quick' if a.quick else ''}.png")
     plot(results, q_ref, a.dataset, fig_path)
     print(f"[compare] figure: {fig_path}")
-    if a.out_md:
-        with open(a.out_md, "a") as f:
-            f.write(f"\n### Learning: `{a.dataset}`\n\nCommand: `python benchmarks/compare.py "
-                    f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{table}\n\n"
-                    f"![learning curves]({os.path.relpath(fig_path, os.path.dirname(os.path.abspath(a.out_md)))})\n")
+    if a.out_md:  # one section per dataset and budget, rewritten in place by a later run
+        figure = os.path.relpath(fig_path, os.path.dirname(os.path.abspath(a.out_md)))
+        write_section(a.out_md, f"learning-{slug(a.dataset)}-{tag}",
+                      f"## Learning: `{a.dataset}`\n\n{table}\n\n![learning curves]({figure})")
 
 
 def plot(results: dict, q_ref: float, dataset: str, path: str) -> None:
