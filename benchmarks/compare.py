@@ -113,7 +113,7 @@ def main(argv=None):
     p.add_argument("--methods", default="ILQ,ILQ w/o imagination,ILQ w/o limitation,BC,TD3+BC,IQL,CQL")
     p.add_argument("--peers-python", default=os.path.join(ROOT, ".venv-peers", "bin", "python"))
     p.add_argument("--out-md", default=None, help="also write the table and figure link to this Markdown file")
-    p.add_argument("--figure", default=None, help="default benchmarks/figures/compare_<dataset>.png")
+    p.add_argument("--figure", default=None, help="default benchmarks/figures/compare_<dataset>_<updates>.png")
     p.add_argument("--quick", action="store_true", help="1 seed, 1 000 updates, evaluation every 250")
     a = p.parse_args(argv)
     if a.quick:
@@ -183,7 +183,7 @@ def main(argv=None):
     table = header + "\n\n" + "\n".join(rows)
     print(table)
 
-    fig_path = a.figure or os.path.join(ROOT, "benchmarks", "figures", f"compare_{slug(a.dataset)}{'_quick' if a.quick else ''}.png")
+    fig_path = a.figure or os.path.join(ROOT, "benchmarks", "figures", f"compare_{slug(a.dataset)}_{tag}.png")
     plot(results, q_ref, a.dataset, fig_path)
     print(f"[compare] figure: {fig_path}")
     if a.out_md:  # one section per dataset and budget, rewritten in place by a later run
