@@ -1,6 +1,7 @@
 """Write one named section of benchmarks/RESULTS.md, leaving the other sections as they are."""
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ def git_commit() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    return "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
 def write_section(path: str, name: str, text: str) -> None:
