@@ -52,6 +52,8 @@ class Args:
     """name of this experiment (part of the run name)"""
     seed: int = 1
     """seed of the ILQ learner (networks, minibatches, OOD actions)"""
+    num_seeds: int = 1
+    """independent learners trained together in one process (jax.vmap), seeds --seed ... --seed + N - 1"""
     env_id: str = "ilq-local/hopper/random-v0"
     """dataset: a D4RL name (`hopper-medium-replay`), a Minari id (`mujoco/hopper/medium-v0`),
     or `ilq-local/<hopper|walker2d|halfcheetah>/random-v0`, a uniformly-random-policy dataset this
@@ -77,7 +79,7 @@ class Args:
     updates_per_call: int = 250
     """updates fused into one jitted `lax.scan` call (no host round-trip in between)"""
     eval_interval: Optional[int] = None
-    """updates between evaluations (default from --budget); a multiple of updates_per_call"""
+    """updates between evaluations (default from --budget)"""
     eval_episodes: int = 10
     """episodes per evaluation"""
     eval_seed: int = 10_000
@@ -1257,11 +1259,14 @@ def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key):
     return state, metrics
 
 
-def make_update_fn(cfg: ILQConfig):
-    """Many updates per host call: a lax.scan over ilq_update, jitted, with the train state donated."""
+def make_update_fn(cfg: ILQConfig, batched: bool = False):
+    """Many updates per host call: a lax.scan over ilq_update, jitted, with the train state donated.
+
+    batched=True: the state and the keys carry a leading seed axis and jax.vmap runs that many independent
+    learners in the same call (purejaxrl's pattern); they share the device-resident data and frozen models."""
     def update_many(state: TrainState, frozen: Frozen, keys):
         return jax.lax.scan(lambda s, k: ilq_update(cfg, s, frozen, k), state, keys)
-    return jax.jit(update_many, donate_argnums=0)
+    return jax.jit(jax.vmap(update_many, in_axes=(0, None, 0)) if batched else update_many, donate_argnums=0)
 
 
 def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int, chunk: int = 8192):
@@ -1279,8 +1284,9 @@ def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int,
 # Evaluation
 # =====================================================================================
 
-def evaluate(envs, policy, params, seed: int) -> np.ndarray:
-    """One episode per vectorised env with the deterministic action tanh(mean) (A12); returns (num_envs,)."""
+def evaluate(envs, policy, params, seed) -> np.ndarray:
+    """One episode per vectorised env with the deterministic action tanh(mean); returns (num_envs,).
+    seed: an int (env i starts from seed + i) or a list with one seed per env."""
     obs, _ = envs.reset(seed=seed)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     returns = np.zeros(envs.num_envs)
@@ -1291,6 +1297,12 @@ def evaluate(envs, policy, params, seed: int) -> np.ndarray:
         returns += np.where(done, 0.0, reward)
         done |= term | trunc
     return returns
+
+
+def evaluation_seeds(eval_seed: int, index: int, episodes: int, num_seeds: int) -> list:
+    """Fresh start states at every evaluation: episode e of evaluation `index` (0, 1, ...) starts from
+    eval_seed + index * episodes + e, the same states for every learner seed of the batch."""
+    return [eval_seed + index * episodes + e for _ in range(num_seeds) for e in range(episodes)]
 
 
 # =====================================================================================
@@ -1314,19 +1326,65 @@ class TensorBoard:
         self.writer.close()
 
 
+POSITIVE_INTS = ("total_steps", "eval_interval", "updates_per_call", "eval_episodes", "batch_size", "num_seeds",
+                 "num_behavior_samples", "num_ood_actions", "hidden_dim", "num_hidden", "dynamics_members",
+                 "dynamics_elites", "dynamics_hidden", "dynamics_layers", "dynamics_epochs", "diffusion_steps",
+                 "diffusion_k", "random_dataset_steps")
+
+
 def resolve_args(args: Args) -> Args:
-    """Fill budget defaults and check the intervals line up with the fused calls."""
+    """Fill budget defaults and check every numeric flag before any work starts."""
     args = dataclasses.replace(args, **{k: v for k, v in BUDGETS[args.budget].items() if getattr(args, k) is None})
-    k = args.updates_per_call
-    for name in ("total_steps", "eval_interval"):
-        if getattr(args, name) <= 0 or getattr(args, name) % k:
-            raise ILQError(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be a positive multiple of "
-                           f"--updates-per-call ({k}).")
-    if args.stop_after is not None and (args.stop_after <= 0 or args.stop_after % k):
-        raise ILQError(f"--stop-after must be a positive multiple of --updates-per-call ({k}).")
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    bad = [f"{flag(n)} ({getattr(args, n)}) must be a positive integer" for n in POSITIVE_INTS if getattr(args, n) <= 0]
+    if args.stop_after is not None and args.stop_after <= 0:
+        bad.append(f"--stop-after ({args.stop_after}) must be a positive integer")
+    for name in ("critic_lr", "actor_lr", "dynamics_lr", "diffusion_lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            bad.append(f"{flag(name)} ({getattr(args, name)}) must be positive")
+    for name in ("eta", "gamma", "tau"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            bad.append(f"{flag(name)} ({value}) must lie in [0, 1]")
+    if args.penalty_coef is not None and args.penalty_coef < 0:
+        bad.append(f"--penalty-coef ({args.penalty_coef}) must be >= 0")
+    if args.dynamics_elites > args.dynamics_members:
+        bad.append(f"--dynamics-elites ({args.dynamics_elites}) cannot exceed --dynamics-members ({args.dynamics_members})")
     if not (args.imagination or args.limitation):
-        raise ILQError("--no-imagination and --no-limitation together leave no OOD target; keep at least one.")
+        bad.append("--no-imagination and --no-limitation together leave no OOD target; keep at least one")
+    if bad:
+        raise ILQError("; ".join(bad) + ".")
     return args
+
+
+def _read_run_file(run_dir: str, name: str, what: str):
+    """A file of a run folder, or one clear error naming it (never a traceback, never a deletion)."""
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
+        raise ILQError(f"--resume {run_dir}: {path} is missing, so there is {what} to continue.")
+    try:
+        raw = open(path, "rb").read()
+        return raw if name.endswith(".msgpack") else json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise ILQError(f"--resume {run_dir}: {path} is damaged ({type(e).__name__}: {e}).") from None
+
+
+def resume_args(args: Args) -> Args:
+    """The saved settings of the run in --resume; flags that would change them are refused."""
+    changed = [f.name for f in dataclasses.fields(Args) if f.name not in ("resume", "stop_after")
+               and getattr(args, f.name) != f.default]
+    if changed:
+        raise ILQError(f"--resume continues a run with its saved settings; drop {', '.join('--' + c.replace('_', '-') for c in changed)} "
+                       f"(to train longer, start a new run with a larger --total-steps).")
+    saved = _read_run_file(args.resume, "args.json", "no run of ilq_jax.py")
+    try:
+        saved = Args(**saved)
+    except TypeError as e:
+        raise ILQError(f"--resume {args.resume}: args.json does not hold this version's settings ({e}).") from None
+    if os.path.exists(os.path.join(args.resume, "summary.json")):
+        raise ILQError(f"--resume {args.resume}: the run has finished; its results are in "
+                       f"{os.path.join(args.resume, 'summary.json')}.")
+    return dataclasses.replace(saved, resume=args.resume, stop_after=args.stop_after)
 
 
 def save_checkpoint(run_dir: str, state: TrainState, progress: dict) -> None:
@@ -1334,27 +1392,54 @@ def save_checkpoint(run_dir: str, state: TrainState, progress: dict) -> None:
     _atomic_write(os.path.join(run_dir, "checkpoint.json"), json.dumps(progress).encode())
 
 
-def check_finite(metrics: dict, first_update: int, run_dir: str) -> None:
-    """Stop on a non-finite loss or Q value, naming the update and the last good checkpoint."""
+def load_checkpoint(run_dir: str, template: TrainState) -> tuple[TrainState, dict]:
+    progress = _read_run_file(run_dir, "checkpoint.json", "no checkpoint")
+    raw = _read_run_file(run_dir, "checkpoint.msgpack", "no checkpoint")
+    try:
+        state = flax.serialization.from_bytes(template, raw)
+        if [x.shape for x in jax.tree_util.tree_leaves(state)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
+            raise ValueError("its arrays have other shapes than this run's networks")
+    except Exception as e:
+        raise ILQError(f"--resume {run_dir}: {os.path.join(run_dir, 'checkpoint.msgpack')} is damaged ({e}).") from None
+    return state, progress
+
+
+def check_finite(metrics: dict, first_update: int, run_dir: str, seeds=None) -> None:
+    """Stop on a non-finite loss or Q value, naming the update (and seed) and the last good checkpoint.
+    metrics: arrays of shape (updates,) or (seeds, updates)."""
     bad = np.zeros_like(np.asarray(metrics["losses/critic_loss"]), bool)
     for k in ("losses/critic_loss", "losses/actor_loss", "losses/q_data", "losses/q_ood"):
         bad |= ~np.isfinite(np.asarray(metrics[k]))
     if bad.any():
-        step = first_update + int(np.argmax(bad))
+        bad = bad.reshape(-1, bad.shape[-1])
+        which, offset = np.unravel_index(int(np.argmax(bad)), bad.shape)
         ckpt = os.path.join(run_dir, "checkpoint.msgpack")
-        raise ILQError(f"Non-finite loss or Q value at update {step}. "
+        raise ILQError(f"Non-finite loss or Q value at update {first_update + offset}"
+                       + (f" of seed {seeds[which]}" if seeds is not None else "") + ". "
                        + (f"The last good checkpoint is {ckpt}; resume with --resume {run_dir} after changing "
                           f"the settings that diverged (e.g. a smaller --delta or learning rate)."
                           if os.path.exists(ckpt) else "No checkpoint was saved before it."))
 
 
+def summarize(progress: dict, seeds: list) -> dict:
+    """Per seed: the mean of the last 10 evaluations (never the best); then mean and std over seeds."""
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        scores = [e[i] for e in progress["normalized_scores"] if e is not None]
+        per_seed.append(dict(
+            seed=seed, final_normalized_score=float(np.mean(scores[-10:])) if scores else None,
+            final_return=float(np.mean([np.mean(r[i]) for r in progress["returns"][-10:]])),
+            normalized_scores=[None if e is None else e[i] for e in progress["normalized_scores"]],
+            returns=[r[i] for r in progress["returns"]], q_data=[q[i] for q in progress["q_data"]]))
+    finals = [p["final_normalized_score"] for p in per_seed if p["final_normalized_score"] is not None]
+    return dict(final_normalized_score=float(np.mean(finals)) if finals else None,
+                final_normalized_score_std=float(np.std(finals)) if finals else None,
+                final_return=float(np.mean([p["final_return"] for p in per_seed])), seeds=per_seed)
+
+
 def train(args: Args) -> dict:
-    if args.resume:
-        saved = os.path.join(args.resume, "args.json")
-        if not os.path.exists(saved):
-            raise ILQError(f"--resume {args.resume}: no args.json there, so it is not a run folder of ilq_jax.py.")
-        args = dataclasses.replace(Args(**json.load(open(saved))), resume=args.resume, stop_after=args.stop_after)
-    args = resolve_args(args)
+    t_invocation = time.time()
+    args = resolve_args(resume_args(args) if args.resume else args)
     data, info = load_dataset(args)
     print(describe_dataset(data, info))
     hp = effective_hparams(args, info)
@@ -1362,18 +1447,25 @@ def train(args: Args) -> dict:
     run_dir = args.resume or os.path.join("runs", run_name)
     if not args.resume and os.path.exists(run_dir):
         raise ILQError(f"Run folder {run_dir} already exists; pick another --run-name or continue it with --resume {run_dir}.")
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    n_seeds, n_eval = len(seeds), args.eval_episodes
     print(f"[ilq] {hp['source']}; effective: eta {hp['eta']}, delta {hp['delta']}, penalty {hp['penalty_coef']}, "
           f"lr critic {hp['critic_lr']} / actor {hp['actor_lr']}, entropy {hp['entropy']}, cosine lr {hp['cosine_lr']}"
           + (f" (overridden by flags: {', '.join(hp['overridden'])})" if hp["overridden"] else ""))
     print(f"[ilq] budget '{args.budget}': {args.total_steps} updates, eval every {args.eval_interval} "
-          f"({args.eval_episodes} episodes), M={args.num_behavior_samples}, K={args.diffusion_k}, OOD actions/state "
+          f"({n_eval} episodes), M={args.num_behavior_samples}, K={args.diffusion_k}, OOD actions/state "
           f"{args.num_ood_actions}, imagination {args.imagination}, limitation {args.limitation}, "
-          f"behaviour {'bank' if args.behavior_bank else 'fresh samples every update'}; run folder {run_dir}")
-    envs = make_env(info, args.eval_episodes)  # fail on a mismatched env before any training
+          f"behaviour {'bank' if args.behavior_bank else 'fresh samples every update'}; "
+          f"seed{'s' if n_seeds > 1 else ''} {', '.join(map(str, seeds))}; run folder {run_dir}")
+    envs = make_env(info, n_seeds * n_eval)  # fail on a mismatched env before any training
     os.makedirs(run_dir, exist_ok=True)
-    _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
-    tb = TensorBoard(run_dir)
-    dynamics, behavior = load_or_pretrain(args, data, info, log=tb.scalar)
+    if not args.resume:
+        _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
+    pretrain_tb = TensorBoard(os.path.join(run_dir, "pretrain"))
+    try:
+        dynamics, behavior = load_or_pretrain(args, data, info, log=pretrain_tb.scalar)
+    finally:
+        pretrain_tb.close()
     bank = make_behavior_bank(behavior, data.observations, args.num_behavior_samples, args.pretrain_seed) \
         if args.behavior_bank and args.limitation else None
     cfg = ILQConfig(info.obs_dim, info.act_dim, hp["eta"], hp["delta"], hp["penalty_coef"], hp["critic_lr"],
@@ -1381,17 +1473,28 @@ def train(args: Args) -> dict:
                     args.batch_size, args.num_behavior_samples, args.num_ood_actions, args.imagination,
                     args.limitation, bank is not None, args.target_entropy_bonus, args.hidden_dim, args.num_hidden)
     frozen = Frozen(data, dynamics, behavior, bank)
-    state = init_train_state(cfg, jax.random.PRNGKey(args.seed))
-    progress = dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0)
-    if args.resume and os.path.exists(os.path.join(run_dir, "checkpoint.msgpack")):
-        state = flax.serialization.from_bytes(state, open(os.path.join(run_dir, "checkpoint.msgpack"), "rb").read())
-        progress = json.load(open(os.path.join(run_dir, "checkpoint.json")))
+    # Seed i of the batch is exactly the learner a single run with --seed i would be.
+    state = jax.vmap(partial(init_train_state, cfg))(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
+    progress = dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0,
+                    wall_time_s=0.0)
+    if args.resume:
+        state, progress = load_checkpoint(run_dir, state)
         print(f"[ilq] resumed {run_dir} at update {progress['updates']}")
-    update = make_update_fn(cfg)
-    policy = jax.jit(partial(deterministic_action, cfg.actor))
-    run_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 1)
-    k, t_start, session_updates = args.updates_per_call, time.time(), 0
-    ds_norm = info.normalize(info.episode_returns)
+    seed_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) // n_seeds
+    print(f"[ilq] {n_seeds} learner{'s' if n_seeds > 1 else ''} in one jitted call; train state "
+          f"{seed_bytes / 2**20:.1f} MiB per seed")
+    update = make_update_fn(cfg, batched=True)
+    run_keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 1) for s in seeds])
+    # The key of update u depends on u alone, so calls of any length (and resumes) give the same learner.
+    update_keys = jax.jit(jax.vmap(lambda rk, us: jax.vmap(partial(jax.random.fold_in, rk))(us), in_axes=(0, None)))
+    policy = jax.jit(lambda p, o: jax.vmap(partial(deterministic_action, cfg.actor))(
+        p, o.reshape(n_seeds, n_eval, -1)).reshape(n_seeds * n_eval, -1))
+    writers = [TensorBoard(os.path.join(run_dir, f"seed_{s}")) for s in seeds]
+    wall_before, start_updates, last_print = progress["wall_time_s"], progress["updates"], time.time()
+
+    def checkpoint():
+        progress["wall_time_s"] = wall_before + time.time() - t_invocation
+        save_checkpoint(run_dir, state, progress)
 
     stop = {"requested": False}
     def on_sigint(signum, frame):  # finish the running call, checkpoint, then stop; a 2nd Ctrl-C aborts
@@ -1400,63 +1503,85 @@ def train(args: Args) -> dict:
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         while progress["updates"] < args.total_steps:
+            u0 = progress["updates"]
+            next_eval = min(args.total_steps, (u0 // args.eval_interval + 1) * args.eval_interval)
+            n = min(args.updates_per_call, next_eval - u0)
+            if args.stop_after:
+                n = min(n, start_updates + args.stop_after - u0)
             t0 = time.time()
-            keys = jax.random.split(jax.random.fold_in(run_key, progress["updates"] // k), k)
-            state, metrics = update(state, frozen, keys)
-            metrics = jax.device_get(metrics)  # one host transfer per call
-            check_finite(metrics, progress["updates"] + 1, run_dir)
-            progress["updates"] += k
-            session_updates += k
+            state, metrics = update(state, frozen, update_keys(run_keys, jnp.arange(u0, u0 + n)))
+            metrics = jax.device_get(metrics)  # (seeds, n) per metric: one host transfer per call
+            check_finite(metrics, u0 + 1, run_dir, seeds)
+            progress["updates"] = step = u0 + n
             progress["train_time_s"] += time.time() - t0
-            step = progress["updates"]
-            for name, values in metrics.items():
-                tb.scalar(name, float(np.mean(values)), step)
-            tb.scalar("charts/SPS", k / (time.time() - t0), step)
-            if step % args.eval_interval == 0 or step == args.total_steps:
-                returns = evaluate(envs, policy, state.actor_params, args.eval_seed)
+            rate = step / max(progress["train_time_s"], 1e-9)  # updates/s of each learner (all run at once)
+            for i, w in enumerate(writers):
+                for name, values in metrics.items():
+                    w.scalar(name, float(np.mean(values[i])), step)
+                w.scalar("charts/SPS", n / (time.time() - t0), step)
+            line = (f"[ilq] update {step:8d}/{args.total_steps} | {rate:6.1f} updates/s"
+                    + (f" per seed x {n_seeds}" if n_seeds > 1 else "")
+                    + f" | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f}"
+                    f" | alpha {float(np.mean(metrics['losses/alpha'])):.3f}"
+                    f" | time left {(args.total_steps - step) / rate:5.0f}s")
+            if step == next_eval:
+                index = len(progress["eval_steps"])
+                returns = evaluate(envs, policy, state.actor_params,
+                                   evaluation_seeds(args.eval_seed, index, n_eval, n_seeds)).reshape(n_seeds, n_eval)
                 norm = info.normalize(returns)
                 progress["eval_steps"].append(step)
                 progress["returns"].append(returns.tolist())
-                progress["normalized_scores"].append(None if norm is None else float(norm.mean()))
-                progress["q_data"].append(float(np.mean(metrics["losses/q_data"])))  # over-optimism check (Fig. 10)
-                tb.scalar("eval/episodic_return", returns.mean(), step)
-                if norm is not None:
-                    tb.scalar("eval/normalized_score", norm.mean(), step)
-                save_checkpoint(run_dir, state, progress)
-                rate = step / max(progress["train_time_s"], 1e-9)
-                print(f"[ilq] update {step:8d}/{args.total_steps} | {rate:6.1f} updates/s | return {returns.mean():8.1f}"
-                      + (f" | normalised {norm.mean():6.2f}" if norm is not None else "")
-                      + f" | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f} | alpha "
-                      f"{float(np.mean(metrics['losses/alpha'])):.3f} | eta {(args.total_steps - step) / rate:5.0f}s",
-                      flush=True)
-            if stop["requested"] or (args.stop_after and session_updates >= args.stop_after):
-                save_checkpoint(run_dir, state, progress)
-                print(f"[ilq] stopped at update {step} with a checkpoint; continue with: "
+                progress["normalized_scores"].append(None if norm is None else norm.mean(1).tolist())
+                progress["q_data"].append(np.mean(metrics["losses/q_data"], 1).tolist())  # over-optimism (Fig. 10)
+                for i, w in enumerate(writers):
+                    w.scalar("eval/episodic_return", returns[i].mean(), step)
+                    if norm is not None:
+                        w.scalar("eval/normalized_score", norm[i].mean(), step)
+                checkpoint()
+                spread = (f" +- {norm.mean(1).std():.2f} over seeds" if n_seeds > 1 else "") if norm is not None else ""
+                print(line.replace(" | Q(data)", f" | return {returns.mean():8.1f}"
+                                   + (f" | normalised {norm.mean():6.2f}{spread}" if norm is not None else "")
+                                   + " | Q(data)"), flush=True)
+                last_print = time.time()
+            elif time.time() - last_print >= 30:  # a sign of life between evaluations
+                print(line, flush=True)
+                last_print = time.time()
+            if stop["requested"]:
+                checkpoint()
+                print(f"[ilq] interrupted at update {step}; checkpoint saved. Continue with: "
+                      f"python ilq_jax.py --resume {run_dir}", flush=True)
+                raise KeyboardInterrupt
+            if args.stop_after and step - start_updates >= args.stop_after and step < args.total_steps:
+                checkpoint()
+                print(f"[ilq] stopped at update {step} (--stop-after) with a checkpoint; continue with: "
                       f"python ilq_jax.py --resume {run_dir}")
                 return {}
     finally:
         signal.signal(signal.SIGINT, old_handler)
-        tb.close()
+        for w in writers:
+            w.close()
         envs.close()
 
-    scores = [s for s in progress["normalized_scores"] if s is not None]
+    ds_norm = info.normalize(info.episode_returns)
     summary = dict(
-        final_normalized_score=float(np.mean(scores[-10:])) if scores else None,
-        final_return=float(np.mean([np.mean(r) for r in progress["returns"][-10:]])),
+        **summarize(progress, seeds), num_seeds=n_seeds,
         dataset_mean_normalized_return=None if ds_norm is None else float(ds_norm.mean()),
-        dataset_mean_return=float(info.episode_returns.mean()),
-        eval_steps=progress["eval_steps"], normalized_scores=progress["normalized_scores"],
-        returns=progress["returns"], q_data=progress["q_data"],
-        updates_per_second=progress["updates"] / progress["train_time_s"],
-        wall_time_s=time.time() - t_start, dataset=dict(name=info.name, source=info.source,
-                                                        fingerprint=info.fingerprint, ref_min=info.ref_min,
-                                                        ref_max=info.ref_max),
+        dataset_mean_return=float(info.episode_returns.mean()), eval_steps=progress["eval_steps"],
+        evaluation=dict(env=info.eval_env if isinstance(info.eval_env, str) else info.eval_env.id,
+                        episodes=n_eval, policy="deterministic tanh(mean)",
+                        start_seeds=f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = "
+                                    f"0, 1, ... per evaluation, e = 0..{n_eval - 1} per episode; same for every seed"),
+        updates_per_second=progress["updates"] / progress["train_time_s"], train_time_s=progress["train_time_s"],
+        wall_time_s=wall_before + time.time() - t_invocation, train_state_bytes_per_seed=int(seed_bytes),
+        dataset=dict(name=info.name, source=info.source, fingerprint=info.fingerprint, ref_min=info.ref_min,
+                     ref_max=info.ref_max),
         hyperparameters={k: v for k, v in hp.items() if k != "overridden"}, args=dataclasses.asdict(args),
         versions=package_versions(), devices=[str(d) for d in jax.devices()])
     _atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-    if scores:
-        print(f"[ilq] final normalised score (mean of the last {min(10, len(scores))} evaluations): "
-              f"{summary['final_normalized_score']:.2f} | dataset mean normalised return "
+    if summary["final_normalized_score"] is not None:
+        spread = f" +- {summary['final_normalized_score_std']:.2f} over {n_seeds} seeds" if n_seeds > 1 else ""
+        print(f"[ilq] final normalised score (mean of the last {min(10, len(progress['eval_steps']))} evaluations): "
+              f"{summary['final_normalized_score']:.2f}{spread} | dataset mean normalised return "
               f"{summary['dataset_mean_normalized_return']:.2f} | {run_dir}/summary.json")
     return summary
 
@@ -1468,6 +1593,9 @@ def main(argv=None) -> None:
     except ILQError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("[ilq] interrupted (Ctrl-C); exit code 130", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

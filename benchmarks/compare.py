@@ -46,7 +46,7 @@ def run_ilq(a, method: str, seed: int, run_dir: str) -> dict:
                         eval_interval=a.eval_interval, budget=a.pretrain_budget, behavior_bank=a.behavior_bank,
                         **ILQ_METHODS[method])
     s = ilq.train(args)
-    return dict(eval_steps=s["eval_steps"], scores=s["normalized_scores"], q_data=s["q_data"],
+    return dict(eval_steps=s["eval_steps"], scores=s["seeds"][0]["normalized_scores"], q_data=s["seeds"][0]["q_data"],
                 updates_per_second=s["updates_per_second"])
 
 

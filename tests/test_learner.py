@@ -221,11 +221,16 @@ def test_paper_hyperparameters_apply_by_task_and_flags_override():
     assert pen["entropy"] is False and pen["cosine_lr"] is True
 
 
-def test_intervals_must_be_multiples_of_the_fused_call():
-    with pytest.raises(ilq.ILQError, match="multiple"):
-        ilq.resolve_args(ilq.Args(total_steps=1000, updates_per_call=300))
+def test_numeric_flags_are_validated_before_any_work():
+    for bad in (dict(batch_size=0), dict(batch_size=-3), dict(updates_per_call=0), dict(total_steps=0),
+                dict(eval_episodes=0), dict(num_seeds=0), dict(stop_after=0), dict(eta=1.5), dict(tau=-0.1),
+                dict(critic_lr=0.0), dict(dynamics_elites=9)):
+        with pytest.raises(ilq.ILQError, match="--" + next(iter(bad)).replace("_", "-")):
+            ilq.resolve_args(ilq.Args(**bad))
     with pytest.raises(ilq.ILQError, match="no OOD target"):
         ilq.resolve_args(ilq.Args(imagination=False, limitation=False))
+    # any --total-steps: not tied to --updates-per-call (the last call is shorter)
+    assert ilq.resolve_args(ilq.Args(total_steps=50)).total_steps == 50
 
 
 TINY = ["--random-dataset-steps", "3000", "--total-steps", "40", "--updates-per-call", "10", "--eval-interval", "20",
@@ -247,13 +252,15 @@ def test_cli_tiny_run_writes_summary(tmp_path):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.load(open(tmp_path / "runs" / "tiny" / "summary.json"))
-    for key in ("final_normalized_score", "dataset_mean_normalized_return", "eval_steps", "normalized_scores",
-                "returns", "updates_per_second", "wall_time_s", "args", "versions"):
+    for key in ("final_normalized_score", "dataset_mean_normalized_return", "eval_steps", "seeds", "evaluation",
+                "updates_per_second", "train_time_s", "wall_time_s", "args", "versions"):
         assert key in summary
-    assert summary["eval_steps"] == [20, 40] and len(summary["returns"][0]) == 2
-    assert np.isclose(summary["final_normalized_score"], np.mean(summary["normalized_scores"]))
+    (seed,) = summary["seeds"]
+    assert summary["eval_steps"] == [20, 40] and len(seed["returns"]) == 2 and len(seed["returns"][0]) == 2
+    assert seed["seed"] == 1 and np.isclose(summary["final_normalized_score"], np.mean(seed["normalized_scores"]))
     assert summary["args"]["total_steps"] == 40 and summary["updates_per_second"] > 0
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "runs" / "tiny"))
+    assert summary["wall_time_s"] >= summary["train_time_s"] > 0
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "runs" / "tiny" / "seed_1"))
     assert "final normalised score" in out.stdout
 
 
@@ -263,7 +270,6 @@ def test_resume_equals_uninterrupted_and_run_folders_are_not_overwritten(tmp_pat
     assert ilq.train(_tiny_args(tmp_path, run_name="half", stop_after=20)) == {}
     assert json.load(open(tmp_path / "runs" / "half" / "checkpoint.json"))["updates"] == 20
     resumed = ilq.train(ilq.Args(resume=str(tmp_path / "runs" / "half")))
-    assert resumed["returns"] == full["returns"]
-    assert resumed["normalized_scores"] == full["normalized_scores"]
+    assert resumed["seeds"] == full["seeds"]
     with pytest.raises(ilq.ILQError, match="already exists"):
         ilq.train(_tiny_args(tmp_path, run_name="full"))

@@ -1,0 +1,165 @@
+"""Training runs as a user meets them: N seeds in one process (jax.vmap) equal N single runs, Ctrl-C and
+--resume (checkpoint, exit code 130, only the remaining updates, bit-identical result), and every way a run
+folder can be damaged or misused ending in one clear error."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ilq_jax as ilq
+from test_learner import TINY, _tiny_args, setup
+
+REAL_MAKE_UPDATE_FN = ilq.make_update_fn
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_vmapped_seed_is_the_single_run_of_that_seed():
+    """300 updates of two learners in one vmapped call; learner i == the unbatched learner of seed i."""
+    cfg, _, frozen, _ = setup()
+    seeds, n = (3, 8), 300
+    keys = jnp.stack([jax.random.split(jax.random.PRNGKey(100 + s), n) for s in seeds])
+    batched = jax.vmap(lambda k: ilq.init_train_state(cfg, k))(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
+    batched, m_batched = ilq.make_update_fn(cfg, batched=True)(batched, frozen, keys)
+    for i, s in enumerate(seeds):
+        single, m_single = ilq.make_update_fn(cfg)(ilq.init_train_state(cfg, jax.random.PRNGKey(s)), frozen, keys[i])
+        member = jax.tree_util.tree_map(lambda x: x[i], batched)
+        for a, b in zip(jax.tree_util.tree_leaves(member), jax.tree_util.tree_leaves(single)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+        for k in m_single:
+            np.testing.assert_allclose(m_batched[k][i], m_single[k], rtol=2e-4, atol=2e-4)
+    # the two learners really differ (a broadcast of one state would pass the loop above for one seed only)
+    assert not np.allclose(m_batched["losses/critic_loss"][0], m_batched["losses/critic_loss"][1])
+
+
+def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
+    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), *TINY, "--num-seeds", "2", "--seed", "5",
+                          "--run-name", "two", "--model-dir", str(tmp_path / "models")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.load(open(tmp_path / "runs" / "two" / "summary.json"))
+    assert [s["seed"] for s in summary["seeds"]] == [5, 6] and summary["num_seeds"] == 2
+    finals = [s["final_normalized_score"] for s in summary["seeds"]]
+    assert np.isclose(summary["final_normalized_score"], np.mean(finals))
+    assert np.isclose(summary["final_normalized_score_std"], np.std(finals))
+    assert summary["train_state_bytes_per_seed"] > 0
+    for s in (5, 6):
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "runs" / "two" / f"seed_{s}"))
+    # seed 6 of the batch is the run a user gets with --seed 6 alone
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    single = ilq.train(_tiny_args(tmp_path, seed=6, run_name="six"))
+    np.testing.assert_allclose(single["seeds"][0]["returns"], summary["seeds"][1]["returns"], rtol=1e-3)
+    assert summary["seeds"][0]["returns"] != summary["seeds"][1]["returns"]
+
+
+def _counting_update_fn(monkeypatch, counter, interrupt_on_call=None):
+    """Wrap ilq.make_update_fn: count the updates each call runs; optionally send Ctrl-C to ourselves."""
+    def make(cfg, batched=False):
+        fn = REAL_MAKE_UPDATE_FN(cfg, batched)
+
+        def run(state, frozen, keys):
+            counter.append(keys.shape[-2])
+            if interrupt_on_call == len(counter):
+                os.kill(os.getpid(), signal.SIGINT)
+            return fn(state, frozen, keys)
+        return run
+    monkeypatch.setattr(ilq, "make_update_fn", make)
+
+
+def test_ctrl_c_checkpoints_exits_130_and_resume_runs_only_the_rest_bit_for_bit(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    full = ilq.train(_tiny_args(tmp_path, run_name="full"))
+    calls = []
+    _counting_update_fn(monkeypatch, calls, interrupt_on_call=2)
+    argv = [*TINY, "--run-name", "cut", "--model-dir", str(tmp_path / "models")]
+    with pytest.raises(SystemExit) as exit_info:
+        ilq.main(argv)
+    assert exit_info.value.code == 130
+    out = capsys.readouterr()
+    assert "interrupted at update 20; checkpoint saved" in out.out and "Traceback" not in out.err
+    assert json.load(open(tmp_path / "runs" / "cut" / "checkpoint.json"))["updates"] == 20
+    assert not (tmp_path / "runs" / "cut" / "summary.json").exists()
+    cut_wall = json.load(open(tmp_path / "runs" / "cut" / "checkpoint.json"))["wall_time_s"]
+    calls.clear()
+    _counting_update_fn(monkeypatch, calls)
+    t0 = time.time()
+    resumed = ilq.train(ilq.Args(resume=str(tmp_path / "runs" / "cut")))
+    resume_s = time.time() - t0
+    assert sum(calls) == 20  # only the remaining updates ran
+    assert resumed["seeds"] == full["seeds"]
+    assert (tmp_path / "runs" / "cut" / "checkpoint.msgpack").read_bytes() == \
+        (tmp_path / "runs" / "full" / "checkpoint.msgpack").read_bytes()
+    # the resumed run's wall time counts both invocations, and the finished run cannot be resumed again
+    assert cut_wall > 0 and cut_wall + 0.5 * resume_s < resumed["wall_time_s"] <= cut_wall + resume_s + 0.5
+    before = (tmp_path / "runs" / "cut" / "summary.json").read_bytes()
+    with pytest.raises(ilq.ILQError, match="has finished"):
+        ilq.train(ilq.Args(resume=str(tmp_path / "runs" / "cut")))
+    assert (tmp_path / "runs" / "cut" / "summary.json").read_bytes() == before
+
+
+def test_ctrl_c_during_pretraining_exits_130_and_keeps_finished_models(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ilq, "train_diffusion", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        ilq.main([*TINY, "--run-name", "pre", "--model-dir", str(tmp_path / "models")])
+    assert exit_info.value.code == 130 and "Traceback" not in capsys.readouterr().err
+    kept = [f for _, _, files in os.walk(tmp_path / "models") for f in files]
+    assert any(f.startswith("dynamics-") and f.endswith(".msgpack") for f in kept)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after 20 of 40 updates (--stop-after), with its checkpoint."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        assert ilq.train(_tiny_args(tmp, run_name="half", stop_after=20)) == {}
+    finally:
+        os.chdir(cwd)
+    return tmp / "runs" / "half"
+
+
+def _variant(stopped_run, tmp_path, damage=None, remove=None):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    if remove:
+        os.remove(run / remove)
+    if damage:
+        name, payload = damage
+        (run / name).write_bytes(payload)
+    return run
+
+
+@pytest.mark.parametrize("name,payload", [("checkpoint.msgpack", b"\x00garbage"), ("checkpoint.json", b"{not json"),
+                                          ("args.json", b"[1, 2"), ("checkpoint.msgpack", b"")])
+def test_damaged_run_files_give_one_error_naming_the_file_and_nothing_is_deleted(stopped_run, tmp_path, name, payload):
+    run = _variant(stopped_run, tmp_path, damage=(name, payload))
+    files = sorted(os.listdir(run))
+    with pytest.raises(ilq.ILQError, match=name.replace(".", r"\.")):
+        ilq.train(ilq.Args(resume=str(run)))
+    assert sorted(os.listdir(run)) == files
+
+
+def test_resume_without_checkpoint_is_an_error_not_a_fresh_start(stopped_run, tmp_path):
+    run = _variant(stopped_run, tmp_path, remove="checkpoint.msgpack")
+    with pytest.raises(ilq.ILQError, match="checkpoint.msgpack is missing"):
+        ilq.train(ilq.Args(resume=str(run)))
+
+
+def test_flags_that_resume_cannot_honour_are_refused(stopped_run, tmp_path):
+    run = _variant(stopped_run, tmp_path)
+    with pytest.raises(ilq.ILQError, match="drop --total-steps"):
+        ilq.train(ilq.Args(resume=str(run), total_steps=400))
