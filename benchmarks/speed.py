@@ -37,7 +37,10 @@ sys.path.insert(0, ROOT)
 import ilq_jax as ilq  # noqa: E402
 from results_md import command, git_commit, machine, write_section  # noqa: E402
 
-OBS, ACT, N = 11, 3, 100_000
+OBS, ACT = 11, 3
+# The paper's sizes; --tiny shrinks every network and the dataset so that a rehearsal of the script runs in seconds.
+SIZES = dict(n=100_000, hidden=256, batch=256, dyn_hidden=200, matmul=None)
+TINY_SIZES = dict(n=2_000, hidden=32, batch=32, dyn_hidden=32, matmul=(256, 512))
 
 
 def median_time(fn, repeats: int, min_time: float = 0.0) -> float:
@@ -76,32 +79,41 @@ def counted_flops(fn, *args) -> float:
 
 
 def build(bank: bool, seed: int = 0):
-    """Random-weight models and a random device-resident dataset at the paper's sizes."""
+    """Random-weight models and a random device-resident dataset at the paper's sizes (or --tiny's)."""
+    N, hidden, dyn_hidden = SIZES["n"], SIZES["hidden"], SIZES["dyn_hidden"]
     k = jax.random.split(jax.random.PRNGKey(seed), 8)
     data = ilq.Transitions(jax.random.normal(k[0], (N, OBS)), jax.random.uniform(k[1], (N, ACT), minval=-1, maxval=1),
                            jax.random.normal(k[2], (N,)), jax.random.normal(k[3], (N, OBS)), jnp.zeros(N))
-    net = ilq.DynamicsEnsemble(OBS + 1, 7, 200, 4)
+    net = ilq.DynamicsEnsemble(OBS + 1, 7, dyn_hidden, 4)
     dyn = ilq.DynamicsModel(net.init(k[4], jnp.zeros((1, OBS + ACT))), jnp.zeros(OBS + ACT), jnp.ones(OBS + ACT),
-                            jnp.arange(5), OBS, 7, 200, 4, "hopper")
-    noise_net = ilq.NoiseNet(ACT, 256)
+                            jnp.arange(5), OBS, 7, dyn_hidden, 4, "hopper")
+    noise_net = ilq.NoiseNet(ACT, hidden)
     beh = ilq.BehaviorModel(noise_net.init(k[5], jnp.zeros((1, ACT)), jnp.zeros(1, jnp.int32), jnp.zeros((1, OBS))),
-                            ACT, 5, 256)
+                            ACT, 5, hidden)
     cfg = ilq.ILQConfig(OBS, ACT, eta=0.9, delta=1.0, penalty_coef=1.0, critic_lr=3e-4, actor_lr=1e-4, entropy=True,
-                        cosine_lr=False, total_steps=1_000_000, behavior_bank=bank)
+                        cosine_lr=False, total_steps=1_000_000, behavior_bank=bank, batch_size=SIZES["batch"],
+                        hidden_dim=hidden)
     # the bank's contents do not matter for speed: random actions, not ilq.make_behavior_bank's 100k x M samples
     behavior_bank = jax.random.uniform(k[6], (N, cfg.num_behavior_samples, ACT), minval=-1, maxval=1) if bank else None
     return cfg, ilq.Frozen(data, dyn, beh, behavior_bank), k[7]
 
 
-def fused(bank: bool, calls, repeats: int) -> dict:
+_FLOPS = {}
+
+
+def fused(bank: bool, calls, repeats: int, seeds: int = 1) -> dict:
+    """updates/s of train()'s compiled update: `seeds` learners vmapped in one jitted lax.scan of `per_call` updates."""
     cfg, frozen, key = build(bank)
-    update = ilq.make_update_fn(cfg)
-    flops = counted_flops(partial(ilq.ilq_update, cfg), ilq.init_train_state(cfg, key), frozen, key)
-    print(f"[speed] {'bank ' if bank else 'fresh'} one update: {flops / 1e9:.3f} GFLOP (XLA, scans unrolled)", flush=True)
+    update = ilq.make_update_fn(cfg, batched=True)
+    if bank not in _FLOPS:  # the work of one update does not depend on how many run per call or in parallel
+        _FLOPS[bank] = counted_flops(partial(ilq.ilq_update, cfg), ilq.init_train_state(cfg, key), frozen, key)
+    flops = _FLOPS[bank]
+    name = f"{'bank ' if bank else 'fresh'} x{seeds} seed{'s' if seeds > 1 else ''}"
+    print(f"[speed] {name} one update: {flops / 1e9:.3f} GFLOP (XLA, scans unrolled)", flush=True)
     out = {}
     for per_call in calls:
-        state = ilq.init_train_state(cfg, key)
-        keys = jax.random.split(key, per_call)
+        state = jax.vmap(partial(ilq.init_train_state, cfg))(jax.random.split(key, seeds))
+        keys = jax.random.split(key, seeds * per_call).reshape(seeds, per_call, -1)
         t0 = time.perf_counter()
         compiled = update.lower(state, frozen, keys).compile()
         compile_s = time.perf_counter() - t0
@@ -110,12 +122,14 @@ def fused(bank: bool, calls, repeats: int) -> dict:
         def run():
             holder["state"], metrics = compiled(holder["state"], frozen, keys)
             jax.block_until_ready(metrics)
-        if per_call < 100 or repeats < 3:
+        if per_call * seeds < 100 or repeats < 3:
             run()  # warm-up (for long calls the median of 3+ repeats already leaves a slow first call out)
-        t = median_time(run, repeats if per_call >= 100 else 5 * repeats, min_time=2.0 if per_call < 100 else 0.0)
-        out[per_call] = dict(updates_per_s=per_call / t, compile_s=compile_s, flops=flops)
-        print(f"[speed] {'bank ' if bank else 'fresh'} {per_call:5d} updates/call: {per_call / t:8.1f} updates/s "
-              f"(compile {compile_s:.1f}s)", flush=True)
+        t = median_time(run, repeats if per_call * seeds >= 100 else 5 * repeats,
+                        min_time=(0.2 if SIZES["matmul"] else 2.0) if per_call * seeds < 100 else 0.0)
+        out[per_call] = dict(updates_per_s=seeds * per_call / t, per_seed=per_call / t, compile_s=compile_s,
+                             flops=flops, seeds=seeds)
+        print(f"[speed] {name} {per_call:5d} updates/call: {seeds * per_call / t:8.1f} updates/s in all, "
+              f"{per_call / t:8.1f} per seed (compile {compile_s:.1f}s)", flush=True)
     return out
 
 
@@ -158,13 +172,13 @@ def parts(repeats: int) -> dict:
 
 def matmul_peak(repeats: int) -> dict:
     """The best median rate of a square float32 matmul over a few sizes (JAX's default matmul precision)."""
-    sizes = (1024, 2048, 4096) if jax.default_backend() == "cpu" else (4096, 8192, 16384)
+    sizes = SIZES["matmul"] or ((1024, 2048, 4096) if jax.default_backend() == "cpu" else (4096, 8192, 16384))
     mm = jax.jit(lambda x, y: x @ y)
     best = dict(n=0, flops_per_s=0.0)
     for n in sizes:
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
         jax.block_until_ready(mm(a, a))
-        t = median_time(lambda: jax.block_until_ready(mm(a, a)), 5 * repeats, min_time=2.0)
+        t = median_time(lambda: jax.block_until_ready(mm(a, a)), 5 * repeats, min_time=0.2 if SIZES["matmul"] else 2.0)
         print(f"[speed] float32 matmul {n}x{n}: {2 * n**3 / t / 1e9:.1f} GFLOP/s", flush=True)
         if 2 * n**3 / t > best["flops_per_s"]:
             best = dict(n=n, flops_per_s=2 * n**3 / t)
@@ -183,34 +197,44 @@ def peers(python: str, steps: int, repeats: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--calls", default="1,10,100,1000", help="updates per host call to measure")
+    p.add_argument("--calls", default="1,10,100,1000", help="updates per host call to measure (one seed)")
+    p.add_argument("--seeds", default="1,2,4,8", help="learners vmapped in one call, for the seeds table")
+    p.add_argument("--seed-calls", type=int, default=100, help="updates per host call in the seeds table")
+    p.add_argument("--skip-parts", action="store_true", help="leave out the per-part timings")
     p.add_argument("--peers-python", default=os.path.join(ROOT, ".venv-peers", "bin", "python"),
                    help="python of the peers virtualenv (benchmarks/requirements-peers.txt); skipped if absent")
     p.add_argument("--peer-steps", type=int, default=300, help="timed d3rlpy updates per repeat")
     p.add_argument("--out-md", default=None,
-                   help="Markdown file whose Speed section is (re)written (default benchmarks/RESULTS.md; "
+                   help="Markdown file whose section --section is (re)written (default benchmarks/RESULTS.md; "
                         "with --quick nothing is written unless this is given)")
-    p.add_argument("--quick", action="store_true", help="1 repeat, calls 1 and 10, 20 peer steps: a smoke run")
-    a = p.parse_args()
+    p.add_argument("--section", default="speed", help="name of the RESULTS.md section to write")
+    p.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
+    p.add_argument("--quick", action="store_true", help="1 repeat, calls 1 and 10, seeds 1 and 2, 20 peer steps")
+    p.add_argument("--tiny", action="store_true", help="tiny networks and data (a rehearsal: not the paper's sizes)")
+    a = p.parse_args(argv)
+    if a.tiny:
+        SIZES.update(TINY_SIZES)
     if a.quick:
-        a.repeats, a.calls, a.peer_steps = 1, "1,10", 20
+        a.repeats, a.calls, a.seeds, a.seed_calls, a.peer_steps = 1, "1,10", "1,2", 10, 20
     out_md = a.out_md or (None if a.quick else os.path.join(ROOT, "benchmarks", "RESULTS.md"))
-    calls = [int(c) for c in a.calls.split(",")]
+    calls, seed_counts = [int(c) for c in a.calls.split(",")], [int(n) for n in a.seeds.split(",")]
     t_start, load_start = time.time(), os.getloadavg()
     peak = matmul_peak(a.repeats)
     results = {bank: fused(bank, calls, a.repeats) for bank in (False, True)}
-    part_times = parts(a.repeats)
+    by_seeds = {bank: {n: fused(bank, [a.seed_calls], a.repeats, n)[a.seed_calls] for n in seed_counts}
+                for bank in (False, True)}
+    part_times = {} if a.skip_parts else parts(a.repeats)
     peer = peers(a.peers_python, a.peer_steps, a.repeats)
     load_end = os.getloadavg()
 
     versions = ilq.package_versions()
     best = max(calls)
     lines = []
-    if a.quick:
-        lines += ["**Smoke run (`--quick`: 1 repeat, few updates): not a measurement.**", ""]
+    if a.quick or a.tiny:
+        lines += ["**Smoke run (`--quick`/`--tiny`: few repeats or tiny sizes): not a measurement.**", ""]
     lines += [f"Machine: {machine()}. Commit {git_commit()}. "
               + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("python", "jax", "jaxlib", "flax", "optax"))
               + f"; matmul precision {jax.config.jax_default_matmul_precision or 'default'}. "
@@ -218,22 +242,36 @@ def main():
               f"1-min load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end "
               f"(this script itself keeps about {os.cpu_count() if jax.default_backend() == 'cpu' else 1} busy).",
               "", f"Measured float32 matmul peak (best of square sizes, {peak['n']}x{peak['n']}): "
-                  f"**{peak['flops_per_s'] / 1e9:.1f} GFLOP/s**.",
-              "", "| behaviour actions | updates per host call | updates/s | compile s | GFLOP per update (XLA) | "
-                  "achieved GFLOP/s | utilisation of peak |", "|---|---|---|---|---|---|---|"]
-    for bank, name in ((False, "fresh samples (paper)"), (True, "`--behavior-bank`")):
+                  f"**{peak['flops_per_s'] / 1e9:.1f} GFLOP/s**.", "",
+              "One learner (train()'s compiled update: `make_update_fn(cfg, batched=True)` with one seed):", "",
+              "| behaviour actions | updates per host call | updates/s | compile s | GFLOP per update (XLA) | "
+              "achieved GFLOP/s | utilisation of peak |", "|---|---|---|---|---|---|---|"]
+    names = {False: "fresh samples (paper)", True: "`--behavior-bank`"}
+    for bank in (False, True):
         for c in calls:
             r = results[bank][c]
             achieved = r["flops"] * r["updates_per_s"]
-            lines.append(f"| {name} | {c} | {r['updates_per_s']:.1f} | {r['compile_s']:.1f} | {r['flops'] / 1e9:.3f} | "
-                         f"{achieved / 1e9:.1f} | {100 * achieved / peak['flops_per_s']:.0f} % |")
-    lines += ["", "GFLOP per update: XLA's cost analysis of one update with every `lax.scan` unrolled (XLA counts a "
-                  "loop body once, so the compiled programs themselves under-count).", "",
-              "Each part alone (batch 256, jitted on its own):", "",
-              "| part | ms | GFLOP (XLA) | GFLOP/s | utilisation of peak |", "|---|---|---|---|---|"]
-    for name, r in part_times.items():
-        lines.append(f"| {name} | {r['ms']:.2f} | {r['flops'] / 1e9:.3f} | {r['flops'] / r['ms'] / 1e6:.1f} | "
-                     f"{100 * r['flops'] / r['ms'] * 1e3 / peak['flops_per_s']:.0f} % |")
+            lines.append(f"| {names[bank]} | {c} | {r['updates_per_s']:.1f} | {r['compile_s']:.1f} | "
+                         f"{r['flops'] / 1e9:.3f} | {achieved / 1e9:.1f} | {100 * achieved / peak['flops_per_s']:.0f} % |")
+    lines += ["", f"N learners in one process (`--num-seeds N`: jax.vmap over the train state and keys, "
+                  f"{a.seed_calls} updates per host call):", "",
+              "| behaviour actions | seeds N | updates/s in all | updates/s per seed | time of N seeds ÷ time of one "
+              "| utilisation of peak |", "|---|---|---|---|---|---|"]
+    for bank in (False, True):
+        base = by_seeds[bank][seed_counts[0]]["per_seed"]
+        for n in seed_counts:
+            r = by_seeds[bank][n]
+            slowdown = base / r["per_seed"]  # wall time of a call with N seeds over that with the first N
+            lines.append(f"| {names[bank]} | {n} | {r['updates_per_s']:.1f} | {r['per_seed']:.1f} | {slowdown:.2f} | "
+                         f"{100 * r['flops'] * r['updates_per_s'] / peak['flops_per_s']:.0f} % |")
+    if part_times:
+        lines += ["", "GFLOP per update: XLA's cost analysis of one update with every `lax.scan` unrolled (XLA counts "
+                      "a loop body once, so the compiled programs themselves under-count).", "",
+                  "Each part alone (batch 256, jitted on its own):", "",
+                  "| part | ms | GFLOP (XLA) | GFLOP/s | utilisation of peak |", "|---|---|---|---|---|"]
+        for name, r in part_times.items():
+            lines.append(f"| {name} | {r['ms']:.2f} | {r['flops'] / 1e9:.3f} | {r['flops'] / r['ms'] / 1e6:.1f} | "
+                         f"{100 * r['flops'] / r['ms'] * 1e3 / peak['flops_per_s']:.0f} % |")
     if peer:
         ours, bank = results[False][best]["updates_per_s"], results[True][best]["updates_per_s"]
         v = peer["versions"]
@@ -252,9 +290,14 @@ def main():
         lines += ["", f"PyTorch peers: skipped (no virtualenv at `{os.path.relpath(a.peers_python, ROOT)}`)."]
     text = "\n".join(lines)
     print(text)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(peak=peak, per_call={str(b): results[b] for b in results},
+                           by_seeds={str(b): by_seeds[b] for b in by_seeds}, machine=machine(), versions=versions), f)
     if out_md:
-        write_section(out_md, "speed", "## Speed\n\n" + text)
-        print(f"[speed] wrote the Speed section of {out_md}")
+        write_section(out_md, a.section, ("## Speed\n\n" if a.section == "speed" else "") + text)
+        print(f"[speed] wrote the {a.section} section of {out_md}")
+    return dict(results=results, by_seeds=by_seeds, peak=peak, text=text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One prepared command that measures ILQ on one NVIDIA GPU, offline, in at most 9 minutes of wall time:
+#
+#     bash benchmarks/gpu.sh OUTDIR               # on the GPU machine, from the repository root
+#     bash benchmarks/gpu.sh OUTDIR --rehearse    # on CPU at a tiny budget (CI runs this)
+#
+# It needs the bundle made beforehand by benchmarks/gpu_bundle.sh (wheels, dataset, pretrained models; default
+# .gpu-bundle/, or $ILQ_GPU_BUNDLE) and a Python 3.12 with a CUDA build of JAX, flax, optax, chex, numpy, h5py,
+# matplotlib and tensorboard ($PYTHON, default python3). What it lacks is installed from the bundle's wheels into
+# a temporary folder (no network). It writes into OUTDIR: speed.md / speed.json (updates/s for 1-1000 updates per
+# call, fresh samples and --behavior-bank, 1 and 8 vmapped seeds), learn.md and curves.png (ILQ and its two
+# ablations, 5 vmapped seeds each, on the bundle's dataset), runs.tar.gz (their logs, summaries and TensorBoard
+# files) and log.txt.
+set -euo pipefail
+OUT=${1:?usage: bash benchmarks/gpu.sh OUTDIR [--rehearse]}
+REHEARSE=$([ "${2:-}" = "--rehearse" ] && echo 1 || echo 0)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BUNDLE=$(cd "${ILQ_GPU_BUNDLE:-$ROOT/.gpu-bundle}" 2>/dev/null && pwd) || BUNDLE=""
+PY=${PYTHON:-python3}
+[ -n "$BUNDLE" ] && [ -f "$BUNDLE/bundle.json" ] || {
+  echo "error: no bundle at ${ILQ_GPU_BUNDLE:-$ROOT/.gpu-bundle}: make it on a CPU machine with bash benchmarks/gpu_bundle.sh" >&2
+  exit 2
+}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export MINARI_DATASETS_PATH="$BUNDLE/minari" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# Several processes share the GPU in the learning run: no process may take most of its memory up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+if ! "$PY" -c "import gymnasium, mujoco, minari, tyro" 2>/dev/null; then
+  SITE=$(mktemp -d)/site
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$BUNDLE"/wheels/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  echo "[gpu] installed $(ls "$BUNDLE"/wheels | wc -l) wheels from the bundle into $SITE"
+fi
+"$PY" - "$REHEARSE" <<'PY'
+import sys
+import jax
+if sys.argv[1] == "0" and jax.default_backend() != "gpu":
+    sys.exit(f"error: JAX sees no GPU (backend {jax.default_backend()}, devices {jax.devices()}). This command "
+             "measures a GPU; on a CPU machine use --rehearse. For NVIDIA: pip install -U 'jax[cuda12]'.")
+print(f"[gpu] JAX {jax.__version__} on {jax.default_backend()}: {[d.device_kind for d in jax.devices()]}")
+PY
+cd "$ROOT"
+"$PY" benchmarks/gpu_run.py --out "$OUT" --bundle "$BUNDLE" $([ "$REHEARSE" = 1 ] && echo --rehearse) 2>&1 \
+  | tee "$OUT/log.txt"
