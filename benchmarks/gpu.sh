@@ -39,7 +39,11 @@ import jax
 if sys.argv[1] == "0" and jax.default_backend() != "gpu":
     sys.exit(f"error: JAX sees no GPU (backend {jax.default_backend()}, devices {jax.devices()}). This command "
              "measures a GPU; on a CPU machine use --rehearse. For NVIDIA: pip install -U 'jax[cuda12]'.")
-print(f"[gpu] JAX {jax.__version__} on {jax.default_backend()}: {[d.device_kind for d in jax.devices()]}")
+from importlib.metadata import version
+import gymnasium as gym
+gym.make("Hopper-v5").reset(seed=0)  # the evaluation env works before minutes are spent on measurements
+print(f"[gpu] JAX {jax.__version__} on {jax.default_backend()}: {[d.device_kind for d in jax.devices()]}; "
+      + ", ".join(f"{p} {version(p)}" for p in ("jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco")))
 PY
 cd "$ROOT"
 "$PY" benchmarks/gpu_run.py --out "$OUT" --bundle "$BUNDLE" $([ "$REHEARSE" = 1 ] && echo --rehearse) 2>&1 \
