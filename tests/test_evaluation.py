@@ -1,4 +1,4 @@
-"""Evaluation (issue 11, item 7): evaluate() on a tiny environment with known rewards and episode lengths that differ
+"""Evaluation: evaluate() on a tiny environment with known rewards and episode lengths that differ
 across the vectorised envs gives exact returns; normalised scores are recomputed from returns with D4RL's reference
 constants typed here (d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE), independently of ilq_jax's table.
 Everything here is exact: no sampling."""

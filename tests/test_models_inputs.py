@@ -1,4 +1,4 @@
-"""The pretrained models must depend on their input (issue 11, item 6).
+"""The pretrained models must depend on their input.
 
 - Dynamics (train_dynamics): a system with a nonlinear mean and a noise level that grows with the state. The fit
   must capture the nonlinearity (beat the best linear fit of the true mean by far), its predicted sigma must follow
