@@ -10,7 +10,7 @@
 # a temporary folder (no network). It writes into OUTDIR: speed.md / speed.json (updates/s for 1-1000 updates per
 # call, fresh samples and --behavior-bank, 1 and 8 vmapped seeds), learn.md and curves.png (ILQ and its two
 # ablations, 5 vmapped seeds each, on the bundle's dataset), runs.tar.gz (their logs, summaries and TensorBoard
-# files) and log.txt.
+# files) and log.txt. $ILQ_GPU_DEADLINE_S (default 480) bounds the measurements after the install.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/gpu.sh OUTDIR [--rehearse]}
 REHEARSE=$([ "${2:-}" = "--rehearse" ] && echo 1 || echo 0)
@@ -46,5 +46,6 @@ print(f"[gpu] JAX {jax.__version__} on {jax.default_backend()}: {[d.device_kind 
       + ", ".join(f"{p} {version(p)}" for p in ("jaxlib", "flax", "optax", "chex", "numpy", "gymnasium", "mujoco")))
 PY
 cd "$ROOT"
-"$PY" benchmarks/gpu_run.py --out "$OUT" --bundle "$BUNDLE" $([ "$REHEARSE" = 1 ] && echo --rehearse) 2>&1 \
+"$PY" benchmarks/gpu_run.py --out "$OUT" --bundle "$BUNDLE" --deadline-s "${ILQ_GPU_DEADLINE_S:-480}" \
+  $([ "$REHEARSE" = 1 ] && echo --rehearse) 2>&1 \
   | tee "$OUT/log.txt"
