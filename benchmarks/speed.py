@@ -91,7 +91,7 @@ def build(bank: bool, seed: int = 0):
     beh = ilq.BehaviorModel(noise_net.init(k[5], jnp.zeros((1, ACT)), jnp.zeros(1, jnp.int32), jnp.zeros((1, OBS))),
                             ACT, 5, hidden)
     cfg = ilq.ILQConfig(OBS, ACT, eta=0.9, delta=1.0, penalty_coef=1.0, critic_lr=3e-4, actor_lr=1e-4, entropy=True,
-                        cosine_lr=False, total_steps=1_000_000, behavior_bank=bank, batch_size=SIZES["batch"],
+                        cosine_lr=False, total_steps=1_000_000, batch_size=SIZES["batch"],
                         hidden_dim=hidden)
     # the bank's contents do not matter for speed: random actions, not ilq.make_behavior_bank's 100k x M samples
     behavior_bank = jax.random.uniform(k[6], (N, cfg.num_behavior_samples, ACT), minval=-1, maxval=1) if bank else None

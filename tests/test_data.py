@@ -1,6 +1,7 @@
 """The data entry point, offline: tiny Minari datasets and D4RL-format HDF5 files made here, and every error."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -213,12 +214,14 @@ def test_random_dataset_is_generated_once_labelled_as_local_and_has_reference_sc
     assert all(np.asarray(x).dtype == np.float32 for x in data)
     assert float(np.abs(np.asarray(data.actions)).max()) <= 1.0
     assert "not D4RL" in info.source and info.task == "hopper-random"
+    assert info.name == "ilq-local/hopper/random-2000steps-v0"  # stored under an id that names its size
     assert (info.ref_min, info.ref_max) == ilq.D4RL_REF_SCORES["hopper"]
     assert str(info.eval_env.id if not isinstance(info.eval_env, str) else info.eval_env) == "Hopper-v5"
-    meta = minari.load_dataset("ilq-local/hopper/random-v0").storage.metadata
+    meta = minari.load_dataset("ilq-local/hopper/random-2000steps-v0").storage.metadata
     assert "NOT a D4RL dataset" in meta["description"]
     assert meta["ref_min_score"] == ilq.D4RL_REF_SCORES["hopper"][0]
     assert meta["ref_max_score"] == ilq.D4RL_REF_SCORES["hopper"][1]
+    assert (meta["ilq_steps"], meta["ilq_seed"], meta["ilq_env"]) == (2000, 0, "Hopper-v5")  # what made it
     text = ilq.describe_dataset(data, info)
     assert "not D4RL data" in text and "reference scores min -20.2723 / max 3234.3" in text
     # Hopper falls over under a random policy: the mask is 1 exactly where Hopper-v5's health check fails
@@ -229,8 +232,31 @@ def test_random_dataset_is_generated_once_labelled_as_local_and_has_reference_sc
     again, info2 = load("ilq-local/hopper/random-v0", random_dataset_steps=2000)
     assert "generated" not in capsys.readouterr().out  # the cache is reused
     assert info2.fingerprint == info.fingerprint
-    again, info3 = load("ilq-local/hopper/random-v0", random_dataset_steps=999)  # the size only matters when generating
-    assert "generated" not in capsys.readouterr().out and info3.fingerprint == info.fingerprint
+
+
+def test_generated_datasets_are_keyed_by_their_size_and_never_stand_in_for_another(capsys, monkeypatch, tmp_path):
+    """A 999-step smoke run and a 2000-step run get two datasets; neither is the default id's (50 000 steps)."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    _, big = load("ilq-local/hopper/random-v0", random_dataset_steps=2000)
+    _, small = load("ilq-local/hopper/random-v0", random_dataset_steps=999)
+    assert "generated" in capsys.readouterr().out  # the 999-step request made its own dataset
+    assert (big.name, small.name) == ("ilq-local/hopper/random-2000steps-v0", "ilq-local/hopper/random-999steps-v0")
+    assert big.fingerprint != small.fingerprint and len(small.episode_returns) < len(big.episode_returns)
+    assert "ilq-local/hopper/random-v0" not in minari.list_local_datasets()  # the default run's id stays untouched
+
+
+def test_a_generated_dataset_made_with_other_settings_is_refused(monkeypatch, tmp_path):
+    """What sits under the default id must be the default dataset: one made with another size (an older version cached
+    every size under one id) or without a record of what made it is refused with what to do, never used."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    ilq.make_random_dataset("ilq-local/hopper/random-v0", "Hopper-v5", 300, ref_scores=ilq.D4RL_REF_SCORES["hopper"])
+    with pytest.raises(ilq.ILQError, match=r"'ilq-local/hopper/random-v0' was not made with this run's settings: it "
+                                           r"records \{'steps': 300, .*'steps': 50000.*minari delete ilq-local/hopper/random-v0"):
+        load("ilq-local/hopper/random-v0")
+    storage = minari.load_dataset("ilq-local/hopper/random-v0").storage
+    storage.update_metadata(dict(ilq_steps=50_000, ilq_seed=0, ilq_env="Walker2d-v5"))
+    with pytest.raises(ilq.ILQError, match="'env': 'Walker2d-v5'"):  # recorded on another env
+        load("ilq-local/hopper/random-v0")
 
 
 def test_failed_generation_leaves_no_dataset(monkeypatch, tmp_path):
@@ -240,7 +266,7 @@ def test_failed_generation_leaves_no_dataset(monkeypatch, tmp_path):
     monkeypatch.setattr(minari.DataCollector, "step", broken_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
-    assert "ilq-local/walker2d/random-v0" not in minari.list_local_datasets()
+    assert not minari.list_local_datasets()
     assert not any(files for _, _, files in os.walk(tmp_path))  # not even a partial file
 
 
@@ -249,13 +275,13 @@ def test_a_crash_while_writing_the_dataset_removes_it_and_the_next_run_regenerat
     create = minari.DataCollector.create_dataset
     def crash_after_writing(self, *a, **kw):  # the files are on disk when the interruption comes
         create(self, *a, **kw)
-        assert os.path.isdir(tmp_path / "ilq-local" / "walker2d" / "random-v0")
+        assert os.path.isdir(tmp_path / "ilq-local" / "walker2d" / "random-100steps-v0")
         raise KeyboardInterrupt
     monkeypatch.setattr(minari.DataCollector, "create_dataset", crash_after_writing)
     with pytest.raises(KeyboardInterrupt):
         load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
-    assert not (tmp_path / "ilq-local" / "walker2d" / "random-v0").exists()
-    assert "ilq-local/walker2d/random-v0" not in minari.list_local_datasets()
+    assert not (tmp_path / "ilq-local" / "walker2d" / "random-100steps-v0").exists()
+    assert "ilq-local/walker2d/random-100steps-v0" not in minari.list_local_datasets()
     monkeypatch.setattr(minari.DataCollector, "create_dataset", create)
     data, info = load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
     assert data.observations.shape == (100, 17) and info.eval_env.id == "Walker2d-v5"
@@ -349,7 +375,9 @@ def test_d4rl_urls_and_file_names_per_version():
     ("pen-human", "AdroitHandPen-v1", ilq.D4RL_REF_SCORES["pen"]),
 ])
 def test_d4rl_metadata_per_family(tmp_path, name, eval_env, ref):
-    write_d4rl(tmp_path / "x.hdf5")
+    obs_dim, act_dim = ilq.D4RL_SIZES[ilq.family_of(name)]  # each task's own data sizes
+    write_d4rl(tmp_path / "x.hdf5", observations=np.zeros((12, obs_dim), np.float32),
+               next_observations=np.zeros((12, obs_dim), np.float32), actions=np.zeros((12, act_dim), np.float32))
     _, info = load(name, dataset_path=str(tmp_path / "x.hdf5"))
     assert info.eval_env == eval_env and (info.ref_min, info.ref_max) == ref
     assert info.task == ilq.parse_d4rl_name(name)[0] and info.family == ilq.family_of(name)
@@ -486,7 +514,16 @@ def test_malformed_d4rl_arrays_are_refused(tmp_path, shapes, match):
             f[k] = np.zeros(shape, np.float32)
     with pytest.raises(ilq.ILQError, match=match) as e:
         load("hopper-medium", dataset_path=str(tmp_path / "bad.hdf5"))
-    assert "Delete it and download it again" in str(e.value)
+    assert "Pass an intact copy with --dataset-path" in str(e.value) and "delete" not in str(e.value).lower()
+    os.makedirs(os.environ["D4RL_DATASET_DIR"], exist_ok=True)  # the same file in the D4RL cache: that one may go
+    cached = os.path.join(os.environ["D4RL_DATASET_DIR"], "hopper_medium-v2.hdf5")
+    shutil.copy(tmp_path / "bad.hdf5", cached)
+    try:
+        with pytest.raises(ilq.ILQError, match=match) as e:
+            load("hopper-medium", download=False)
+        assert "Delete it and download it again" in str(e.value)
+    finally:
+        os.remove(cached)
 
 
 def test_truncated_or_corrupt_or_incomplete_hdf5_is_refused(tmp_path):
@@ -494,9 +531,10 @@ def test_truncated_or_corrupt_or_incomplete_hdf5_is_refused(tmp_path):
     blob = open(tmp_path / "good.hdf5", "rb").read()
     open(tmp_path / "cut.hdf5", "wb").write(blob[: len(blob) // 2])
     open(tmp_path / "junk.hdf5", "wb").write(b"this is not hdf5" * 100)
-    for name in ("cut.hdf5", "junk.hdf5"):
-        with pytest.raises(ilq.ILQError, match=f"{name}' as HDF5 .*truncated or corrupt: delete it and download it"):
+    for name in ("cut.hdf5", "junk.hdf5"):  # files the user named: never answered "delete it"
+        with pytest.raises(ilq.ILQError, match=f"{name}' as HDF5 .*truncated or corrupt. Pass an intact copy") as e:
             load("hopper-medium", dataset_path=str(tmp_path / name))
+        assert "delete" not in str(e.value).lower()
     assert sorted(os.listdir(tmp_path)) == ["cut.hdf5", "good.hdf5", "junk.hdf5"]  # nothing written beside them
     with h5py.File(tmp_path / "partial.hdf5", "w") as f:
         f["observations"] = np.zeros((4, 11))
@@ -523,14 +561,51 @@ def test_actions_outside_the_unit_box_are_refused(tmp_path):
         load("hopper-medium", dataset_path=str(tmp_path / "bad.hdf5"))
 
 
-def test_observation_size_must_match_the_evaluation_env(tmp_path):
-    write_d4rl(tmp_path / "h.hdf5", observations=np.zeros((12, 9), np.float32),
-               next_observations=np.zeros((12, 9), np.float32))
-    data, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"))
-    with pytest.raises(ilq.ILQError, match="Hopper-v5 has observation size 11 .* has 9 and 3.*--eval-env-id"):
+def test_another_robots_data_under_a_d4rl_name_is_called_a_data_mismatch(tmp_path):
+    """walker2d data passed as hopper-medium-replay: the data do not match the named task; changing the evaluation env
+    would not help, so the message must not send the user to --eval-env-id."""
+    write_d4rl(tmp_path / "walker.hdf5", observations=np.zeros((12, 17), np.float32),
+               next_observations=np.zeros((12, 17), np.float32), actions=np.zeros((12, 6), np.float32))
+    with pytest.raises(ilq.ILQError, match=r"does not hold hopper-medium-replay data: its observations have size 17 "
+                                           r"and its actions 6, but hopper data have 11 and 3") as e:
+        load("hopper-medium-replay", dataset_path=str(tmp_path / "walker.hdf5"))
+    assert "--eval-env-id" not in str(e.value)
+    _, info = load("walker2d-medium-replay", dataset_path=str(tmp_path / "walker.hdf5"))  # the right name works
+    assert info.eval_env == "Walker2d-v5"
+
+
+def test_an_evaluation_env_that_does_not_fit_the_data_points_to_eval_env_id(tmp_path):
+    write_d4rl(tmp_path / "h.hdf5")
+    _, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"), eval_env_id="Walker2d-v5")
+    assert info.eval_env == "Walker2d-v5"  # the override is honoured, then checked
+    with pytest.raises(ilq.ILQError, match="Walker2d-v5 has observation size 17 .* has 11 and 3.*with --eval-env-id"):
         ilq.make_env(info)
-    _, good = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"), eval_env_id="Walker2d-v5")
-    assert good.eval_env == "Walker2d-v5"  # the override is honoured (and then checked the same way)
+    _, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"))
+    ilq.make_env(info).close()
+
+
+def test_a_gymnasium_env_id_given_as_env_id_says_that_env_id_names_a_dataset():
+    for env_id in ("Hopper-v5", "HalfCheetah-v4", "PointMaze_UMaze-v3"):
+        with pytest.raises(ilq.ILQError, match=rf"--env-id '{env_id}' is a Gymnasium environment, but --env-id names a "
+                                               rf"DATASET.*--eval-env-id {env_id}") as e:
+            load(env_id)
+        if env_id == "Hopper-v5":
+            assert "hopper-random, hopper-medium, hopper-medium-replay" in str(e.value)
+            assert "ilq-local/hopper/random-v0" in str(e.value)
+
+
+def test_minari_hub_downloads_are_installed_and_fail_offline_with_ilqs_message():
+    """requirements.txt installs Minari's `hf` extra (its remote store needs huggingface_hub); with HF_HUB_OFFLINE=1
+    (conftest) the download path imports and then fails with ILQ's one-paragraph message, not an ImportError."""
+    requirements = open(os.path.join(ROOT, "requirements.txt")).read()
+    assert re.search(r"^minari\[hdf5,hf\]==", requirements, re.M)
+    import huggingface_hub  # noqa: F401  (installed by minari[hf])
+
+    with pytest.raises(ilq.ILQError) as e:
+        load("mujoco/hopper/medium-v0")
+    message = str(e.value)
+    assert "could not be downloaded (OfflineModeIsEnabled" in message and "ModuleNotFoundError" not in message
+    assert "ImportError" not in message and "minari download mujoco/hopper/medium-v0" in message
 
 
 def run_cli(*argv):
@@ -555,3 +630,9 @@ def test_cli_reports_a_corrupt_dataset_file_without_traceback(tmp_path):
     (tmp_path / "junk.hdf5").write_bytes(b"junk" * 100)
     err = run_cli("--env-id", "hopper-medium-replay", "--dataset-path", str(tmp_path / "junk.hdf5"))
     assert err.startswith(f"error: Could not read '{tmp_path / 'junk.hdf5'}' as HDF5") and "truncated or corrupt" in err
+    assert "delete" not in err.lower() and (tmp_path / "junk.hdf5").exists()
+
+
+def test_cli_env_id_hopper_v5_points_to_eval_env_id():
+    err = run_cli("--env-id", "Hopper-v5")
+    assert "names a DATASET" in err and "--eval-env-id Hopper-v5" in err

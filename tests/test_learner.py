@@ -273,3 +273,47 @@ def test_resume_equals_uninterrupted_and_run_folders_are_not_overwritten(tmp_pat
     assert resumed["seeds"] == full["seeds"]
     with pytest.raises(ilq.ILQError, match="already exists"):
         ilq.train(_tiny_args(tmp_path, run_name="full"))
+
+
+PART_ONE_RUN = r"""
+import ast, sys, types
+for name in ("gymnasium", "minari", "h5py", "tyro", "tensorboard"):  # Part II's libraries: importing one fails
+    sys.modules[name] = None
+text = open(sys.argv[1]).read()
+part_one = text[: text.index("\n# Part II")]
+imported = {a.name.split(".")[0] for n in ast.walk(ast.parse(part_one)) if isinstance(n, ast.Import) for a in n.names}
+imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(part_one)) if isinstance(n, ast.ImportFrom)}
+module = sys.modules["ilq_part_one"] = types.ModuleType("ilq_part_one")  # a fresh namespace (dataclasses look it up)
+exec(compile(part_one, "part_one", "exec"), module.__dict__)
+ns = module.__dict__
+import jax, jax.numpy as jnp
+cfg = ns["ILQConfig"](obs_dim=5, act_dim=2, eta=0.7, delta=0.3, penalty_coef=0.5, critic_lr=1e-3, actor_lr=1e-3,
+                      entropy=True, cosine_lr=False, total_steps=10, batch_size=8, num_behavior_samples=3, hidden_dim=16)
+k = jax.random.split(jax.random.PRNGKey(0), 5)
+data = ns["Transitions"](jax.random.normal(k[0], (32, 5)), jax.random.uniform(k[1], (32, 2), minval=-1, maxval=1),
+                         jax.random.normal(k[2], (32,)), jax.random.normal(k[3], (32, 5)), jnp.zeros(32))
+frozen = ns["Frozen"](data, ns["init_dynamics"](5, 2, "hopper", members=3, elites=2, hidden=8),
+                      ns["init_behavior"](5, 2, hidden=16))
+state, metrics = ns["make_update_fn"](cfg)(ns["init_train_state"](cfg, k[4]), frozen, jax.random.split(k[4], 2))
+print("IMPORTS", sorted(imported))
+print("LOSS", float(metrics["losses/critic_loss"][-1]))
+"""
+
+
+def test_part_one_alone_runs_a_fused_update():
+    """Part I is what a researcher copies: the file's text up to the Part II marker, executed alone in a fresh process
+    where Part II's libraries cannot be imported, runs a fused update on random data; it imports only jax, flax,
+    optax, chex, numpy and the standard library."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ilq_jax.py")
+    out = subprocess.run([sys.executable, "-c", PART_ONE_RUN, path], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = set(eval(out.stdout.split("IMPORTS", 1)[1].splitlines()[0]))
+    assert imported <= {"__future__", "chex", "dataclasses", "flax", "functools", "jax", "math", "numpy", "optax",
+                        "time", "typing"}, imported
+    assert np.isfinite(float(out.stdout.split("LOSS", 1)[1]))
+    text = open(path).read()
+    lines = text.splitlines()
+    part_one = next(i for i, line in enumerate(lines) if line.startswith("# Part I "))
+    ilb = next(i for i, line in enumerate(lines) if line.startswith("def ilb_targets"))
+    assert part_one < 200 and ilb < 0.45 * len(lines), (part_one, ilb, len(lines))

@@ -2,6 +2,7 @@
 termination functions do what MOPO / Gymnasium do, and the artifacts round-trip and refuse mismatches."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -614,3 +615,29 @@ def test_pretrain_models_cli_trains_both_then_reuses_them(tmp_path):
     assert second.stdout.count("loaded") == 2 and "training" not in second.stdout, second.stdout
     assert {f: os.stat(folder / f).st_mtime_ns for f in os.listdir(folder)} == mtimes  # nothing rewritten
 
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Progress during pretraining
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_pretraining_prints_progress_between_calls_with_time_left(monkeypatch, capsys):
+    """Both trainers print a line (done, rate, time left) whenever PROGRESS_EVERY_S (30 s) has passed since the last one,
+    the dynamics trainer inside an epoch too (large datasets take minutes per epoch); "eta" never means time left."""
+    assert ilq.PROGRESS_EVERY_S == 30.0
+    monkeypatch.setattr(ilq, "PROGRESS_EVERY_S", 0.0)  # every jitted call is 30 s long, as far as the trainers know
+    monkeypatch.setattr(ilq, "DYNAMICS_BATCHES_PER_CALL", 2)
+    data = linear_gaussian(1500)  # 1200 training transitions: 9 minibatches of 128, 5 calls per epoch
+    ilq.train_dynamics(data, "hopper", members=2, elites=1, hidden=8, epochs=2, batch_size=128)
+    out = capsys.readouterr().out
+    inside = [line for line in out.splitlines() if "| batch " in line]
+    assert len(inside) == 2 * 4, out  # after each call but an epoch's last, which prints the epoch line
+    assert inside[0].startswith("[dynamics] epoch   1/2 | batch 2/9 |") and "batches/s | time left" in inside[0]
+    assert out.count("epochs/s | time left") == 2
+    ilq.train_diffusion(data, hidden=16, steps=40, steps_per_call=10, batch_size=32)
+    out += capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("[diffusion]")]
+    assert [line.split("|")[0].split()[-1] for line in steps] == ["10/40", "20/40", "30/40", "40/40"]
+    assert all("steps/s | time left" in line for line in steps)
+    assert not re.search(r"\beta\b", out)
