@@ -731,7 +731,8 @@ class Args:
     run_name: Optional[str] = None
     """run folder under runs/ (None: <dataset>__<exp-name>__<seed>__<unix time>)"""
     resume: Optional[str] = None
-    """continue the run saved in this folder (runs/<run-name>) with its saved settings, adding only --stop-after (None: a new run)"""
+    """continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after may be added
+    (None: a new run)"""
     stop_after: Optional[int] = None
     """stop after this many updates in this invocation, with a checkpoint (None: run to the end)"""
     budget: Literal["cpu", "paper"] = "cpu"
@@ -994,7 +995,8 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
             raw = {k: np.asarray(f[k]) for k in keys if k in f}
     if missing := [k for k in keys[:4] if k not in raw]:
         raise ILQError(
-            f"'{path}' is not a D4RL-format HDF5 file: it lacks {missing}. Expected: {', '.join(keys)} (the last two optional)."
+            f"'{path}' is not a D4RL-format HDF5 file: it lacks {missing}. Expected: {', '.join(keys)} (the last two "
+            "optional)."
         )
     n = len(raw["observations"])
     if any(len(v) != n for v in raw.values()):
@@ -1131,7 +1133,8 @@ def download_minari(args: Args, dataset_id: str, root: str):
     if dataset_id.startswith(LOCAL_NAMESPACE + "/"):
         raise ILQError(
             f"'{dataset_id}' is not in the local Minari folder. ilq_jax.py generates {LOCAL_NAMESPACE}/<hopper|walker2d|"
-            "halfcheetah>/random-v0 itself; the medium and medium-replay datasets come from `python benchmarks/make_datasets.py`."
+            "halfcheetah>/random-v0 itself; the medium and medium-replay datasets come from "
+            "`python benchmarks/make_datasets.py`."
         )
     if not args.download:
         raise ILQError(
@@ -1246,13 +1249,12 @@ def make_env(info: DatasetInfo, num_envs: int = 1):
     act_dim = int(np.prod(envs.single_action_space.shape))
     if (obs_dim, act_dim) != (info.obs_dim, info.act_dim):
         envs.close()
+        advice = "The dataset names this env, yet its data do not fit it"
         if info.eval_env_given:
-            advice = "Name an env that matches the data with --eval-env-id."
+            advice = "The env was named with --eval-env-id"
         elif info.family in ("maze2d", "pen") and info.task:
-            advice = "D4RL's maze2d/pen data were recorded on envs whose observations differ from today's Gymnasium-Robotics "
-            advice += "versions: name a matching env with --eval-env-id."
-        else:
-            advice = f"The env is the one the dataset names, so '{info.name}' disagrees with it: name a matching env with --eval-env-id."
+            advice = "D4RL's maze2d/pen data were recorded on envs whose observations differ from Gymnasium-Robotics' today"
+        advice += ": name an env that matches the data with --eval-env-id."
         raise ILQError(
             f"Evaluation env {sid} has observation size {obs_dim} and action size {act_dim}, but the dataset "
             f"'{info.name}' has {info.obs_dim} and {info.act_dim}. {advice}"

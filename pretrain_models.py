@@ -65,7 +65,9 @@ class PretrainArgs:
 
 def pretrain(p: PretrainArgs) -> None:
     # the same names in ilq_jax.Args: resolve_args checks them and fills the budget's defaults
-    args = ilq_jax.resolve_args(ilq_jax.Args(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "force"}))
+    args = ilq_jax.resolve_args(
+        ilq_jax.Args(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "force"})
+    )
     data, info = ilq_jax.load_dataset(args)
     print(ilq_jax.describe_dataset(data, info))
     print(

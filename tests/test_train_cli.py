@@ -1,6 +1,7 @@
 """Training runs as a user meets them: N seeds in one process (jax.vmap) equal N single runs, Ctrl-C and
 --resume (checkpoint, exit code 130, only the remaining updates, bit-identical result), and every way a run
 folder can be damaged or misused ending in one clear error."""
+
 import dataclasses
 import json
 import os
@@ -16,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
+from test_learner import TINY, _tiny_args, setup
 
 import ilq_jax as ilq
-from test_learner import TINY, _tiny_args, setup
 
 REAL_MAKE_UPDATE_FN = ilq.make_update_fn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +45,26 @@ def test_vmapped_seed_is_the_single_run_of_that_seed():
 
 def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), *TINY, "--num-seeds", "2", "--seed", "5",
-                          "--run-name", "two", "--model-dir", str(tmp_path / "models")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "ilq_jax.py"),
+            *TINY,
+            "--num-seeds",
+            "2",
+            "--seed",
+            "5",
+            "--run-name",
+            "two",
+            "--model-dir",
+            str(tmp_path / "models"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.load(open(tmp_path / "runs" / "two" / "summary.json"))
     assert [s["seed"] for s in summary["seeds"]] == [5, 6] and summary["num_seeds"] == 2
@@ -66,6 +84,7 @@ def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
 
 def _counting_update_fn(monkeypatch, counter, interrupt_on_call=None):
     """Wrap ilq.make_update_fn: count the updates each call runs; optionally send Ctrl-C to ourselves."""
+
     def make(cfg, batched=False):
         fn = REAL_MAKE_UPDATE_FN(cfg, batched)
 
@@ -74,7 +93,9 @@ def _counting_update_fn(monkeypatch, counter, interrupt_on_call=None):
             if interrupt_on_call == len(counter):
                 os.kill(os.getpid(), signal.SIGINT)
             return fn(state, frozen, keys)
+
         return run
+
     monkeypatch.setattr(ilq, "make_update_fn", make)
 
 
@@ -99,8 +120,9 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_runs_only_the_rest_bit_for_bit(
     resume_s = time.time() - t0
     assert sum(calls) == 20  # only the remaining updates ran
     assert resumed["seeds"] == full["seeds"]
-    assert (tmp_path / "runs" / "cut" / "checkpoint.msgpack").read_bytes() == \
-        (tmp_path / "runs" / "full" / "checkpoint.msgpack").read_bytes()
+    assert (tmp_path / "runs" / "cut" / "checkpoint.msgpack").read_bytes() == (
+        tmp_path / "runs" / "full" / "checkpoint.msgpack"
+    ).read_bytes()
     # the resumed run's wall time counts both invocations, and the finished run cannot be resumed again
     assert cut_wall > 0 and cut_wall + 0.5 * resume_s < resumed["wall_time_s"] <= cut_wall + resume_s + 0.5
     before = (tmp_path / "runs" / "cut" / "summary.json").read_bytes()
@@ -114,6 +136,7 @@ def test_ctrl_c_during_pretraining_exits_130_and_keeps_finished_models(tmp_path,
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(ilq, "train_diffusion", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         ilq.main([*TINY, "--run-name", "pre", "--model-dir", str(tmp_path / "models")])
@@ -146,8 +169,15 @@ def _variant(stopped_run, tmp_path, damage=None, remove=None):
     return run
 
 
-@pytest.mark.parametrize("name,payload", [("checkpoint.msgpack", b"\x00garbage"), ("checkpoint.json", b"{not json"),
-                                          ("args.json", b"[1, 2"), ("checkpoint.msgpack", b"")])
+@pytest.mark.parametrize(
+    "name,payload",
+    [
+        ("checkpoint.msgpack", b"\x00garbage"),
+        ("checkpoint.json", b"{not json"),
+        ("args.json", b"[1, 2"),
+        ("checkpoint.msgpack", b""),
+    ],
+)
 def test_damaged_run_files_give_one_error_naming_the_file_and_nothing_is_deleted(stopped_run, tmp_path, name, payload):
     run = _variant(stopped_run, tmp_path, damage=(name, payload))
     files = sorted(os.listdir(run))
@@ -174,8 +204,13 @@ def test_flags_that_resume_cannot_honour_are_refused(stopped_run, tmp_path):
 
 
 def _help(script):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
-                         env=dict(os.environ, COLUMNS="200"), timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS="200"),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -228,10 +263,26 @@ def test_boolean_flags_parse_in_the_one_style():
 def test_pretrain_models_help_shows_only_its_own_flags_and_what_it_does():
     text = _help("pretrain_models.py")
     options = _options(text)
-    own = {"--env-id", "--dataset-path", "--download", "--random-dataset-steps", "--budget", "--dynamics-epochs",
-           "--diffusion-steps", "--dynamics-members", "--dynamics-elites", "--dynamics-hidden", "--dynamics-layers",
-           "--dynamics-lr", "--diffusion-k", "--diffusion-lr", "--pretrain-seed", "--model-dir", "--force"}
+    own = {
+        "--env-id",
+        "--dataset-path",
+        "--download",
+        "--random-dataset-steps",
+        "--budget",
+        "--dynamics-epochs",
+        "--diffusion-steps",
+        "--dynamics-members",
+        "--dynamics-elites",
+        "--dynamics-hidden",
+        "--dynamics-layers",
+        "--dynamics-lr",
+        "--diffusion-k",
+        "--diffusion-lr",
+        "--pretrain-seed",
+        "--model-dir",
+        "--force",
+    }
     assert set(options) == own, set(options) ^ own
-    for name, block in options.items():
+    for block in options.values():
         assert len(_description(block).split()) >= 3, block
     assert "Pretrain ILQ's two frozen models once" in text and "(Algorithm 1, lines 2-3)" in text
