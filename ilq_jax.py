@@ -14,18 +14,18 @@ the usual Bellman target. Every action of the current policy is treated as out-o
 Part I (ILQ itself) imports only jax, flax, optax, chex and numpy and can be copied alone. Part II runs it: command
 line, datasets (D4RL, Minari, generated), model cache, checkpoints, logging, the training loop.
 
-    paper                                        Part I
-    Eq. 5      dynamics model, max. likelihood   DynamicsEnsemble, dynamics_loss, train_dynamics; dynamics_step
-    Eq. 6-7    reverse diffusion chain           NoiseNet, vp_schedule, diffusion_sample
-    Eq. 8      diffusion loss                    diffusion_loss, train_diffusion
-    Eq. 16     critic loss (eta-weighted)        critic_loss
-    Eq. 17     in-sample target y_in             ilb_targets
-    Eq. 18     OOD target min{y_img, y_lmt}+delta ilb_targets
-    Eq. 19     imagined value y_img              ilb_targets with dynamics_step, terminated
-    Eq. 20     limitation value y_lmt            ilb_targets with diffusion_sample (or make_behavior_bank)
-    Eq. 21     actor ("vanilla SAC") and alpha   actor_alpha_update, sample_action
-    Alg. 1     lines 2-3 pretraining             train_dynamics, train_diffusion
-    Alg. 1     lines 4-12 training loop          ilq_update (one step), make_update_fn (many steps in one jit)
+    paper                                           Part I
+    Eq. 5     dynamics model, maximum likelihood    DynamicsEnsemble, dynamics_loss, train_dynamics; dynamics_step
+    Eq. 6-7   reverse diffusion chain               NoiseNet, vp_schedule, diffusion_sample
+    Eq. 8     diffusion loss                        diffusion_loss, train_diffusion
+    Eq. 16    critic loss (eta-weighted)            critic_loss
+    Eq. 17    in-sample target y_in                 ilb_targets
+    Eq. 18    OOD target min{y_img, y_lmt} + delta  ilb_targets
+    Eq. 19    imagined value y_img                  ilb_targets with dynamics_step, terminated
+    Eq. 20    limitation value y_lmt                ilb_targets with diffusion_sample (or make_behavior_bank)
+    Eq. 21    actor ("vanilla SAC") and alpha       actor_alpha_update, sample_action
+    Alg. 1    lines 2-3, pretraining                train_dynamics, train_diffusion
+    Alg. 1    lines 4-12, training                  ilq_update (one step), make_update_fn (many steps in one jit)
 
 Where the paper is silent or ambiguous, this file chooses (each choice is repeated at its code):
 
@@ -598,7 +598,8 @@ def critic_loss(cfg: ILQConfig, critic_params, batch: Transitions, t: Targets):
 
 def actor_alpha_update(cfg: ILQConfig, state: TrainState, observations, key):
     """Eq. 21: max E[min_j Q_theta_j(s, a) - alpha log pi(a|s)] with the state's (just updated, online) critics, then
-    SAC's automatic temperature with target entropy -|A|. Returns (state, (actor loss, log pi))."""
+    SAC's automatic temperature: target entropy -|A|, the actor's learning rate (the paper gives neither). Returns
+    (state, (actor loss, log pi))."""
     alpha = jnp.exp(state.log_alpha) if cfg.entropy else 0.0
 
     def actor_loss(actor_params):
@@ -1186,6 +1187,8 @@ def load_minari(args: Args) -> tuple[dict, dict]:
         arrays, meta = minari_arrays(dataset), dataset.storage.metadata
         eval_env = getattr(dataset.spec, "eval_env_spec", None) or dataset.env_spec
     made = {k: meta.get(f"ilq_{k}") for k in ("steps", "seed", "env")}
+    if generated and made["steps"] is None:  # made by an earlier ilq_jax.py, always with seed 0: size and env on record
+        made = dict(steps=meta.get("total_steps"), seed=RANDOM_DATASET_SEED, env=getattr(dataset.env_spec, "id", None))
     wanted = dict(steps=steps, seed=RANDOM_DATASET_SEED, env=D4RL_LOCOMOTION[local.group(1)]) if generated else made
     if made != wanted:
         raise ILQError(

@@ -1,5 +1,6 @@
 """The data entry point, offline: tiny Minari datasets and D4RL-format HDF5 files made here, and every error."""
 
+import json
 import os
 import re
 import shutil
@@ -280,6 +281,15 @@ def test_a_generated_dataset_made_with_other_settings_is_refused(monkeypatch, tm
     storage.update_metadata(dict(ilq_steps=50_000, ilq_seed=0, ilq_env="Walker2d-v5"))
     with pytest.raises(ilq.ILQError, match="'env': 'Walker2d-v5'"):  # recorded on another env
         load("ilq-local/hopper/random-v0")
+    # made by an earlier version (no record; always seed 0): its size decides, read from Minari's own total_steps
+    path = tmp_path / "ilq-local" / "hopper" / "random-v0" / "data" / "metadata.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in meta.items() if not k.startswith("ilq_")}))
+    with pytest.raises(ilq.ILQError, match=r"records \{'steps': 300, 'seed': 0, 'env': 'Hopper-v5'\}"):
+        load("ilq-local/hopper/random-v0")
+    monkeypatch.setattr(ilq, "RANDOM_DATASET_STEPS", 300)  # a default of 300 steps: the old dataset is exactly that
+    data, info = load("ilq-local/hopper/random-v0", random_dataset_steps=300)
+    assert data.observations.shape == (300, 11) and info.name == "ilq-local/hopper/random-v0"
 
 
 def test_failed_generation_leaves_no_dataset(monkeypatch, tmp_path):
