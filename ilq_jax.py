@@ -1558,6 +1558,8 @@ def start_run(args: Args):
         args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     )
     run_dir = args.resume or os.path.join("runs", name)
+    for file in ("checkpoint.json", "checkpoint.msgpack") if args.resume else ():  # before minutes of pretraining
+        _read_run_file(run_dir, file, "no checkpoint")
     if not args.resume and os.path.exists(run_dir):
         raise ILQError(f"Run folder {run_dir} already exists; pick another --run-name or continue it with --resume {run_dir}.")
     over = f" (overridden by flags: {', '.join(hp['overridden'])})" if hp["overridden"] else ""
