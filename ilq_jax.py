@@ -705,115 +705,70 @@ import gymnasium as gym
 import tyro
 
 RANDOM_DATASET_STEPS, RANDOM_DATASET_SEED = 50_000, 0  # the default generated dataset
+FlagOrPaper = tyro.conf.DisallowNone[Optional[bool]]  # --flag / --no-flag; left out (None): the paper's value
 
 
 @dataclass
 class Args:
     """Train ILQ (Imagination-Limited Q-Learning, IJCAI 2025) on an offline dataset and evaluate it. A flag whose
     default is None takes the paper's value for the dataset (Tables 3-6) or the --budget's value, as its help says;
-    the effective values are printed at start."""
+    the effective values are printed at start. Boolean flags come as --flag / --no-flag."""
 
-    exp_name: str = "ilq"
-    """name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the ILQ learner (networks, minibatches, OOD actions)"""
-    num_seeds: int = 1
-    """independent learners trained together in one process (jax.vmap): seeds --seed ... --seed + N - 1"""
+    exp_name: str = "ilq"  # name of this experiment (part of the run name)
+    seed: int = 1  # seed of the ILQ learner (networks, minibatches, OOD actions)
+    num_seeds: int = 1  # independent learners trained together in one process (jax.vmap): seeds --seed ... --seed + N - 1
+    # the DATASET (the evaluation env is --eval-env-id): a D4RL name (hopper-medium-replay), a Minari id
+    # (mujoco/hopper/medium-v0) or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy dataset this file
+    # generates offline (the default)
     env_id: str = "ilq-local/hopper/random-v0"
-    """the DATASET (the evaluation env is --eval-env-id): a D4RL name (hopper-medium-replay), a Minari id
-    (mujoco/hopper/medium-v0) or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy dataset this
-    file generates offline (the default)"""
-    dataset_path: Optional[str] = None
-    """D4RL-format HDF5 file for a D4RL name (None: the D4RL cache folder $D4RL_DATASET_DIR, else a download)"""
-    download: bool = True
-    """--no-download: never download a dataset that is not on disk"""
-    eval_env_id: Optional[str] = None
-    """Gymnasium env id for evaluation (None: the dataset's own, e.g. Hopper-v5 for hopper data)"""
-    run_name: Optional[str] = None
-    """run folder under runs/ (None: <dataset>__<exp-name>__<seed>__<unix time>)"""
+    dataset_path: Optional[str] = None  # D4RL HDF5 file for a D4RL name (None: the D4RL cache folder, else a download)
+    download: bool = True  # --no-download: never download a dataset that is not on disk
+    eval_env_id: Optional[str] = None  # Gymnasium env for evaluation (None: the dataset's own, e.g. Hopper-v5 for hopper)
+    run_name: Optional[str] = None  # run folder under runs/ (None: <dataset>__<exp-name>__<seed>__<unix time>)
+    # continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after may be added
+    # (None: a new run)
     resume: Optional[str] = None
-    """continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after may be added
-    (None: a new run)"""
-    stop_after: Optional[int] = None
-    """stop after this many updates in this invocation, with a checkpoint (None: run to the end)"""
+    stop_after: Optional[int] = None  # stop after this many updates in this call, with a checkpoint (None: run to the end)
+    # cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: about 5 min on 2 CPU cores); paper: 1e6
+    # updates, 3e5 diffusion steps, 40 dynamics epochs (Table 3)
     budget: Literal["cpu", "paper"] = "cpu"
-    """cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: about 5 min on 2 CPU cores);
-    paper: 1e6 updates, 3e5 diffusion steps, 40 dynamics epochs (Table 3)"""
-    total_steps: Optional[int] = None
-    """gradient updates of each learner (None: from --budget, cpu 5000, paper 1e6)"""
-    updates_per_call: int = 250
-    """updates fused into one jitted lax.scan call, with no host round trip in between (the last call may be shorter)"""
-    eval_interval: Optional[int] = None
-    """updates between evaluations (None: from --budget, cpu 500, paper 5000)"""
-    eval_episodes: int = 10
-    """episodes per evaluation (deterministic policy, fresh start states at every evaluation)"""
-    eval_seed: int = 10_000
-    """first start-state seed of the evaluation episodes (separate from the training seed)"""
-    batch_size: int = 256
-    """minibatch size B (the paper's 256)"""
-    eta: Optional[float] = None
-    """trade-off factor eta of Eq. 16, the weight of the in-sample loss (None: the paper's value for this dataset)"""
-    delta: Optional[float] = None
-    """delta of Eq. 18, added after the min (None: the paper's value for this dataset)"""
-    penalty_coef: Optional[float] = None
-    """MOPO reward-penalty coefficient on r_hat inside y_img (None: the paper's value for this dataset, mostly 0)"""
-    critic_lr: Optional[float] = None
-    """critic learning rate (None: the paper's value for this dataset, 3e-4 or 5e-4)"""
-    actor_lr: Optional[float] = None
-    """actor and alpha learning rate (None: the paper's value for this dataset, 1e-4 or 3e-4)"""
-    entropy: tyro.conf.DisallowNone[Optional[bool]] = None
-    """auto-tuned SAC entropy temperature (None: the paper's value for this dataset, on except for Adroit)"""
-    cosine_lr: tyro.conf.DisallowNone[Optional[bool]] = None
-    """cosine learning-rate decay to 0 (None: the paper's value for this dataset, on for Adroit only)"""
-    gamma: float = 0.99
-    """discount factor (the paper's 0.99)"""
-    tau: float = 0.005
-    """soft target-update rate (the paper's 0.005)"""
-    num_behavior_samples: int = 10
-    """M of Eq. 20: behaviour actions per state for the limit (the paper's 10)"""
-    num_ood_actions: int = 1
-    """OOD actions drawn from pi per dataset state (the paper implies 1)"""
-    imagination: bool = True
-    """--no-imagination: OOD target = y_lmt + delta (the ablation of Sec. 5.4)"""
-    limitation: bool = True
-    """--no-limitation: OOD target = y_img + delta (the ablation of Sec. 5.4)"""
-    behavior_bank: bool = False
-    """sample the M behaviour actions per dataset state once after pretraining (faster on CPU) instead of afresh in
-    every update (the paper)"""
-    target_entropy_bonus: bool = False
-    """subtract alpha log pi in the critic targets as SAC/MCQ do (the paper's Eq. 17 and 19 have none)"""
-    hidden_dim: int = 256
-    """width of the actor and critic layers (the paper's 256)"""
-    num_hidden: int = 3
-    """hidden layers of the actor and critic (the paper's 3)"""
-    dynamics_path: Optional[str] = None
-    """dynamics model to use (.msgpack beside its .json; None: the cache, else train one)"""
-    behavior_path: Optional[str] = None
-    """diffusion behaviour model to use (.msgpack beside its .json; None: the cache, else train one)"""
-    model_dir: str = "~/.cache/ilq-jax/models"
-    """cache of pretrained models, keyed by dataset fingerprint and model settings"""
-    pretrain_seed: int = 0
-    """seed of model pretraining (shared by all learner seeds)"""
-    dynamics_members: int = 7
-    """dynamics ensemble members (MOPO's 7)"""
-    dynamics_elites: int = 5
-    """elite members, chosen by holdout MSE (MOPO's 5)"""
-    dynamics_hidden: int = 200
-    """width of the dynamics layers (the paper's 200)"""
-    dynamics_layers: int = 4
-    """hidden layers of the dynamics networks (the paper's 4, the only depth MOPO's weight decays are given for)"""
-    dynamics_epochs: Optional[int] = None
-    """dynamics training epochs (None: from --budget, cpu 10, paper 40)"""
-    dynamics_lr: float = 1e-3
-    """dynamics learning rate (the paper's 1e-3)"""
-    diffusion_steps: Optional[int] = None
-    """diffusion training steps (None: from --budget, cpu 2e4, paper 3e5)"""
-    diffusion_k: int = 5
-    """K, the number of diffusion steps (Diffusion-QL's 5, VP schedule)"""
-    diffusion_lr: float = 3e-4
-    """diffusion learning rate (the paper's 3e-4)"""
-    random_dataset_steps: int = RANDOM_DATASET_STEPS
-    """size of a generated ilq-local/*/random-v0 dataset; another size is stored under its own id (random-<N>steps-v0)"""
+    total_steps: Optional[int] = None  # gradient updates of each learner (None: from --budget, cpu 5000, paper 1e6)
+    updates_per_call: int = 250  # updates fused into one jitted lax.scan call (the last call may be shorter)
+    eval_interval: Optional[int] = None  # updates between evaluations (None: from --budget, cpu 500, paper 5000)
+    eval_episodes: int = 10  # episodes per evaluation (deterministic policy, fresh start states at every evaluation)
+    eval_seed: int = 10_000  # first start-state seed of the evaluation episodes (separate from the training seed)
+    batch_size: int = 256  # minibatch size B (the paper's 256)
+    eta: Optional[float] = None  # eta of Eq. 16, the weight of the in-sample loss (None: the paper's value for this dataset)
+    delta: Optional[float] = None  # delta of Eq. 18, added after the min (None: the paper's value for this dataset)
+    penalty_coef: Optional[float] = None  # MOPO reward penalty in y_img (None: the paper's value for this dataset, mostly 0)
+    critic_lr: Optional[float] = None  # critic learning rate (None: the paper's value for this dataset, 3e-4 or 5e-4)
+    actor_lr: Optional[float] = None  # actor and alpha learning rate (None: the paper's value for this dataset, 1e-4 or 3e-4)
+    entropy: FlagOrPaper = None  # auto-tuned SAC temperature (None: the paper's value for this dataset, off for Adroit only)
+    cosine_lr: FlagOrPaper = None  # cosine learning-rate decay (None: the paper's value for this dataset, on for Adroit only)
+    gamma: float = 0.99  # discount factor (the paper's 0.99)
+    tau: float = 0.005  # soft target-update rate (the paper's 0.005)
+    num_behavior_samples: int = 10  # M of Eq. 20: behaviour actions per state for the limit (the paper's 10)
+    num_ood_actions: int = 1  # OOD actions drawn from pi per dataset state (the paper implies 1)
+    imagination: bool = True  # --no-imagination: OOD target = y_lmt + delta (the ablation of Sec. 5.4)
+    limitation: bool = True  # --no-limitation: OOD target = y_img + delta (the ablation of Sec. 5.4)
+    behavior_bank: bool = False  # M behaviour actions per state sampled once (faster on CPU), not in every update (the paper)
+    target_entropy_bonus: bool = False  # -alpha log pi in the critic targets as in SAC/MCQ (the paper's Eq. 17/19 have none)
+    hidden_dim: int = 256  # width of the actor and critic layers (the paper's 256)
+    num_hidden: int = 3  # hidden layers of the actor and critic (the paper's 3)
+    dynamics_path: Optional[str] = None  # dynamics model to use (.msgpack beside its .json; None: the cache, else train one)
+    behavior_path: Optional[str] = None  # diffusion model to use (.msgpack beside its .json; None: the cache, else train one)
+    model_dir: str = "~/.cache/ilq-jax/models"  # cache of pretrained models, keyed by dataset fingerprint and model settings
+    pretrain_seed: int = 0  # seed of model pretraining (shared by all learner seeds)
+    dynamics_members: int = 7  # dynamics ensemble members (MOPO's 7)
+    dynamics_elites: int = 5  # elite members, chosen by holdout MSE (MOPO's 5)
+    dynamics_hidden: int = 200  # width of the dynamics layers (the paper's 200)
+    dynamics_layers: int = 4  # hidden layers of the dynamics networks (the paper's 4; MOPO's weight decays need 4)
+    dynamics_epochs: Optional[int] = None  # dynamics training epochs (None: from --budget, cpu 10, paper 40)
+    dynamics_lr: float = 1e-3  # dynamics learning rate (the paper's 1e-3)
+    diffusion_steps: Optional[int] = None  # diffusion training steps (None: from --budget, cpu 2e4, paper 3e5)
+    diffusion_k: int = 5  # K, the number of diffusion steps (Diffusion-QL's 5, VP schedule)
+    diffusion_lr: float = 3e-4  # diffusion learning rate (the paper's 3e-4)
+    random_dataset_steps: int = RANDOM_DATASET_STEPS  # size of a generated ilq-local/*/random-v0; other sizes get their own id
 
 
 BUDGETS = {  # the paper's Table 3, and one whose default run takes about 5 minutes on 2 CPU cores

@@ -3,6 +3,7 @@ its invariants, gradient isolation, determinism, NaN handling, and the CLI (summ
 
 import json
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -455,3 +456,19 @@ def test_part_one_alone_runs_a_fused_update():
     part_one = next(i for i, line in enumerate(lines) if line.startswith("# Part I "))
     ilb = next(i for i, line in enumerate(lines) if line.startswith("def ilb_targets"))
     assert part_one < 200 and ilb < 0.45 * len(lines), (part_one, ilb, len(lines))
+
+
+def test_readme_states_the_line_count_and_the_part_one_span():
+    """The README's repository table gives ilq_jax.py's length and where Part I, ilb_targets and Part II are."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lines = open(os.path.join(root, "ilq_jax.py")).read().splitlines()
+    row = next(line for line in open(os.path.join(root, "README.md")) if line.startswith("| `ilq_jax.py` |"))
+    m = re.search(
+        r"(\d+) lines .*Part I — ILQ\*\*, lines (\d+)–(\d+) .*`ilb_targets` at line (\d+).*Part II — running it\*\*, "
+        r"lines (\d+)–(\d+)",
+        row,
+    )
+    total, p1, end1, ilb, p2, end2 = map(int, m.groups())
+    assert total == end2 == len(lines)
+    assert lines[p1 - 1].startswith("# Part I ") and lines[p2 - 1].startswith("# Part II")
+    assert lines[ilb - 1].startswith("def ilb_targets") and lines[end1 - 1].strip() and not lines[end1].strip()

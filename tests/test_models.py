@@ -366,8 +366,8 @@ def bimodal():
 
 
 def numpy_reverse_chain(eps_fn, k, n, seed=0):
-    """Diffusion-QL's sampler written out in numpy from the formulas (paper.md Sec. 4, A9): VP betas, x0 from eps
-    clipped to [-1, 1], DDPM posterior mean and variance, no noise at the last step, final clip."""
+    """Diffusion-QL's sampler (Eq. 6-7 as its code has them) written out in numpy from the formulas: VP betas, x0 from
+    eps clipped to [-1, 1], DDPM posterior mean and variance, no noise at the last step, final clip."""
     rng = np.random.default_rng(seed)
     t = np.arange(1, k + 1)
     alphas = np.exp(-0.1 / k - 0.5 * (10.0 - 0.1) * (2 * t - 1) / k**2)

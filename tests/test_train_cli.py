@@ -247,7 +247,7 @@ def test_every_flag_of_ilq_jax_is_documented_none_is_explained_and_booleans_are_
             assert "None:" in _description(options[name]), (name, options[name])
         if f.name in ("eta", "delta", "penalty_coef", "critic_lr", "actor_lr", "entropy", "cosine_lr"):
             assert "None: the paper's value for this dataset" in options[name], name
-        if f.type in ("bool", "tyro.conf.DisallowNone[Optional[bool]]"):  # one style: --flag / --no-flag
+        if f.type in ("bool", "FlagOrPaper"):  # one style: --flag / --no-flag
             assert options[name].startswith(f"{name}, --no-{name[2:]}"), options[name]
     assert "{None,True,False}" not in text and "True|False" not in text
     assert "about 5 min" in options["--budget"] and "10 min" not in text  # measured: 4 min 55 s (README)
