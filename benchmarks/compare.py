@@ -27,8 +27,9 @@ import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import ilq_jax as ilq  # noqa: E402
 from results_md import command, git_commit, machine, write_section  # noqa: E402
+
+import ilq_jax as ilq  # noqa: E402
 
 ILQ_METHODS = {"ILQ": {}, "ILQ w/o imagination": dict(imagination=False), "ILQ w/o limitation": dict(limitation=False)}
 PEERS = ("TD3+BC", "IQL", "CQL")
@@ -42,12 +43,23 @@ def run_ilq(a, method: str, seed: int, run_dir: str) -> dict:
     if os.path.exists(os.path.join(run_dir, "args.json")):  # an interrupted run: continue it
         args = ilq.Args(resume=run_dir)
     else:
-        args = ilq.Args(env_id=a.dataset, seed=seed, run_name=os.path.basename(run_dir), total_steps=a.updates,
-                        eval_interval=a.eval_interval, budget=a.pretrain_budget, behavior_bank=a.behavior_bank,
-                        **ILQ_METHODS[method])
+        args = ilq.Args(
+            env_id=a.dataset,
+            seed=seed,
+            run_name=os.path.basename(run_dir),
+            total_steps=a.updates,
+            eval_interval=a.eval_interval,
+            budget=a.pretrain_budget,
+            behavior_bank=a.behavior_bank,
+            **ILQ_METHODS[method],
+        )
     s = ilq.train(args)
-    return dict(eval_steps=s["eval_steps"], scores=s["seeds"][0]["normalized_scores"], q_data=s["seeds"][0]["q_data"],
-                updates_per_second=s["updates_per_second"])
+    return dict(
+        eval_steps=s["eval_steps"],
+        scores=s["seeds"][0]["normalized_scores"],
+        q_data=s["seeds"][0]["q_data"],
+        updates_per_second=s["updates_per_second"],
+    )
 
 
 def run_bc(a, seed: int, data: ilq.Transitions, info: ilq.DatasetInfo) -> dict:
@@ -62,7 +74,8 @@ def run_bc(a, seed: int, data: ilq.Transitions, info: ilq.DatasetInfo) -> dict:
         params, opt_state = carry
         idx = jax.random.randint(k, (256,), 0, data.rewards.shape[0])
         loss, grads = jax.value_and_grad(
-            lambda p: jnp.mean((ilq.deterministic_action(actor, p, data.observations[idx]) - data.actions[idx]) ** 2))(params)
+            lambda p: jnp.mean((ilq.deterministic_action(actor, p, data.observations[idx]) - data.actions[idx]) ** 2)
+        )(params)
         updates, opt_state = opt.update(grads, opt_state)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -86,9 +99,22 @@ def run_bc(a, seed: int, data: ilq.Transitions, info: ilq.DatasetInfo) -> dict:
 
 def run_peer(a, algo: str, seed: int, run_dir: str, data_npz: str) -> dict:
     out_json = os.path.join(run_dir, "peer.json")
-    cmd = [a.peers_python, os.path.join(ROOT, "benchmarks", "peers_learn.py"), "--algo", algo, "--data", data_npz,
-           "--seed", str(seed), "--updates", str(a.updates), "--eval-interval", str(a.eval_interval),
-           "--out", out_json]
+    cmd = [
+        a.peers_python,
+        os.path.join(ROOT, "benchmarks", "peers_learn.py"),
+        "--algo",
+        algo,
+        "--data",
+        data_npz,
+        "--seed",
+        str(seed),
+        "--updates",
+        str(a.updates),
+        "--eval-interval",
+        str(a.eval_interval),
+        "--out",
+        out_json,
+    ]
     subprocess.run(cmd, check=True)
     return json.load(open(out_json))
 
@@ -96,6 +122,7 @@ def run_peer(a, algo: str, seed: int, run_dir: str, data_npz: str) -> dict:
 def best_discounted_return(dataset_id: str, gamma: float) -> float:
     """max over dataset episodes of sum_t gamma^t r_t: what Q(s_0, a_0) could at most be on this data."""
     import minari
+
     best = -np.inf
     for ep in minari.load_dataset(dataset_id).iterate_episodes():
         best = max(best, float(np.sum(ep.rewards * gamma ** np.arange(len(ep.rewards)))))
@@ -123,16 +150,24 @@ def main(argv=None):
     if unknown:
         sys.exit(f"error: unknown methods {unknown}")
     if any(m in PEERS for m in methods) and not os.path.exists(a.peers_python):
-        print(f"[compare] no peers virtualenv at {a.peers_python}: skipping {', '.join(PEERS)} (see "
-              f"benchmarks/README.md to create it)", flush=True)
+        print(
+            f"[compare] no peers virtualenv at {a.peers_python}: skipping {', '.join(PEERS)} (see "
+            f"benchmarks/README.md to create it)",
+            flush=True,
+        )
         methods = [m for m in methods if m not in PEERS]
 
     data, info = ilq.load_dataset(ilq.Args(env_id=a.dataset, download=False))
     print(ilq.describe_dataset(data, info), flush=True)
     data_npz = os.path.join("runs", f"compare__{slug(a.dataset)}__data.npz")
     os.makedirs(os.path.dirname(data_npz), exist_ok=True)
-    np.savez(data_npz, **{k: np.asarray(v) for k, v in data._asdict().items()}, eval_env=str(
-        info.eval_env if isinstance(info.eval_env, str) else info.eval_env.id), ref_min=info.ref_min, ref_max=info.ref_max)
+    np.savez(
+        data_npz,
+        **{k: np.asarray(v) for k, v in data._asdict().items()},
+        eval_env=str(info.eval_env if isinstance(info.eval_env, str) else info.eval_env.id),
+        ref_min=info.ref_min,
+        ref_max=info.ref_max,
+    )
     q_ref = best_discounted_return(a.dataset, 0.99)
     tag = f"{'quick__' if a.quick else ''}{a.updates}"
 
@@ -159,27 +194,34 @@ def main(argv=None):
                 json.dump(r, f)
             results.setdefault(method, []).append(r)
 
-    rows = ["| method | seeds | normalised score (last-10-eval mean ± std over seeds) | final mean Q(data) | "
-            "updates/s | wall time per run |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| method | seeds | normalised score (last-10-eval mean ± std over seeds) | final mean Q(data) | "
+        "updates/s | wall time per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, runs in results.items():
         last = [np.mean(r["scores"][-10:]) for r in runs]
         qs = [r["q_data"][-1] for r in runs if r.get("q_data")]
-        rows.append(f"| {method} | {len(runs)} | {np.mean(last):.1f} ± {np.std(last):.1f} | "
-                    + (f"{np.mean(qs):.1f}" if qs else "–")
-                    + f" | {np.mean([r['updates_per_second'] for r in runs]):.1f} | "
-                      f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} min |")
+        rows.append(
+            f"| {method} | {len(runs)} | {np.mean(last):.1f} ± {np.std(last):.1f} | "
+            + (f"{np.mean(qs):.1f}" if qs else "–")
+            + f" | {np.mean([r['updates_per_second'] for r in runs]):.1f} | "
+            f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} min |"
+        )
     ds_norm = info.normalize(info.episode_returns)
     versions = ilq.package_versions()
     total_min = sum(r["wall_time_s"] for runs in results.values() for r in runs) / 60
-    header = (f"Dataset `{a.dataset}` ({info.source}); {len(info.episode_returns)} episodes, {len(data.rewards)} "
-              f"transitions; scores normalised with D4RL's reference returns {info.ref_min:g} (random) and "
-              f"{info.ref_max:g} (expert); dataset mean normalised return {ds_norm.mean():.1f}; best discounted "
-              f"return in the data {q_ref:.1f}. {a.updates} updates per run, evaluation every {a.eval_interval} "
-              f"updates on 10 episodes; ILQ models pretrained with the '{a.pretrain_budget}' budget"
-              f"{'; ILQ variants with --behavior-bank' if a.behavior_bank else ''}.\n\n"
-              f"Machine: {machine()}. Commit {git_commit()}. "
-              + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("python", "jax", "flax", "gymnasium"))
-              + f". Command: `{command()}`; the runs took {total_min:.0f} min in all (finished runs are reused).")
+    header = (
+        f"Dataset `{a.dataset}` ({info.source}); {len(info.episode_returns)} episodes, {len(data.rewards)} "
+        f"transitions; scores normalised with D4RL's reference returns {info.ref_min:g} (random) and "
+        f"{info.ref_max:g} (expert); dataset mean normalised return {ds_norm.mean():.1f}; best discounted "
+        f"return in the data {q_ref:.1f}. {a.updates} updates per run, evaluation every {a.eval_interval} "
+        f"updates on 10 episodes; ILQ models pretrained with the '{a.pretrain_budget}' budget"
+        f"{'; ILQ variants with --behavior-bank' if a.behavior_bank else ''}.\n\n"
+        f"Machine: {machine()}. Commit {git_commit()}. "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("python", "jax", "flax", "gymnasium"))
+        + f". Command: `{command()}`; the runs took {total_min:.0f} min in all (finished runs are reused)."
+    )
     table = header + "\n\n" + "\n".join(rows)
     print(table)
 
@@ -188,21 +230,27 @@ def main(argv=None):
     print(f"[compare] figure: {fig_path}")
     if a.out_md:  # one section per dataset and budget, rewritten in place by a later run
         figure = os.path.relpath(fig_path, os.path.dirname(os.path.abspath(a.out_md)))
-        write_section(a.out_md, f"learning-{slug(a.dataset)}-{tag}",
-                      f"## Learning: `{a.dataset}`\n\n{table}\n\n![learning curves]({figure})")
+        write_section(
+            a.out_md,
+            f"learning-{slug(a.dataset)}-{tag}",
+            f"## Learning: `{a.dataset}`\n\n{table}\n\n![learning curves]({figure})",
+        )
 
 
 def plot(results: dict, q_ref: float, dataset: str, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax_s, ax_q) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, runs in results.items():
         steps = np.asarray(runs[0]["eval_steps"])
         scores = np.asarray([r["scores"] for r in runs])
-        line, = ax_s.plot(steps, scores.mean(0), label=method)
-        ax_s.fill_between(steps, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0),
-                          color=line.get_color(), alpha=0.15)
+        (line,) = ax_s.plot(steps, scores.mean(0), label=method)
+        ax_s.fill_between(
+            steps, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), color=line.get_color(), alpha=0.15
+        )
         if runs[0].get("q_data"):
             ax_q.plot(steps, np.mean([r["q_data"] for r in runs], 0), label=method, color=line.get_color())
     ax_q.axhline(q_ref, color="k", ls="--", label="best discounted return in data")

@@ -53,8 +53,13 @@ def progress_of(run_dir: str) -> tuple[dict, bool]:
     seeds = list(range(seeds["seed"], seeds["seed"] + seeds["num_seeds"]))
     sys.path.insert(0, ROOT)
     import ilq_jax
-    return dict(**ilq_jax.summarize(p, seeds), eval_steps=p["eval_steps"], wall_time_s=p["wall_time_s"],
-                updates_per_second=p["updates"] / max(p["train_time_s"], 1e-9)), False
+
+    return dict(
+        **ilq_jax.summarize(p, seeds),
+        eval_steps=p["eval_steps"],
+        wall_time_s=p["wall_time_s"],
+        updates_per_second=p["updates"] / max(p["train_time_s"], 1e-9),
+    ), False
 
 
 def main(argv=None):
@@ -69,29 +74,58 @@ def main(argv=None):
     bundle = json.load(open(os.path.join(a.bundle, "bundle.json")))
     out = os.path.abspath(a.out)
 
-    common = ["--peers-python", "/nonexistent", "--skip-parts", "--section", "speed-gpu",
-              "--out-md", os.path.join(out, "speed.md"), "--json", os.path.join(out, "speed.json")]
+    common = [
+        "--peers-python",
+        "/nonexistent",
+        "--skip-parts",
+        "--section",
+        "speed-gpu",
+        "--out-md",
+        os.path.join(out, "speed.md"),
+        "--json",
+        os.path.join(out, "speed.json"),
+    ]
     if a.rehearse:
         sp = speed.main(["--quick", "--tiny", *common])
         per_call, total, episodes, seeds = 10, 20, 1, 2
     else:
-        sp = speed.main(["--repeats", "3", "--calls", "1,10,100,1000", "--seeds", "1,8", "--seed-calls", "1000",
-                         *common])
+        sp = speed.main(["--repeats", "3", "--calls", "1,10,100,1000", "--seeds", "1,8", "--seed-calls", "1000", *common])
         per_call, episodes, seeds = 1000, 5, a.seeds
         # what is left, less start-up (imports, data, compiles) and ten evaluations of 5 seeds x 5 episodes
         left = a.deadline_s - (time.time() - t0) - 75 - 60
         total = learning_budget(sp["by_seeds"], left, len(METHODS) * seeds, per_call)
     speed_s = time.time() - t0
-    print(f"[gpu] speed table done in {speed_s:.0f}s; learning: {total} updates x {seeds} seeds x {len(METHODS)} "
-          f"methods on {bundle['dataset']}", flush=True)
+    print(
+        f"[gpu] speed table done in {speed_s:.0f}s; learning: {total} updates x {seeds} seeds x {len(METHODS)} "
+        f"methods on {bundle['dataset']}",
+        flush=True,
+    )
 
     work = tempfile.mkdtemp(prefix="ilq-gpu-")
     procs = {}
     for method, flags in METHODS.items():
-        cmd = [sys.executable, os.path.join(ROOT, "ilq_jax.py"), "--env-id", bundle["dataset"], *bundle["args"],
-               "--model-dir", os.path.join(a.bundle, "models"), "--num-seeds", str(seeds), "--total-steps", str(total),
-               "--eval-interval", str(max(1, total // 10)), "--eval-episodes", str(episodes),
-               "--updates-per-call", str(per_call), "--run-name", slug(method), *flags]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "ilq_jax.py"),
+            "--env-id",
+            bundle["dataset"],
+            *bundle["args"],
+            "--model-dir",
+            os.path.join(a.bundle, "models"),
+            "--num-seeds",
+            str(seeds),
+            "--total-steps",
+            str(total),
+            "--eval-interval",
+            str(max(1, total // 10)),
+            "--eval-episodes",
+            str(episodes),
+            "--updates-per-call",
+            str(per_call),
+            "--run-name",
+            slug(method),
+            *flags,
+        ]
         log = open(os.path.join(work, f"{slug(method)}.log"), "w")
         procs[method] = (subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT), log, time.time())
     wall = {}
@@ -109,33 +143,44 @@ def main(argv=None):
         print(f"[gpu] {method}: exit code {proc.returncode} after {wall[method]:.0f}s", flush=True)
 
     results = {m: progress_of(os.path.join(work, "runs", slug(m))) for m in METHODS}
-    lines = [f"Machine: {machine()}. Commit {git_commit()}. Command: `bash benchmarks/gpu.sh OUTDIR"
-             f"{' --rehearse' if a.rehearse else ''}` ({time.time() - t0:.0f} s in all, speed table {speed_s:.0f} s).",
-             "" if not a.rehearse else "\n**Rehearsal on CPU (tiny budget): proves the command, measures nothing.**\n",
-             f"Dataset `{bundle['dataset']}` with the bundle's pretrained models ({' '.join(bundle['args'])}); "
-             f"{total} updates per seed, {seeds} vmapped seeds per method (`--num-seeds {seeds}`), the three methods "
-             f"as three processes sharing the GPU; evaluation every {max(1, total // 10)} updates, {episodes} "
-             f"episodes, deterministic policy. Score: per seed the mean of the last 10 evaluations (never the best), "
-             f"then mean ± std over seeds.", "",
-             "| method | final normalised score | per seed | evaluations | updates/s per seed | wall s | finished |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {machine()}. Commit {git_commit()}. Command: `bash benchmarks/gpu.sh OUTDIR"
+        f"{' --rehearse' if a.rehearse else ''}` ({time.time() - t0:.0f} s in all, speed table {speed_s:.0f} s).",
+        "" if not a.rehearse else "\n**Rehearsal on CPU (tiny budget): proves the command, measures nothing.**\n",
+        f"Dataset `{bundle['dataset']}` with the bundle's pretrained models ({' '.join(bundle['args'])}); "
+        f"{total} updates per seed, {seeds} vmapped seeds per method (`--num-seeds {seeds}`), the three methods "
+        f"as three processes sharing the GPU; evaluation every {max(1, total // 10)} updates, {episodes} "
+        f"episodes, deterministic policy. Score: per seed the mean of the last 10 evaluations (never the best), "
+        f"then mean ± std over seeds.",
+        "",
+        "| method | final normalised score | per seed | evaluations | updates/s per seed | wall s | finished |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, (r, finished) in results.items():
         if not r:
             lines.append(f"| {method} | no evaluation reached | | | | {wall[method]:.0f} | no |")
             continue
-        per_seed = ", ".join("-" if s["final_normalized_score"] is None else f"{s['final_normalized_score']:.1f}"
-                             for s in r["seeds"])
-        score = "-" if r["final_normalized_score"] is None else \
-            f"{r['final_normalized_score']:.1f} ± {r['final_normalized_score_std']:.1f}"
-        lines.append(f"| {method} | {score} | {per_seed} | {len(r['eval_steps'])} | {r['updates_per_second']:.0f} | "
-                     f"{wall[method]:.0f} | {'yes' if finished else 'no: stopped at the deadline'} |")
+        per_seed = ", ".join(
+            "-" if s["final_normalized_score"] is None else f"{s['final_normalized_score']:.1f}" for s in r["seeds"]
+        )
+        score = (
+            "-"
+            if r["final_normalized_score"] is None
+            else f"{r['final_normalized_score']:.1f} ± {r['final_normalized_score_std']:.1f}"
+        )
+        lines.append(
+            f"| {method} | {score} | {per_seed} | {len(r['eval_steps'])} | {r['updates_per_second']:.0f} | "
+            f"{wall[method]:.0f} | {'yes' if finished else 'no: stopped at the deadline'} |"
+        )
     text = "\n".join(lines)
     print(text)
     open(os.path.join(out, "learn.md"), "w").write(text + "\n")
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax_s, ax_q) = plt.subplots(1, 2, figsize=(11, 4))
     for method, (r, _) in results.items():
         if not r or not r["eval_steps"]:
@@ -143,9 +188,10 @@ def main(argv=None):
         scores = np.array([[np.nan if v is None else v for v in s["normalized_scores"]] for s in r["seeds"]], float)
         q = np.array([s["q_data"] for s in r["seeds"]], float)
         steps = r["eval_steps"]
-        line, = ax_s.plot(steps, scores.mean(0), label=method)
-        ax_s.fill_between(steps, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2,
-                          color=line.get_color())
+        (line,) = ax_s.plot(steps, scores.mean(0), label=method)
+        ax_s.fill_between(
+            steps, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2, color=line.get_color()
+        )
         ax_q.plot(steps, q.mean(0), label=method, color=line.get_color())
     ax_s.set(xlabel="updates", ylabel="normalised score (mean ± std over seeds)", title=bundle["dataset"])
     ax_q.set(xlabel="updates", ylabel="mean Q on dataset actions", title="over-optimism check")

@@ -11,9 +11,8 @@ sizes (3 x 256 hidden units for every actor, critic and value network).
 
 import argparse
 import json
-import time
-
 import logging
+import time
 
 import d3rlpy
 import gymnasium as gym
@@ -27,15 +26,29 @@ def make_algo(name: str, seed: int):
     d3rlpy.seed(seed)
     enc = d3rlpy.models.VectorEncoderFactory(hidden_units=[256, 256, 256])
     if name == "TD3+BC":
-        cfg = d3rlpy.algos.TD3PlusBCConfig(batch_size=256, actor_encoder_factory=enc, critic_encoder_factory=enc,
-                                           observation_scaler=d3rlpy.preprocessing.StandardObservationScaler())
+        cfg = d3rlpy.algos.TD3PlusBCConfig(
+            batch_size=256,
+            actor_encoder_factory=enc,
+            critic_encoder_factory=enc,
+            observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+        )
     elif name == "IQL":
-        cfg = d3rlpy.algos.IQLConfig(batch_size=256, actor_encoder_factory=enc, critic_encoder_factory=enc,
-                                     value_encoder_factory=enc,
-                                     reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0))
+        cfg = d3rlpy.algos.IQLConfig(
+            batch_size=256,
+            actor_encoder_factory=enc,
+            critic_encoder_factory=enc,
+            value_encoder_factory=enc,
+            reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0),
+        )
     elif name == "CQL":
-        cfg = d3rlpy.algos.CQLConfig(batch_size=256, actor_encoder_factory=enc, critic_encoder_factory=enc,
-                                     actor_learning_rate=1e-4, critic_learning_rate=3e-4, conservative_weight=5.0)
+        cfg = d3rlpy.algos.CQLConfig(
+            batch_size=256,
+            actor_encoder_factory=enc,
+            critic_encoder_factory=enc,
+            actor_learning_rate=1e-4,
+            critic_learning_rate=3e-4,
+            conservative_weight=5.0,
+        )
     else:
         raise SystemExit(f"unknown algorithm {name}")
     return cfg.create(device="cpu:0")
@@ -48,8 +61,13 @@ def episodes_to_mdp(d) -> "d3rlpy.dataset.MDPDataset":
     cont = np.zeros(len(obs), bool)
     cont[:-1] = np.all(nxt[:-1] == obs[1:], axis=1)
     timeouts = ~term & ~cont
-    return d3rlpy.dataset.MDPDataset(observations=obs, actions=d["actions"], rewards=d["rewards"],
-                                     terminals=term.astype(np.float32), timeouts=timeouts.astype(np.float32))
+    return d3rlpy.dataset.MDPDataset(
+        observations=obs,
+        actions=d["actions"],
+        rewards=d["rewards"],
+        terminals=term.astype(np.float32),
+        timeouts=timeouts.astype(np.float32),
+    )
 
 
 def evaluate(algo, env_id: str, episodes: int, seed: int) -> np.ndarray:
@@ -87,15 +105,24 @@ def main():
     t_train = 0.0
     for done in range(a.eval_interval, a.updates + 1, a.eval_interval):
         t0 = time.time()
-        algo.fit(dataset, n_steps=a.eval_interval, n_steps_per_epoch=a.eval_interval, show_progress=False,
-                 save_interval=10**9, logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+        algo.fit(
+            dataset,
+            n_steps=a.eval_interval,
+            n_steps_per_epoch=a.eval_interval,
+            show_progress=False,
+            save_interval=10**9,
+            logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+        )
         t_train += time.time() - t0
         returns = evaluate(algo, env_id, a.eval_episodes, 10_000)
         out["eval_steps"].append(done)
         out["scores"].append(float(np.mean(100 * (returns - ref_min) / (ref_max - ref_min))))
         out["q_data"].append(float(np.mean(algo.predict_value(d["observations"][probe], d["actions"][probe]))))
-        print(f"[peers] {a.algo} seed {a.seed} update {done}: normalised {out['scores'][-1]:.1f}, "
-              f"Q(data) {out['q_data'][-1]:.1f}", flush=True)
+        print(
+            f"[peers] {a.algo} seed {a.seed} update {done}: normalised {out['scores'][-1]:.1f}, "
+            f"Q(data) {out['q_data'][-1]:.1f}",
+            flush=True,
+        )
     out["updates_per_second"] = a.updates / t_train
     out["versions"] = dict(d3rlpy=d3rlpy.__version__)
     with open(a.out, "w") as f:

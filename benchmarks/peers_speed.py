@@ -10,6 +10,7 @@ conversion of the numpy batch to tensors, and its scalers, are: they are part of
 setup (building the networks, fitting the scalers through a 1-step `fit`) and 5 warm-up updates are not timed.
 The algorithms' settings are peers_learn.make_algo's (the ones benchmarks/compare.py trains with).
 """
+
 import argparse
 import json
 import time
@@ -17,7 +18,6 @@ import time
 import d3rlpy
 import numpy as np
 import torch
-
 from peers_learn import make_algo
 
 
@@ -32,17 +32,27 @@ def main():
     terminals = np.zeros(n, np.float32)
     timeouts = np.zeros(n, np.float32)
     timeouts[999::1000] = 1.0
-    dataset = d3rlpy.dataset.MDPDataset(rng.normal(size=(n, 11)).astype(np.float32),
-                                        rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
-                                        rng.normal(size=n).astype(np.float32), terminals, timeouts)
+    dataset = d3rlpy.dataset.MDPDataset(
+        rng.normal(size=(n, 11)).astype(np.float32),
+        rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
+        rng.normal(size=n).astype(np.float32),
+        terminals,
+        timeouts,
+    )
     out = {}
     for name in ("TD3+BC", "IQL", "CQL"):
         algo = make_algo(name, 0)
         if a.device != "cpu:0":  # make_algo builds on the CPU; the same config on the accelerator
             algo = algo.config.create(device=a.device)
         # one fit step builds the networks and fits the observation/reward scalers, as a user's run would
-        algo.fit(dataset, n_steps=1, n_steps_per_epoch=1, show_progress=False, save_interval=10**9,
-                 logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+        algo.fit(
+            dataset,
+            n_steps=1,
+            n_steps_per_epoch=1,
+            show_progress=False,
+            save_interval=10**9,
+            logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+        )
         batches = [dataset.sample_transition_batch(256) for _ in range(128)]
         for b in batches[:5]:  # warm-up
             algo.update(b)
@@ -55,9 +65,16 @@ def main():
                 torch.cuda.synchronize()
             rates.append(a.steps / (time.perf_counter() - t0))
         out[name] = float(np.median(rates))
-    print(json.dumps(dict(updates_per_s=out, repeats=a.repeats, device=a.device,
-                          versions=dict(d3rlpy=d3rlpy.__version__, torch=torch.__version__,
-                                        threads=torch.get_num_threads()))))
+    print(
+        json.dumps(
+            dict(
+                updates_per_s=out,
+                repeats=a.repeats,
+                device=a.device,
+                versions=dict(d3rlpy=d3rlpy.__version__, torch=torch.__version__, threads=torch.get_num_threads()),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

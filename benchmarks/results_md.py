@@ -1,4 +1,5 @@
 """Write one named section of benchmarks/RESULTS.md, leaving the other sections as they are."""
+
 import os
 import platform
 import shlex
@@ -11,6 +12,7 @@ from functools import partial
 def machine() -> str:
     """CPU model, cores, accelerators, OS, date: what every figure is qualified by."""
     import jax
+
     cpu = platform.processor() or "unknown CPU"
     if os.path.exists("/proc/cpuinfo"):
         for line in open("/proc/cpuinfo"):
@@ -18,8 +20,10 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-    return (f"{cpu}, {os.cpu_count()} cores; JAX devices: {jax.default_backend()} ({devices}); "
-            f"{platform.system()} {platform.release()}; {time.strftime('%Y-%m-%d')}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores; JAX devices: {jax.default_backend()} ({devices}); "
+        f"{platform.system()} {platform.release()}; {time.strftime('%Y-%m-%d')}"
+    )
 
 
 def git_commit() -> str:
@@ -39,10 +43,14 @@ def command() -> str:
 
 def write_section(path: str, name: str, text: str) -> None:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    old = open(path).read() if os.path.exists(path) else "# Results\n\nEvery number below was written by the script named with it.\n"
+    old = (
+        open(path).read()
+        if os.path.exists(path)
+        else "# Results\n\nEvery number below was written by the script named with it.\n"
+    )
     block = f"{begin}\n{text.rstrip()}\n{end}"
     if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:

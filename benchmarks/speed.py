@@ -34,8 +34,9 @@ import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import ilq_jax as ilq  # noqa: E402
 from results_md import command, git_commit, machine, write_section  # noqa: E402
+
+import ilq_jax as ilq  # noqa: E402
 
 OBS, ACT = 11, 3
 # The paper's sizes; --tiny shrinks every network and the dataset so that a rehearsal of the script runs in seconds.
@@ -82,17 +83,43 @@ def build(bank: bool, seed: int = 0):
     """Random-weight models and a random device-resident dataset at the paper's sizes (or --tiny's)."""
     N, hidden, dyn_hidden = SIZES["n"], SIZES["hidden"], SIZES["dyn_hidden"]
     k = jax.random.split(jax.random.PRNGKey(seed), 8)
-    data = ilq.Transitions(jax.random.normal(k[0], (N, OBS)), jax.random.uniform(k[1], (N, ACT), minval=-1, maxval=1),
-                           jax.random.normal(k[2], (N,)), jax.random.normal(k[3], (N, OBS)), jnp.zeros(N))
+    data = ilq.Transitions(
+        jax.random.normal(k[0], (N, OBS)),
+        jax.random.uniform(k[1], (N, ACT), minval=-1, maxval=1),
+        jax.random.normal(k[2], (N,)),
+        jax.random.normal(k[3], (N, OBS)),
+        jnp.zeros(N),
+    )
     net = ilq.DynamicsEnsemble(OBS + 1, 7, dyn_hidden, 4)
-    dyn = ilq.DynamicsModel(net.init(k[4], jnp.zeros((1, OBS + ACT))), jnp.zeros(OBS + ACT), jnp.ones(OBS + ACT),
-                            jnp.arange(5), OBS, 7, dyn_hidden, 4, "hopper")
+    dyn = ilq.DynamicsModel(
+        net.init(k[4], jnp.zeros((1, OBS + ACT))),
+        jnp.zeros(OBS + ACT),
+        jnp.ones(OBS + ACT),
+        jnp.arange(5),
+        OBS,
+        7,
+        dyn_hidden,
+        4,
+        "hopper",
+    )
     noise_net = ilq.NoiseNet(ACT, hidden)
-    beh = ilq.BehaviorModel(noise_net.init(k[5], jnp.zeros((1, ACT)), jnp.zeros(1, jnp.int32), jnp.zeros((1, OBS))),
-                            ACT, 5, hidden)
-    cfg = ilq.ILQConfig(OBS, ACT, eta=0.9, delta=1.0, penalty_coef=1.0, critic_lr=3e-4, actor_lr=1e-4, entropy=True,
-                        cosine_lr=False, total_steps=1_000_000, behavior_bank=bank, batch_size=SIZES["batch"],
-                        hidden_dim=hidden)
+    beh = ilq.BehaviorModel(
+        noise_net.init(k[5], jnp.zeros((1, ACT)), jnp.zeros(1, jnp.int32), jnp.zeros((1, OBS))), ACT, 5, hidden
+    )
+    cfg = ilq.ILQConfig(
+        OBS,
+        ACT,
+        eta=0.9,
+        delta=1.0,
+        penalty_coef=1.0,
+        critic_lr=3e-4,
+        actor_lr=1e-4,
+        entropy=True,
+        cosine_lr=False,
+        total_steps=1_000_000,
+        batch_size=SIZES["batch"],
+        hidden_dim=hidden,
+    )
     # the bank's contents do not matter for speed: random actions, not ilq.make_behavior_bank's 100k x M samples
     behavior_bank = jax.random.uniform(k[6], (N, cfg.num_behavior_samples, ACT), minval=-1, maxval=1) if bank else None
     return cfg, ilq.Frozen(data, dyn, beh, behavior_bank), k[7]
@@ -122,14 +149,22 @@ def fused(bank: bool, calls, repeats: int, seeds: int = 1) -> dict:
         def run():
             holder["state"], metrics = compiled(holder["state"], frozen, keys)
             jax.block_until_ready(metrics)
+
         if per_call * seeds < 100 or repeats < 3:
             run()  # warm-up (for long calls the median of 3+ repeats already leaves a slow first call out)
-        t = median_time(run, repeats if per_call * seeds >= 100 else 5 * repeats,
-                        min_time=(0.2 if SIZES["matmul"] else 2.0) if per_call * seeds < 100 else 0.0)
-        out[per_call] = dict(updates_per_s=seeds * per_call / t, per_seed=per_call / t, compile_s=compile_s,
-                             flops=flops, seeds=seeds)
-        print(f"[speed] {name} {per_call:5d} updates/call: {seeds * per_call / t:8.1f} updates/s in all, "
-              f"{per_call / t:8.1f} per seed (compile {compile_s:.1f}s)", flush=True)
+        t = median_time(
+            run,
+            repeats if per_call * seeds >= 100 else 5 * repeats,
+            min_time=(0.2 if SIZES["matmul"] else 2.0) if per_call * seeds < 100 else 0.0,
+        )
+        out[per_call] = dict(
+            updates_per_s=seeds * per_call / t, per_seed=per_call / t, compile_s=compile_s, flops=flops, seeds=seeds
+        )
+        print(
+            f"[speed] {name} {per_call:5d} updates/call: {seeds * per_call / t:8.1f} updates/s in all, "
+            f"{per_call / t:8.1f} per seed (compile {compile_s:.1f}s)",
+            flush=True,
+        )
     return out
 
 
@@ -150,14 +185,19 @@ def parts(repeats: int) -> dict:
 
     m = cfg.num_behavior_samples
     pieces = {
-        f"behaviour sampling ({256 * m} actions, K={frozen.behavior.k})":
-            (partial(ilq.diffusion_sample, frozen.behavior, num_samples=m), (obs, key)),
+        f"behaviour sampling ({256 * m} actions, K={frozen.behavior.k})": (
+            partial(ilq.diffusion_sample, frozen.behavior, num_samples=m),
+            (obs, key),
+        ),
         "dynamics step (7-member ensemble)": (partial(ilq.dynamics_step, frozen.dynamics), (obs, act, key)),
-        "ILB targets (all of Eq. 17-20, fresh samples)":
-            (lambda st, fr, b, k: ilq.ilb_targets(cfg, st, fr, b, None, k), (state, frozen, batch, key)),
-        "ILB targets (all of Eq. 17-20, `--behavior-bank`)":
-            (lambda st, fr, b, k: ilq.ilb_targets(cfg_bank, st, fr, b, fr.bank[:256], k),
-             (state, frozen_bank, batch, key)),
+        "ILB targets (all of Eq. 17-20, fresh samples)": (
+            lambda st, fr, b, k: ilq.ilb_targets(cfg, st, fr, b, None, k),
+            (state, frozen, batch, key),
+        ),
+        "ILB targets (all of Eq. 17-20, `--behavior-bank`)": (
+            lambda st, fr, b, k: ilq.ilb_targets(cfg_bank, st, fr, b, fr.bank[:256], k),
+            (state, frozen_bank, batch, key),
+        ),
         "critic update (Eq. 16, given targets)": (critic_step, (state.critic_params, state.critic_opt_state)),
         "actor + alpha update (Eq. 21)": (partial(ilq.actor_alpha_update, cfg), (state, obs, key)),
     }
@@ -178,7 +218,7 @@ def matmul_peak(repeats: int) -> dict:
     for n in sizes:
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
         jax.block_until_ready(mm(a, a))
-        t = median_time(lambda: jax.block_until_ready(mm(a, a)), 5 * repeats, min_time=0.2 if SIZES["matmul"] else 2.0)
+        t = median_time(lambda a=a: jax.block_until_ready(mm(a, a)), 5 * repeats, min_time=0.2 if SIZES["matmul"] else 2.0)
         print(f"[speed] float32 matmul {n}x{n}: {2 * n**3 / t / 1e9:.1f} GFLOP/s", flush=True)
         if 2 * n**3 / t > best["flops_per_s"]:
             best = dict(n=n, flops_per_s=2 * n**3 / t)
@@ -190,8 +230,11 @@ def peers(python: str, steps: int, repeats: int) -> dict:
     if not os.path.exists(python):
         print(f"[speed] no peers virtualenv at {python}: skipping d3rlpy (see benchmarks/README.md)", flush=True)
         return {}
-    out = subprocess.run([python, os.path.join(ROOT, "benchmarks", "peers_speed.py"), "--steps", str(steps),
-                          "--repeats", str(repeats)], capture_output=True, text=True)
+    out = subprocess.run(
+        [python, os.path.join(ROOT, "benchmarks", "peers_speed.py"), "--steps", str(steps), "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise SystemExit(f"peers_speed.py failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -204,12 +247,18 @@ def main(argv=None):
     p.add_argument("--seeds", default="1,2,4,8", help="learners vmapped in one call, for the seeds table")
     p.add_argument("--seed-calls", type=int, default=100, help="updates per host call in the seeds table")
     p.add_argument("--skip-parts", action="store_true", help="leave out the per-part timings")
-    p.add_argument("--peers-python", default=os.path.join(ROOT, ".venv-peers", "bin", "python"),
-                   help="python of the peers virtualenv (benchmarks/requirements-peers.txt); skipped if absent")
+    p.add_argument(
+        "--peers-python",
+        default=os.path.join(ROOT, ".venv-peers", "bin", "python"),
+        help="python of the peers virtualenv (benchmarks/requirements-peers.txt); skipped if absent",
+    )
     p.add_argument("--peer-steps", type=int, default=300, help="timed d3rlpy updates per repeat")
-    p.add_argument("--out-md", default=None,
-                   help="Markdown file whose section --section is (re)written (default benchmarks/RESULTS.md; "
-                        "with --quick nothing is written unless this is given)")
+    p.add_argument(
+        "--out-md",
+        default=None,
+        help="Markdown file whose section --section is (re)written (default benchmarks/RESULTS.md; "
+        "with --quick nothing is written unless this is given)",
+    )
     p.add_argument("--section", default="speed", help="name of the RESULTS.md section to write")
     p.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="1 repeat, calls 1 and 10, seeds 1 and 2, 20 peer steps")
@@ -224,8 +273,9 @@ def main(argv=None):
     t_start, load_start = time.time(), os.getloadavg()
     peak = matmul_peak(a.repeats)
     results = {bank: fused(bank, calls, a.repeats) for bank in (False, True)}
-    by_seeds = {bank: {n: fused(bank, [a.seed_calls], a.repeats, n)[a.seed_calls] for n in seed_counts}
-                for bank in (False, True)}
+    by_seeds = {
+        bank: {n: fused(bank, [a.seed_calls], a.repeats, n)[a.seed_calls] for n in seed_counts} for bank in (False, True)
+    }
     part_times = {} if a.skip_parts else parts(a.repeats)
     peer = peers(a.peers_python, a.peer_steps, a.repeats)
     load_end = os.getloadavg()
@@ -235,53 +285,80 @@ def main(argv=None):
     lines = []
     if a.quick or a.tiny:
         lines += ["**Smoke run (`--quick`/`--tiny`: few repeats or tiny sizes): not a measurement.**", ""]
-    lines += [f"Machine: {machine()}. Commit {git_commit()}. "
-              + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("python", "jax", "jaxlib", "flax", "optax"))
-              + f"; matmul precision {jax.config.jax_default_matmul_precision or 'default'}. "
-              f"Command: `{command()}` ({time.time() - t_start:.0f} s). Medians of {a.repeats}+ repeats. "
-              f"1-min load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end "
-              f"(this script itself keeps about {os.cpu_count() if jax.default_backend() == 'cpu' else 1} busy).",
-              "", f"Measured float32 matmul peak (best of square sizes, {peak['n']}x{peak['n']}): "
-                  f"**{peak['flops_per_s'] / 1e9:.1f} GFLOP/s**.", "",
-              "One learner (train()'s compiled update: `make_update_fn(cfg, batched=True)` with one seed):", "",
-              "| behaviour actions | updates per host call | updates/s | compile s | GFLOP per update (XLA) | "
-              "achieved GFLOP/s | utilisation of peak |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"Machine: {machine()}. Commit {git_commit()}. "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("python", "jax", "jaxlib", "flax", "optax"))
+        + f"; matmul precision {jax.config.jax_default_matmul_precision or 'default'}. "
+        f"Command: `{command()}` ({time.time() - t_start:.0f} s). Medians of {a.repeats}+ repeats. "
+        f"1-min load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end "
+        f"(this script itself keeps about {os.cpu_count() if jax.default_backend() == 'cpu' else 1} busy).",
+        "",
+        f"Measured float32 matmul peak (best of square sizes, {peak['n']}x{peak['n']}): "
+        f"**{peak['flops_per_s'] / 1e9:.1f} GFLOP/s**.",
+        "",
+        "One learner (train()'s compiled update: `make_update_fn(cfg, batched=True)` with one seed):",
+        "",
+        "| behaviour actions | updates per host call | updates/s | compile s | GFLOP per update (XLA) | "
+        "achieved GFLOP/s | utilisation of peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
     names = {False: "fresh samples (paper)", True: "`--behavior-bank`"}
     for bank in (False, True):
         for c in calls:
             r = results[bank][c]
             achieved = r["flops"] * r["updates_per_s"]
-            lines.append(f"| {names[bank]} | {c} | {r['updates_per_s']:.1f} | {r['compile_s']:.1f} | "
-                         f"{r['flops'] / 1e9:.3f} | {achieved / 1e9:.1f} | {100 * achieved / peak['flops_per_s']:.0f} % |")
-    lines += ["", f"N learners in one process (`--num-seeds N`: jax.vmap over the train state and keys, "
-                  f"{a.seed_calls} updates per host call):", "",
-              "| behaviour actions | seeds N | updates/s in all | updates/s per seed | time of N seeds ÷ time of one "
-              "| utilisation of peak |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {names[bank]} | {c} | {r['updates_per_s']:.1f} | {r['compile_s']:.1f} | "
+                f"{r['flops'] / 1e9:.3f} | {achieved / 1e9:.1f} | {100 * achieved / peak['flops_per_s']:.0f} % |"
+            )
+    lines += [
+        "",
+        f"N learners in one process (`--num-seeds N`: jax.vmap over the train state and keys, "
+        f"{a.seed_calls} updates per host call):",
+        "",
+        "| behaviour actions | seeds N | updates/s in all | updates/s per seed | time of N seeds ÷ time of one "
+        "| utilisation of peak |",
+        "|---|---|---|---|---|---|",
+    ]
     for bank in (False, True):
         base = by_seeds[bank][seed_counts[0]]["per_seed"]
         for n in seed_counts:
             r = by_seeds[bank][n]
             slowdown = base / r["per_seed"]  # wall time of a call with N seeds over that with the first N
-            lines.append(f"| {names[bank]} | {n} | {r['updates_per_s']:.1f} | {r['per_seed']:.1f} | {slowdown:.2f} | "
-                         f"{100 * r['flops'] * r['updates_per_s'] / peak['flops_per_s']:.0f} % |")
+            lines.append(
+                f"| {names[bank]} | {n} | {r['updates_per_s']:.1f} | {r['per_seed']:.1f} | {slowdown:.2f} | "
+                f"{100 * r['flops'] * r['updates_per_s'] / peak['flops_per_s']:.0f} % |"
+            )
     if part_times:
-        lines += ["", "GFLOP per update: XLA's cost analysis of one update with every `lax.scan` unrolled (XLA counts "
-                      "a loop body once, so the compiled programs themselves under-count).", "",
-                  "Each part alone (batch 256, jitted on its own):", "",
-                  "| part | ms | GFLOP (XLA) | GFLOP/s | utilisation of peak |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "GFLOP per update: XLA's cost analysis of one update with every `lax.scan` unrolled (XLA counts "
+            "a loop body once, so the compiled programs themselves under-count).",
+            "",
+            "Each part alone (batch 256, jitted on its own):",
+            "",
+            "| part | ms | GFLOP (XLA) | GFLOP/s | utilisation of peak |",
+            "|---|---|---|---|---|",
+        ]
         for name, r in part_times.items():
-            lines.append(f"| {name} | {r['ms']:.2f} | {r['flops'] / 1e9:.3f} | {r['flops'] / r['ms'] / 1e6:.1f} | "
-                         f"{100 * r['flops'] / r['ms'] * 1e3 / peak['flops_per_s']:.0f} % |")
+            lines.append(
+                f"| {name} | {r['ms']:.2f} | {r['flops'] / 1e9:.3f} | {r['flops'] / r['ms'] / 1e6:.1f} | "
+                f"{100 * r['flops'] / r['ms'] * 1e3 / peak['flops_per_s']:.0f} % |"
+            )
     if peer:
         ours, bank = results[False][best]["updates_per_s"], results[True][best]["updates_per_s"]
         v = peer["versions"]
-        lines += ["", f"PyTorch peers, run by `{os.path.relpath(a.peers_python, ROOT)} benchmarks/peers_speed.py` "
-                      f"within this command: d3rlpy {v['d3rlpy']}, torch {v['torch']} on {peer.get('device', 'cpu')} "
-                      f"({v['threads']} threads), batch 256, 3 x 256 networks, 100k random hopper-sized transitions; "
-                      f"timed: `algo.update(batch)` on batches sampled beforehand ({a.peer_steps} updates per repeat, "
-                      f"median of {peer['repeats']}). ILQ: {best} updates per host call.", "",
-                  "| algorithm | updates/s | ILQ fresh (paper) ÷ peer | ILQ `--behavior-bank` ÷ peer |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            f"PyTorch peers, run by `{os.path.relpath(a.peers_python, ROOT)} benchmarks/peers_speed.py` "
+            f"within this command: d3rlpy {v['d3rlpy']}, torch {v['torch']} on {peer.get('device', 'cpu')} "
+            f"({v['threads']} threads), batch 256, 3 x 256 networks, 100k random hopper-sized transitions; "
+            f"timed: `algo.update(batch)` on batches sampled beforehand ({a.peer_steps} updates per repeat, "
+            f"median of {peer['repeats']}). ILQ: {best} updates per host call.",
+            "",
+            "| algorithm | updates/s | ILQ fresh (paper) ÷ peer | ILQ `--behavior-bank` ÷ peer |",
+            "|---|---|---|---|",
+        ]
         for algo, ups in peer["updates_per_s"].items():
             lines.append(f"| d3rlpy {algo} | {ups:.1f} | {ours / ups:.2f} | {bank / ups:.2f} |")
         lines.append(f"| ilq-jax ILQ, fresh samples | {ours:.1f} | 1.00 | |")
@@ -292,8 +369,16 @@ def main(argv=None):
     print(text)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(peak=peak, per_call={str(b): results[b] for b in results},
-                           by_seeds={str(b): by_seeds[b] for b in by_seeds}, machine=machine(), versions=versions), f)
+            json.dump(
+                dict(
+                    peak=peak,
+                    per_call={str(b): results[b] for b in results},
+                    by_seeds={str(b): by_seeds[b] for b in by_seeds},
+                    machine=machine(),
+                    versions=versions,
+                ),
+                f,
+            )
     if out_md:
         write_section(out_md, a.section, ("## Speed\n\n" if a.section == "speed" else "") + text)
         print(f"[speed] wrote the {a.section} section of {out_md}")

@@ -37,6 +37,7 @@ Findings this file checks (see tests/test_tabular_ilb.py and main()):
 
 Run:  python benchmarks/tabular_ilb.py   (writes benchmarks/figures/tabular_ilb.png, prints Markdown tables)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # The MDP and the operators
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TabularMDP:
@@ -57,6 +58,7 @@ class TabularMDP:
     P, P_hat: (S, A, S) row-stochastic kernels; r, r_hat: (S, A); support: (S, A) bool with at least one True
     per state; gamma: discount.
     """
+
     P: np.ndarray
     r: np.ndarray
     P_hat: np.ndarray
@@ -83,8 +85,7 @@ def next_state_value(Q: np.ndarray, pi: np.ndarray | None = None) -> np.ndarray:
     return Q[np.arange(Q.shape[0]), pi]
 
 
-def one_step_backup(Q: np.ndarray, P: np.ndarray, r: np.ndarray, gamma: float,
-                    pi: np.ndarray | None = None) -> np.ndarray:
+def one_step_backup(Q: np.ndarray, P: np.ndarray, r: np.ndarray, gamma: float, pi: np.ndarray | None = None) -> np.ndarray:
     """r(s,a) + gamma * E_{s'~P(.|s,a)}[V_Q(s')] for every (s, a).
 
     With the true (P, r) it is the in-sample branch of Eq. 2; with (P̂, r̂) it is the imagined value y_img (Eq. 3).
@@ -97,8 +98,9 @@ def limitation_value(Q: np.ndarray, support: np.ndarray) -> np.ndarray:
     return np.where(support, Q, -np.inf).max(axis=1)
 
 
-def ilb_operator(Q: np.ndarray, mdp: TabularMDP, delta: float = 0.0, pi: np.ndarray | None = None,
-                 limit: bool = True) -> np.ndarray:
+def ilb_operator(
+    Q: np.ndarray, mdp: TabularMDP, delta: float = 0.0, pi: np.ndarray | None = None, limit: bool = True
+) -> np.ndarray:
     """The Imagination-Limited Bellman operator T_ILB of Definition 1 (Eq. 2), applied to a table Q (S, A).
 
     In-support pairs get the true Bellman backup; out-of-support pairs get min{y_img, y_lmt} + delta, with delta
@@ -128,8 +130,9 @@ def value_iteration(operator, Q0: np.ndarray, tol: float = 1e-12, max_iter: int 
     return iterates[-1], iterates
 
 
-def ilb_fixed_point(mdp: TabularMDP, delta: float = 0.0, pi: np.ndarray | None = None,
-                    Q0: np.ndarray | None = None, limit: bool = True) -> np.ndarray:
+def ilb_fixed_point(
+    mdp: TabularMDP, delta: float = 0.0, pi: np.ndarray | None = None, Q0: np.ndarray | None = None, limit: bool = True
+) -> np.ndarray:
     """Q_ILB, the fixed point of T_ILB (Theorem 1), by value iteration from Q0 (default zeros)."""
     Q0 = np.zeros_like(mdp.r) if Q0 is None else Q0
     return value_iteration(lambda Q: ilb_operator(Q, mdp, delta, pi, limit), Q0)[0]
@@ -157,6 +160,7 @@ def step_ratio(operator, Q1: np.ndarray, Q2: np.ndarray, steps: int = 1) -> floa
 # MDP generators and the counterexamples
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def random_kernel(rng: np.random.Generator, S: int, A: int, branching: int | None = None) -> np.ndarray:
     """A random (S, A, S) row-stochastic kernel; with `branching`, each row has that many nonzero entries."""
     P = rng.exponential(size=(S, A, S))
@@ -166,8 +170,15 @@ def random_kernel(rng: np.random.Generator, S: int, A: int, branching: int | Non
     return P / P.sum(-1, keepdims=True)
 
 
-def random_mdp(rng: np.random.Generator, S: int = 6, A: int = 4, n_support: int = 2, gamma: float = 0.9,
-               model_error: float = 0.1, adversarial: bool = False) -> TabularMDP:
+def random_mdp(
+    rng: np.random.Generator,
+    S: int = 6,
+    A: int = 4,
+    n_support: int = 2,
+    gamma: float = 0.9,
+    model_error: float = 0.1,
+    adversarial: bool = False,
+) -> TabularMDP:
     """A random MDP with rewards in [0, 1], n_support behaviour actions per state and a perturbed model.
 
     Model: P̂ = (1-e) P + e P', r̂ = r + e U(-1, 1) with e = model_error. adversarial=True makes the limitation
@@ -197,8 +208,9 @@ def counterexample_mdp(gamma: float = 0.9) -> TabularMDP:
     return TabularMDP(P, r, P.copy(), r.copy(), np.array([[True, False]]), gamma)
 
 
-def deterministic_beta_mdp(rng: np.random.Generator, S: int = 6, A: int = 4, gamma: float = 0.9,
-                           model_error: float = 0.1, pi_differs: float = 0.5):
+def deterministic_beta_mdp(
+    rng: np.random.Generator, S: int = 6, A: int = 4, gamma: float = 0.9, model_error: float = 0.1, pi_differs: float = 0.5
+):
     """The setting of the proofs of Theorems 2-4: deterministic beta (support = {beta(s)}) and deterministic pi.
 
     Returns (mdp, beta, pi): pi differs from beta on about a fraction `pi_differs` of the states.
@@ -219,8 +231,9 @@ def theorem4_counterexample(gamma: float = 0.9) -> tuple[TabularMDP, np.ndarray,
     return mdp, np.array([0]), np.array([0])
 
 
-def theorem4_rhs(mdp: TabularMDP, beta: np.ndarray, pi: np.ndarray, delta: float,
-                 action_embedding: np.ndarray | None = None) -> dict:
+def theorem4_rhs(
+    mdp: TabularMDP, beta: np.ndarray, pi: np.ndarray, delta: float, action_embedding: np.ndarray | None = None
+) -> dict:
     """The right-hand side of Theorem 4 (Eq. 14) and its terms, for deterministic beta and pi.
 
     Assumption constants, made concrete: r_max = max|r|; actions embedded as scalars (default evenly in [-1, 1]);
@@ -239,9 +252,13 @@ def theorem4_rhs(mdp: TabularMDP, beta: np.ndarray, pi: np.ndarray, delta: float
     zr = float(np.max(np.abs(mdp.r_hat - mdp.r)))
     zP = float(np.max(np.abs(mdp.P_hat - mdp.P).sum(-1)))
     r_max = float(np.max(np.abs(mdp.r)))
-    terms = dict(reward_model=zr / (1 - g), policy_shift=ell * eps_pi / (1 - g),
-                 transition_shift=g * S * r_max * eps_P / (1 - g) ** 2,
-                 kernel_model=g * r_max * zP / (1 - g) ** 2, delta=abs(delta) / (1 - g))
+    terms = dict(
+        reward_model=zr / (1 - g),
+        policy_shift=ell * eps_pi / (1 - g),
+        transition_shift=g * S * r_max * eps_P / (1 - g) ** 2,
+        kernel_model=g * r_max * zP / (1 - g) ** 2,
+        delta=abs(delta) / (1 - g),
+    )
     return dict(terms, total=sum(terms.values()), ell=ell, eps_pi=eps_pi, eps_P=eps_P, r_max=r_max)
 
 
@@ -249,7 +266,8 @@ def theorem4_rhs(mdp: TabularMDP, beta: np.ndarray, pi: np.ndarray, delta: float
 # Experiments behind the figure and the tables
 # ----------------------------------------------------------------------------------------------------------------
 
-def adversarial_pair(mdp: TabularMDP, delta: float = 0.0, pi: np.ndarray | None = None, eps: float = 2.0 ** -6):
+
+def adversarial_pair(mdp: TabularMDP, delta: float = 0.0, pi: np.ndarray | None = None, eps: float = 2.0**-6):
     """(Q1, Q2) with a one-step ILB ratio of 1: Q1 = Q_ILB, Q2 = Q1 + eps on every in-support entry.
 
     y_lmt rises by eps (no discount); wherever the limit branch is active with margin >= eps, T Q rises by eps too.
@@ -301,9 +319,11 @@ def convergence_curves(rng: np.random.Generator, n_mdps: int = 40, n_iter: int =
         pi = rng.integers(0, mdp.n_actions, mdp.n_states)
         Q0 = rng.normal(0, 50, mdp.r.shape)
         Qb = q_beta_star(mdp)
-        for key, T, Qf in (("ilb_a", lambda Q: ilb_operator(Q, mdp, delta), ilb_fixed_point(mdp, delta)),
-                           ("ilb_b", lambda Q: ilb_operator(Q, mdp, delta, pi), ilb_fixed_point(mdp, delta, pi)),
-                           ("supp", lambda Q: support_operator(Q, mdp), Qb)):
+        for key, T, Qf in (
+            ("ilb_a", lambda Q: ilb_operator(Q, mdp, delta), ilb_fixed_point(mdp, delta)),
+            ("ilb_b", lambda Q: ilb_operator(Q, mdp, delta, pi), ilb_fixed_point(mdp, delta, pi)),
+            ("supp", lambda Q: support_operator(Q, mdp), Qb),
+        ):
             its = value_iteration(T, Q0, tol=-1.0, max_iter=n_iter)[1]
             curves[key].append([sup_norm(Q - Qf) / sup_norm(Q0 - Qf) for Q in its])
             if key != "ilb_b":
@@ -349,8 +369,10 @@ def sweep(seed: int, n_mdps: int, grid: list[tuple[float, float]]) -> list[dict]
     """
     rows = []
     for e, d in grid:
-        per = [fixed_point_errors(*deterministic_beta_mdp(np.random.default_rng([seed, i]), 8, 4, model_error=e), d)
-               for i in range(n_mdps)]
+        per = [
+            fixed_point_errors(*deterministic_beta_mdp(np.random.default_rng([seed, i]), 8, 4, model_error=e), d)
+            for i in range(n_mdps)
+        ]
         row = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
         for name in ("a", "b"):
             row["holds_" + name] = sum(p["thm4_lhs_" + name] <= p["rhs_" + name] + 1e-9 for p in per)
@@ -365,7 +387,7 @@ def counterexample_report(gamma: float = 0.9) -> dict:
     Q1, Q2 = np.zeros((1, 2)), np.array([[1.0, 0.0]])
     rep = {}
     for name, pi in (("a", None), ("b", np.array([0])), ("supp", "supp")):
-        T = ((lambda Q: support_operator(Q, mdp)) if name == "supp" else (lambda Q: ilb_operator(Q, mdp, 0.0, pi)))
+        T = (lambda Q: support_operator(Q, mdp)) if name == "supp" else (lambda Q: ilb_operator(Q, mdp, 0.0, pi))
         rep["TQ1_" + name], rep["TQ2_" + name] = T(Q1)[0].tolist(), T(Q2)[0].tolist()
         rep["ratio1_" + name], rep["ratio2_" + name] = step_ratio(T, Q1, Q2), step_ratio(T, Q1, Q2, 2)
         Qf, its = value_iteration(T, Q2)
@@ -380,10 +402,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows])
 
 
-def plot(path: str, ratios: dict, curves: dict, rep: dict, model_rows: list[dict], delta_rows: list[dict],
-         gamma: float):
+def plot(path: str, ratios: dict, curves: dict, rep: dict, model_rows: list[dict], delta_rows: list[dict], gamma: float):
     """The six-panel figure."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -393,15 +415,22 @@ def plot(path: str, ratios: dict, curves: dict, rep: dict, model_rows: list[dict
     k = np.arange(curves["ilb_a"].shape[1])
 
     a = ax[0, 0]
-    for key, label, c in (("ilb_a", "ILB (a): max over all a'", "C0"), ("ilb_b", "ILB (b): fixed π", "C1"),
-                          ("supp", "T_Supp (Lemma 1)", "C2")):
+    for key, label, c in (
+        ("ilb_a", "ILB (a): max over all a'", "C0"),
+        ("ilb_b", "ILB (b): fixed π", "C1"),
+        ("supp", "T_Supp (Lemma 1)", "C2"),
+    ):
         a.semilogy(k, np.median(curves[key], 0), c=c, label=f"{label}, median")
         a.semilogy(k, curves[key].max(0), c=c, ls=":", lw=1.2)
-    a.semilogy(k, gamma ** k, "k--", lw=1, label="γ^k (Theorem 1's rate)")
+    a.semilogy(k, gamma**k, "k--", lw=1, label="γ^k (Theorem 1's rate)")
     a.semilogy(k, gamma ** np.floor(k / 2), "k-.", lw=1, label="γ^⌊k/2⌋ (guaranteed by T∘T)")
-    a.set(ylim=(1e-7, 2), xlabel="iteration k", ylabel="‖Q_k − Q_fix‖∞ / ‖Q_0 − Q_fix‖∞",
-          title="(a) value iteration: distance to the operator's own fixed point\n"
-                f"{len(curves['ilb_a'])} random MDPs (S=8, A=4, 2 support actions), δ=0; dotted = slowest MDP")
+    a.set(
+        ylim=(1e-7, 2),
+        xlabel="iteration k",
+        ylabel="‖Q_k − Q_fix‖∞ / ‖Q_0 − Q_fix‖∞",
+        title="(a) value iteration: distance to the operator's own fixed point\n"
+        f"{len(curves['ilb_a'])} random MDPs (S=8, A=4, 2 support actions), δ=0; dotted = slowest MDP",
+    )
     a.legend(fontsize=8.5, loc="upper right")
 
     a = ax[0, 1]
@@ -410,12 +439,21 @@ def plot(path: str, ratios: dict, curves: dict, rep: dict, model_rows: list[dict
     a.semilogy(np.arange(n), rep["staircase_b"][:n], "^-", c="C1", ms=4, label="ILB (b), π(s)=a0")
     a.semilogy(np.arange(n), rep["staircase_supp"][:n], "s-", c="C2", ms=3, label="T_Supp")
     a.semilogy(np.arange(n), gamma ** np.arange(n), "k--", lw=1, label="γ^k")
-    a.set(xlabel="iteration k (from Q_0 = Q2)", ylabel="‖Q_k − Q_fix‖∞",
-          title="(b) counterexample to Theorem 1's one-step γ-contraction")
-    a.text(0.03, 0.04, "1 state, self-loop; a0 in support (r=0), a1 OOD (r=1);\nexact model, δ=0, γ=%g\n"
-                       "Q1=[0,0] → TQ1=[0,0];  Q2=[1,0] → TQ2=[%g,1]\none-step ratio ‖TQ1−TQ2‖/‖Q1−Q2‖ = %.3f,"
-                       "  two-step %.3f" % (gamma, gamma, rep["ratio1_a"], rep["ratio2_a"]),
-           transform=a.transAxes, fontsize=8.5, bbox=box)
+    a.set(
+        xlabel="iteration k (from Q_0 = Q2)",
+        ylabel="‖Q_k − Q_fix‖∞",
+        title="(b) counterexample to Theorem 1's one-step γ-contraction",
+    )
+    a.text(
+        0.03,
+        0.04,
+        "1 state, self-loop; a0 in support (r=0), a1 OOD (r=1);\nexact model, δ=0, γ=%g\n"
+        "Q1=[0,0] → TQ1=[0,0];  Q2=[1,0] → TQ2=[%g,1]\none-step ratio ‖TQ1−TQ2‖/‖Q1−Q2‖ = %.3f,"
+        "  two-step %.3f" % (gamma, gamma, rep["ratio1_a"], rep["ratio2_a"]),
+        transform=a.transAxes,
+        fontsize=8.5,
+        bbox=box,
+    )
     a.legend(fontsize=8.5, loc="upper right")
 
     a = ax[0, 2]
@@ -425,41 +463,69 @@ def plot(path: str, ratios: dict, curves: dict, rep: dict, model_rows: list[dict
     a.hist(ratios["ilb2"], bins, histtype="step", lw=2, color="C3", label="ILB, two steps (T²)")
     a.hist(ratios["ilb1_adv"], bins, color="k", label="ILB, one step, adversarial pairs")
     a.axvline(gamma, c="k", ls="--", lw=1)
-    a.set(xlabel="sup-norm ratio ‖TQ1 − TQ2‖∞ / ‖Q1 − Q2‖∞", ylabel="count (log)", yscale="log",
-          title="(c) step ratios on random MDPs and pairs")
+    a.set(
+        xlabel="sup-norm ratio ‖TQ1 − TQ2‖∞ / ‖Q1 − Q2‖∞",
+        ylabel="count (log)",
+        yscale="log",
+        title="(c) step ratios on random MDPs and pairs",
+    )
     a.text(gamma - 0.01, 0.97, "γ", transform=a.get_xaxis_transform(), ha="right", va="top")
     a.set_ylim(0.8, 30 * a.get_ylim()[1])
-    a.text(0.02, 0.74, "max one step: %.3f (random), %.3f (adversarial)\nmax two steps: %.3f\n"
-                       "one step > γ: %.0f%% of random pairs" %
-           (ratios["ilb1"].max(), ratios["ilb1_adv"].max(), max(ratios["ilb2"].max(), ratios["ilb2_adv"].max()),
-            100 * np.mean(ratios["ilb1"] > gamma + 1e-12)), transform=a.transAxes, fontsize=8.5, va="top",
-           bbox=box)
+    a.text(
+        0.02,
+        0.74,
+        "max one step: %.3f (random), %.3f (adversarial)\nmax two steps: %.3f\n"
+        "one step > γ: %.0f%% of random pairs"
+        % (
+            ratios["ilb1"].max(),
+            ratios["ilb1_adv"].max(),
+            max(ratios["ilb2"].max(), ratios["ilb2_adv"].max()),
+            100 * np.mean(ratios["ilb1"] > gamma + 1e-12),
+        ),
+        transform=a.transAxes,
+        fontsize=8.5,
+        va="top",
+        bbox=box,
+    )
     a.legend(fontsize=8.5, loc="upper left")
 
     a = ax[1, 0]
     for key, label, c in (("ilb_a_to_qb", "ILB (a)", "C0"), ("supp_to_qb", "T_Supp", "C2")):
         a.semilogy(k, np.median(curves[key], 0), c=c, label=label + ", median")
         a.fill_between(k, np.percentile(curves[key], 10, 0), np.percentile(curves[key], 90, 0), color=c, alpha=0.2)
-    a.set(ylim=(1e-6, None), xlabel="iteration k", ylabel="‖Q_k − Q_β*‖∞",
-          title="(d) value iteration: distance to Q_β* (fixed point of T_Supp)\nsame MDPs as (a), "
-                "model error e=0.1, band = 10–90 %: ILB stops at its bias")
+    a.set(
+        ylim=(1e-6, None),
+        xlabel="iteration k",
+        ylabel="‖Q_k − Q_β*‖∞",
+        title="(d) value iteration: distance to Q_β* (fixed point of T_Supp)\nsame MDPs as (a), "
+        "model error e=0.1, band = 10–90 %: ILB stops at its bias",
+    )
     a.legend(fontsize=8.5, loc="upper right")
 
     for a, rows, xkey, xlabel, title in (
-            (ax[1, 1], model_rows, "model_error", "model error e:  P̂ = (1−e)P + eP′,  r̂ = r + e·U(−1,1)",
-             "(e) fixed-point error vs model error (δ = 0)"),
-            (ax[1, 2], delta_rows, "delta", "δ", "(f) fixed-point error vs δ (model error e = 0.1)")):
+        (
+            ax[1, 1],
+            model_rows,
+            "model_error",
+            "model error e:  P̂ = (1−e)P + eP′,  r̂ = r + e·U(−1,1)",
+            "(e) fixed-point error vs model error (δ = 0)",
+        ),
+        (ax[1, 2], delta_rows, "delta", "δ", "(f) fixed-point error vs δ (model error e = 0.1)"),
+    ):
         x = [r[xkey] for r in rows]
         a.plot(x, [r["model_and_delta_b"] for r in rows], "o-", c="C1", label="‖Q_ILB − Q_ILB(exact, δ=0)‖∞, (b)")
         a.plot(x, [r["model_and_delta_a"] for r in rows], "o--", c="C0", label="same, (a)")
         a.plot(x, [r["no_limit_b"] for r in rows], "x:", c="C4", label="same, w/o limitation, (b)")
         a.plot(x, [r["thm4_lhs_b"] for r in rows], "s-", c="C3", label="‖Q_ILB − Q_β*‖∞ (Thm 4's pairs), (b)")
         rhs = [r["rhs_b"] for r in rows]
-        top = max(max(r[key] for r in rows) for key in ("model_and_delta_a", "model_and_delta_b", "no_limit_b",
-                                                         "thm4_lhs_b"))
-        a.set(xlabel=xlabel, ylabel=f"mean over {rows[0]['n']} MDPs", ylim=(0, 1.45 * top),
-              title=f"{title}\nS=8, A=4, deterministic β (1 support action), π≠β on ~½ of states\n"
-                    f"Theorem 4's right-hand side (b): {min(rhs):.0f}–{max(rhs):.0f}, far off the chart")
+        top = max(max(r[key] for r in rows) for key in ("model_and_delta_a", "model_and_delta_b", "no_limit_b", "thm4_lhs_b"))
+        a.set(
+            xlabel=xlabel,
+            ylabel=f"mean over {rows[0]['n']} MDPs",
+            ylim=(0, 1.45 * top),
+            title=f"{title}\nS=8, A=4, deterministic β (1 support action), π≠β on ~½ of states\n"
+            f"Theorem 4's right-hand side (b): {min(rhs):.0f}–{max(rhs):.0f}, far off the chart",
+        )
         a.legend(fontsize=8.5, loc="upper left" if xkey == "model_error" else "upper center")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -470,8 +536,11 @@ def plot(path: str, ratios: dict, curves: dict, rep: dict, model_rows: list[dict
 def main(argv=None):
     """Run the checks, write the figure, print the Markdown tables."""
     p = argparse.ArgumentParser(description="Tabular checks of the ILB operator (ILQ, Sec. 4.3 / App. A.1).")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures",
-                                                  "tabular_ilb.png"), help="output PNG path")
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "tabular_ilb.png"),
+        help="output PNG path",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-mdps", type=int, default=30, help="random MDPs per point of the error sweeps")
     args = p.parse_args(argv)
@@ -486,48 +555,121 @@ def main(argv=None):
     plot(args.out, ratios, curves[0.0], rep, model_rows, delta_rows, gamma)
 
     print(f"## Tabular ILB checks (gamma = {gamma}, seed = {args.seed}; all norms: sup-norm over (s, a))\n")
-    print("**Counterexample to Theorem 1's one-step gamma-contraction.** One state with a self-loop; a0 in "
-          "Supp(beta) with r = 0, a1 out of support with r = 1; exact model (P̂ = P, r̂ = r), delta = 0. "
-          "Q1 = [0, 0], Q2 = [1, 0].\n")
-    print(markdown_table(["operator", "T Q1", "T Q2", "one-step ratio", "two-step ratio",
-                          "‖Q_k − Q_fix‖, k = 0..6, from Q2"],
-                         [[name, rep["TQ1_" + key], rep["TQ2_" + key], rep["ratio1_" + key], rep["ratio2_" + key],
-                           ", ".join(f"{v:.3g}" for v in rep["staircase_" + key][:7])]
-                          for name, key in (("ILB (a) max over all a'", "a"), ("ILB (b) π(s) = a0", "b"),
-                                            ("T_Supp", "supp"))]))
+    print(
+        "**Counterexample to Theorem 1's one-step gamma-contraction.** One state with a self-loop; a0 in "
+        "Supp(beta) with r = 0, a1 out of support with r = 1; exact model (P̂ = P, r̂ = r), delta = 0. "
+        "Q1 = [0, 0], Q2 = [1, 0].\n"
+    )
+    print(
+        markdown_table(
+            ["operator", "T Q1", "T Q2", "one-step ratio", "two-step ratio", "‖Q_k − Q_fix‖, k = 0..6, from Q2"],
+            [
+                [
+                    name,
+                    rep["TQ1_" + key],
+                    rep["TQ2_" + key],
+                    rep["ratio1_" + key],
+                    rep["ratio2_" + key],
+                    ", ".join(f"{v:.3g}" for v in rep["staircase_" + key][:7]),
+                ]
+                for name, key in (("ILB (a) max over all a'", "a"), ("ILB (b) π(s) = a0", "b"), ("T_Supp", "supp"))
+            ],
+        )
+    )
     n_pairs = len(ratios["ilb1"])
     share = lambda x: f"{np.mean(x > gamma + 1e-12):.1%}"
-    print(f"\n**Step ratios** on {len(ratios['ilb1_adv']) // 2} random MDPs (S=8, A=4, 2 support actions, half "
-          "adversarial), both readings, delta in {-0.5, 0, 0.5}.\n")
+    print(
+        f"\n**Step ratios** on {len(ratios['ilb1_adv']) // 2} random MDPs (S=8, A=4, 2 support actions, half "
+        "adversarial), both readings, delta in {-0.5, 0, 0.5}.\n"
+    )
     ilb2 = np.r_[ratios["ilb2"], ratios["ilb2_adv"]]
-    print(markdown_table(["ratio", "pairs", "max", "share > gamma"],
-                         [["ILB one step, random pairs", n_pairs, ratios["ilb1"].max(), share(ratios["ilb1"])],
-                          ["ILB one step, adversarial pairs", len(ratios["ilb1_adv"]), ratios["ilb1_adv"].max(),
-                           share(ratios["ilb1_adv"])],
-                          ["ILB two steps, all pairs", len(ilb2), ilb2.max(), share(ilb2)],
-                          [f"ILB one step, weighted norm (bound sqrt(gamma) = {np.sqrt(gamma):.3f})", n_pairs,
-                           ratios["weighted"].max(), "–"],
-                          ["T_Supp one step", n_pairs, ratios["supp1"].max(), share(ratios["supp1"])]]))
-    print(f"\n**Asymptotic convergence rate** of value iteration per iteration, (e_120 / e_60)^(1/60), "
-          f"{len(curves[0.0]['ilb_a'])} random MDPs per delta (gamma = {gamma}, sqrt(gamma) = {np.sqrt(gamma):.4f}).\n")
-    print(markdown_table(["delta", "ILB (a) median", "ILB (a) max", "ILB (b) median", "ILB (b) max",
-                          "T_Supp max"],
-                         [[d, *(f"{f(c[key + '_rate']):.4f}" for key in ("ilb_a", "ilb_b") for f in (np.median, np.max)),
-                           f"{c['supp_rate'].max():.4f}"] for d, c in curves.items()]))
-    print(f"\n**Fixed-point error** (mean over {args.n_mdps} MDPs; S=8, A=4, deterministic beta, pi != beta on "
-          "~half the states). Q_exact: ILB fixed point with P̂ = P, r̂ = r, delta = 0. Thm 4 LHS: ‖Q_ILB − Q_β*‖ "
-          "over in-support pairs and (s, pi(s)); 'all pairs': over every (s, a).\n")
-    hdr = ["e", "delta", "max‖P̂−P‖₁", "max abs(r̂−r)", "‖Q−Q_exact‖ (a)", "‖Q−Q_exact‖ (b)", "w/o limit (b)",
-           "Thm 4 LHS (b)", "all pairs (b)", "Thm 4 RHS (b)", "RHS ≥ LHS (a), (b)", "RHS ≥ all pairs (b)"]
-    print(markdown_table(hdr, [[r["model_error"], r["delta"], r["model_err_P"], r["model_err_r"],
-                                r["model_and_delta_a"], r["model_and_delta_b"], r["no_limit_b"], r["thm4_lhs_b"],
-                                r["all_pairs_b"], r["rhs_b"], f"{r['holds_a']}/{r['n']}, {r['holds_b']}/{r['n']}",
-                                f"{r['all_holds_b']}/{r['n']}"] for r in model_rows + delta_rows]))
+    print(
+        markdown_table(
+            ["ratio", "pairs", "max", "share > gamma"],
+            [
+                ["ILB one step, random pairs", n_pairs, ratios["ilb1"].max(), share(ratios["ilb1"])],
+                [
+                    "ILB one step, adversarial pairs",
+                    len(ratios["ilb1_adv"]),
+                    ratios["ilb1_adv"].max(),
+                    share(ratios["ilb1_adv"]),
+                ],
+                ["ILB two steps, all pairs", len(ilb2), ilb2.max(), share(ilb2)],
+                [
+                    f"ILB one step, weighted norm (bound sqrt(gamma) = {np.sqrt(gamma):.3f})",
+                    n_pairs,
+                    ratios["weighted"].max(),
+                    "–",
+                ],
+                ["T_Supp one step", n_pairs, ratios["supp1"].max(), share(ratios["supp1"])],
+            ],
+        )
+    )
+    print(
+        f"\n**Asymptotic convergence rate** of value iteration per iteration, (e_120 / e_60)^(1/60), "
+        f"{len(curves[0.0]['ilb_a'])} random MDPs per delta (gamma = {gamma}, sqrt(gamma) = {np.sqrt(gamma):.4f}).\n"
+    )
+    print(
+        markdown_table(
+            ["delta", "ILB (a) median", "ILB (a) max", "ILB (b) median", "ILB (b) max", "T_Supp max"],
+            [
+                [
+                    d,
+                    *(f"{f(c[key + '_rate']):.4f}" for key in ("ilb_a", "ilb_b") for f in (np.median, np.max)),
+                    f"{c['supp_rate'].max():.4f}",
+                ]
+                for d, c in curves.items()
+            ],
+        )
+    )
+    print(
+        f"\n**Fixed-point error** (mean over {args.n_mdps} MDPs; S=8, A=4, deterministic beta, pi != beta on "
+        "~half the states). Q_exact: ILB fixed point with P̂ = P, r̂ = r, delta = 0. Thm 4 LHS: ‖Q_ILB − Q_β*‖ "
+        "over in-support pairs and (s, pi(s)); 'all pairs': over every (s, a).\n"
+    )
+    hdr = [
+        "e",
+        "delta",
+        "max‖P̂−P‖₁",
+        "max abs(r̂−r)",
+        "‖Q−Q_exact‖ (a)",
+        "‖Q−Q_exact‖ (b)",
+        "w/o limit (b)",
+        "Thm 4 LHS (b)",
+        "all pairs (b)",
+        "Thm 4 RHS (b)",
+        "RHS ≥ LHS (a), (b)",
+        "RHS ≥ all pairs (b)",
+    ]
+    print(
+        markdown_table(
+            hdr,
+            [
+                [
+                    r["model_error"],
+                    r["delta"],
+                    r["model_err_P"],
+                    r["model_err_r"],
+                    r["model_and_delta_a"],
+                    r["model_and_delta_b"],
+                    r["no_limit_b"],
+                    r["thm4_lhs_b"],
+                    r["all_pairs_b"],
+                    r["rhs_b"],
+                    f"{r['holds_a']}/{r['n']}, {r['holds_b']}/{r['n']}",
+                    f"{r['all_holds_b']}/{r['n']}",
+                ]
+                for r in model_rows + delta_rows
+            ],
+        )
+    )
     mdp, beta, pi = theorem4_counterexample(gamma)
     Q, Qb = ilb_fixed_point(mdp, 0.0, pi), q_beta_star(mdp)
-    print(f"\n**Theorem 4 over all pairs** fails on the counterexample MDP with pi = beta = a0: RHS = "
-          f"{theorem4_rhs(mdp, beta, pi, 0.0)['total']:.3f}, but Q_ILB = {Q[0].tolist()}, Q_β* = {Qb[0].tolist()}, "
-          f"‖Q_ILB − Q_β*‖∞ = {sup_norm(Q - Qb):.3f}.")
+    print(
+        f"\n**Theorem 4 over all pairs** fails on the counterexample MDP with pi = beta = a0: RHS = "
+        f"{theorem4_rhs(mdp, beta, pi, 0.0)['total']:.3f}, but Q_ILB = {Q[0].tolist()}, Q_β* = {Qb[0].tolist()}, "
+        f"‖Q_ILB − Q_β*‖∞ = {sup_norm(Q - Qb):.3f}."
+    )
     print(f"\nfigure written to {os.path.relpath(args.out)}")
 
 

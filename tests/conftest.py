@@ -1,5 +1,6 @@
 """Shared test setup: the repository root is importable, and every dataset/model cache lives in a
 temporary folder so tests never touch (or depend on) the user's ~/.minari, ~/.d4rl or model cache."""
+
 import os
 import sys
 import tempfile

@@ -1,6 +1,9 @@
 """The data entry point, offline: tiny Minari datasets and D4RL-format HDF5 files made here, and every error."""
+
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and a goal-conditioned one with a Dict observation.
 # ------------------------------------------------------------------------------------------------------------------
 
+
 class CountEnv(gym.Env):
     observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
     action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
@@ -38,12 +42,14 @@ class CountEnv(gym.Env):
 
 
 class GoalEnv(gym.Env):
-    observation_space = gym.spaces.Dict({
-        "observation": gym.spaces.Box(-np.inf, np.inf, (2,), np.float64),
-        "desired_goal": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
-        "achieved_goal": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
-        "bonus": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
-    })
+    observation_space = gym.spaces.Dict(
+        {
+            "observation": gym.spaces.Box(-np.inf, np.inf, (2,), np.float64),
+            "desired_goal": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
+            "achieved_goal": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
+            "bonus": gym.spaces.Box(-np.inf, np.inf, (1,), np.float64),
+        }
+    )
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
     def reset(self, seed=None, options=None):
@@ -52,8 +58,12 @@ class GoalEnv(gym.Env):
         return self._obs(), {}
 
     def _obs(self):
-        return {"observation": np.array([self.t, self.t + 0.5]), "desired_goal": np.array([100.0 + self.t]),
-                "achieved_goal": np.array([-1.0]), "bonus": np.array([200.0 + self.t])}
+        return {
+            "observation": np.array([self.t, self.t + 0.5]),
+            "desired_goal": np.array([100.0 + self.t]),
+            "achieved_goal": np.array([-1.0]),
+            "bonus": np.array([200.0 + self.t]),
+        }
 
     def step(self, action):
         self.t += 1
@@ -82,9 +92,16 @@ def record(dataset_id, env_id, seeds, **kw):
         while not done:
             _, _, term, trunc, _ = env.step(env.action_space.sample())
             done = term or trunc
-    ds = env.create_dataset(dataset_id=dataset_id, algorithm_name="test", author="tests", author_email="t@t.invalid",
-                            code_permalink="tests/test_data.py",
-                            description="made by tests/test_data.py", eval_env=env_id, **kw)
+    ds = env.create_dataset(
+        dataset_id=dataset_id,
+        algorithm_name="test",
+        author="tests",
+        author_email="t@t.invalid",
+        code_permalink="tests/test_data.py",
+        description="made by tests/test_data.py",
+        eval_env=env_id,
+        **kw,
+    )
     env.close()
     return ds
 
@@ -102,6 +119,7 @@ def load(env_id, **kw):
 # ------------------------------------------------------------------------------------------------------------------
 # Minari
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def test_minari_transitions_and_the_done_mask_across_a_truncation(count_dataset):
     eps = list(count_dataset.iterate_episodes())  # the recorded data: terminate, truncate (TimeLimit), terminate
@@ -166,8 +184,11 @@ def test_flatten_obs_nested_and_without_an_observation_key():
     flat = ilq.flatten_obs({"desired_goal": np.array([3.0]), "achieved_goal": np.array([2.0]), "b": np.array([1.0])})
     np.testing.assert_array_equal(flat, [2.0, 1.0, 3.0])
     assert flat.dtype == np.float32
-    nested = {"observation": {"z": np.array([2.0]), "a": np.array([1.0])}, "desired_goal": np.array([9.0]),
-              "achieved_goal": np.array([-1.0])}
+    nested = {
+        "observation": {"z": np.array([2.0]), "a": np.array([1.0])},
+        "desired_goal": np.array([9.0]),
+        "achieved_goal": np.array([-1.0]),
+    }
     np.testing.assert_array_equal(ilq.flatten_obs(nested), [1.0, 2.0, 9.0])
     np.testing.assert_array_equal(ilq.flatten_obs(np.array([[1, 2]], np.float64)), [[1.0, 2.0]])  # arrays pass
 
@@ -205,6 +226,7 @@ def test_damaged_local_minari_dataset_is_refused_with_what_to_delete(monkeypatch
 # The locally generated default
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def test_random_dataset_is_generated_once_labelled_as_local_and_has_reference_scores(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # a fresh Minari folder, whatever ran before
     data, info = load("ilq-local/hopper/random-v0", random_dataset_steps=2000)
@@ -213,12 +235,14 @@ def test_random_dataset_is_generated_once_labelled_as_local_and_has_reference_sc
     assert all(np.asarray(x).dtype == np.float32 for x in data)
     assert float(np.abs(np.asarray(data.actions)).max()) <= 1.0
     assert "not D4RL" in info.source and info.task == "hopper-random"
+    assert info.name == "ilq-local/hopper/random-2000steps-v0"  # stored under an id that names its size
     assert (info.ref_min, info.ref_max) == ilq.D4RL_REF_SCORES["hopper"]
     assert str(info.eval_env.id if not isinstance(info.eval_env, str) else info.eval_env) == "Hopper-v5"
-    meta = minari.load_dataset("ilq-local/hopper/random-v0").storage.metadata
+    meta = minari.load_dataset("ilq-local/hopper/random-2000steps-v0").storage.metadata
     assert "NOT a D4RL dataset" in meta["description"]
     assert meta["ref_min_score"] == ilq.D4RL_REF_SCORES["hopper"][0]
     assert meta["ref_max_score"] == ilq.D4RL_REF_SCORES["hopper"][1]
+    assert (meta["ilq_steps"], meta["ilq_seed"], meta["ilq_env"]) == (2000, 0, "Hopper-v5")  # what made it
     text = ilq.describe_dataset(data, info)
     assert "not D4RL data" in text and "reference scores min -20.2723 / max 3234.3" in text
     # Hopper falls over under a random policy: the mask is 1 exactly where Hopper-v5's health check fails
@@ -229,33 +253,72 @@ def test_random_dataset_is_generated_once_labelled_as_local_and_has_reference_sc
     again, info2 = load("ilq-local/hopper/random-v0", random_dataset_steps=2000)
     assert "generated" not in capsys.readouterr().out  # the cache is reused
     assert info2.fingerprint == info.fingerprint
-    again, info3 = load("ilq-local/hopper/random-v0", random_dataset_steps=999)  # the size only matters when generating
-    assert "generated" not in capsys.readouterr().out and info3.fingerprint == info.fingerprint
+
+
+def test_generated_datasets_are_keyed_by_their_size_and_never_stand_in_for_another(capsys, monkeypatch, tmp_path):
+    """A 999-step smoke run and a 2000-step run get two datasets; neither is the default id's (50 000 steps)."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    _, big = load("ilq-local/hopper/random-v0", random_dataset_steps=2000)
+    _, small = load("ilq-local/hopper/random-v0", random_dataset_steps=999)
+    assert "generated" in capsys.readouterr().out  # the 999-step request made its own dataset
+    assert (big.name, small.name) == ("ilq-local/hopper/random-2000steps-v0", "ilq-local/hopper/random-999steps-v0")
+    assert big.fingerprint != small.fingerprint and len(small.episode_returns) < len(big.episode_returns)
+    assert "ilq-local/hopper/random-v0" not in minari.list_local_datasets()  # the default run's id stays untouched
+
+
+def test_a_generated_dataset_made_with_other_settings_is_refused(monkeypatch, tmp_path):
+    """What sits under the default id must be the default dataset: one made with another size (an older version cached
+    every size under one id) or without a record of what made it is refused with what to do, never used."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    ilq.make_random_dataset("ilq-local/hopper/random-v0", "Hopper-v5", 300, ref_scores=ilq.D4RL_REF_SCORES["hopper"])
+    with pytest.raises(
+        ilq.ILQError,
+        match=r"'ilq-local/hopper/random-v0' was not made with this run's settings: it "
+        r"records \{'steps': 300, .*'steps': 50000.*minari delete ilq-local/hopper/random-v0",
+    ):
+        load("ilq-local/hopper/random-v0")
+    storage = minari.load_dataset("ilq-local/hopper/random-v0").storage
+    storage.update_metadata(dict(ilq_steps=50_000, ilq_seed=0, ilq_env="Walker2d-v5"))
+    with pytest.raises(ilq.ILQError, match="'env': 'Walker2d-v5'"):  # recorded on another env
+        load("ilq-local/hopper/random-v0")
+    # made by an earlier version (no record; always seed 0): its size decides, read from Minari's own total_steps
+    path = tmp_path / "ilq-local" / "hopper" / "random-v0" / "data" / "metadata.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in meta.items() if not k.startswith("ilq_")}))
+    with pytest.raises(ilq.ILQError, match=r"records \{'steps': 300, 'seed': 0, 'env': 'Hopper-v5'\}"):
+        load("ilq-local/hopper/random-v0")
+    monkeypatch.setattr(ilq, "RANDOM_DATASET_STEPS", 300)  # a default of 300 steps: the old dataset is exactly that
+    data, info = load("ilq-local/hopper/random-v0", random_dataset_steps=300)
+    assert data.observations.shape == (300, 11) and info.name == "ilq-local/hopper/random-v0"
 
 
 def test_failed_generation_leaves_no_dataset(monkeypatch, tmp_path):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+
     def broken_step(self, action):
         raise RuntimeError("simulated crash")
+
     monkeypatch.setattr(minari.DataCollector, "step", broken_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
-    assert "ilq-local/walker2d/random-v0" not in minari.list_local_datasets()
+    assert not minari.list_local_datasets()
     assert not any(files for _, _, files in os.walk(tmp_path))  # not even a partial file
 
 
 def test_a_crash_while_writing_the_dataset_removes_it_and_the_next_run_regenerates(monkeypatch, tmp_path):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     create = minari.DataCollector.create_dataset
+
     def crash_after_writing(self, *a, **kw):  # the files are on disk when the interruption comes
         create(self, *a, **kw)
-        assert os.path.isdir(tmp_path / "ilq-local" / "walker2d" / "random-v0")
+        assert os.path.isdir(tmp_path / "ilq-local" / "walker2d" / "random-100steps-v0")
         raise KeyboardInterrupt
+
     monkeypatch.setattr(minari.DataCollector, "create_dataset", crash_after_writing)
     with pytest.raises(KeyboardInterrupt):
         load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
-    assert not (tmp_path / "ilq-local" / "walker2d" / "random-v0").exists()
-    assert "ilq-local/walker2d/random-v0" not in minari.list_local_datasets()
+    assert not (tmp_path / "ilq-local" / "walker2d" / "random-100steps-v0").exists()
+    assert "ilq-local/walker2d/random-100steps-v0" not in minari.list_local_datasets()
     monkeypatch.setattr(minari.DataCollector, "create_dataset", create)
     data, info = load("ilq-local/walker2d/random-v0", random_dataset_steps=100)
     assert data.observations.shape == (100, 17) and info.eval_env.id == "Walker2d-v5"
@@ -265,11 +328,16 @@ def test_a_crash_while_writing_the_dataset_removes_it_and_the_next_run_regenerat
 # D4RL HDF5 files
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def write_d4rl(path, n=12, next_obs=True, **override):
     rng = np.random.default_rng(0)
-    arrays = dict(observations=rng.normal(size=(n, 11)).astype(np.float32),
-                  actions=rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
-                  rewards=np.arange(n, dtype=np.float32), terminals=np.zeros(n, bool), timeouts=np.zeros(n, bool))
+    arrays = dict(
+        observations=rng.normal(size=(n, 11)).astype(np.float32),
+        actions=rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
+        rewards=np.arange(n, dtype=np.float32),
+        terminals=np.zeros(n, bool),
+        timeouts=np.zeros(n, bool),
+    )
     arrays["terminals"][3] = True  # episode 1: rows 0-3, terminates
     arrays["timeouts"][8] = True  # episode 2: rows 4-8, times out; episode 3: rows 9-11, data ends
     if next_obs:
@@ -307,8 +375,12 @@ def test_d4rl_file_is_found_in_the_d4rl_cache_folder():
     _, fname = ilq.d4rl_source("walker2d-medium", None)
     assert fname == "walker2d_medium-v2.hdf5"
     os.makedirs(os.environ["D4RL_DATASET_DIR"], exist_ok=True)
-    write_d4rl(os.path.join(os.environ["D4RL_DATASET_DIR"], fname), observations=np.zeros((12, 17), np.float32),
-               next_observations=np.zeros((12, 17), np.float32), actions=np.zeros((12, 6), np.float32))
+    write_d4rl(
+        os.path.join(os.environ["D4RL_DATASET_DIR"], fname),
+        observations=np.zeros((12, 17), np.float32),
+        next_observations=np.zeros((12, 17), np.float32),
+        actions=np.zeros((12, 6), np.float32),
+    )
     data, info = load("walker2d-medium")
     assert info.eval_env == "Walker2d-v5" and data.observations.shape == (12, 17)
 
@@ -329,27 +401,42 @@ def test_hopper_medium_replay_is_found_under_its_d4rl_file_name(monkeypatch, tmp
 def test_d4rl_urls_and_file_names_per_version():
     base = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
     assert ilq.d4rl_source("hopper-medium-replay", None) == (
-        base + "gym_mujoco_v2/hopper_medium_replay-v2.hdf5", "hopper_medium_replay-v2.hdf5")
+        base + "gym_mujoco_v2/hopper_medium_replay-v2.hdf5",
+        "hopper_medium_replay-v2.hdf5",
+    )
     assert ilq.d4rl_source("halfcheetah-medium-expert", "v1") == (
-        base + "gym_mujoco_v1/halfcheetah_medium_expert-v1.hdf5", "halfcheetah_medium_expert-v1.hdf5")
+        base + "gym_mujoco_v1/halfcheetah_medium_expert-v1.hdf5",
+        "halfcheetah_medium_expert-v1.hdf5",
+    )
     # D4RL's first release (d4rl/infos.py): no version in the file name, and medium-replay is called "mixed"
     assert ilq.d4rl_source("hopper-medium-replay", "v0") == (base + "gym_mujoco/hopper_mixed.hdf5", "hopper_mixed.hdf5")
     assert ilq.d4rl_source("walker2d-medium-replay", "v0")[1] == "walker_mixed.hdf5"
     assert ilq.d4rl_source("halfcheetah-medium-expert", "v0")[1] == "halfcheetah_medium_expert.hdf5"
-    assert ilq.d4rl_source("maze2d-large", None) == (base + "maze2d/maze2d-large-sparse-v1.hdf5",
-                                                     "maze2d-large-sparse-v1.hdf5")
+    assert ilq.d4rl_source("maze2d-large", None) == (
+        base + "maze2d/maze2d-large-sparse-v1.hdf5",
+        "maze2d-large-sparse-v1.hdf5",
+    )
     assert ilq.d4rl_source("pen-cloned", "v1") == (base + "hand_dapg_v1/pen-cloned-v1.hdf5", "pen-cloned-v1.hdf5")
 
 
-@pytest.mark.parametrize("name, eval_env, ref", [
-    ("halfcheetah-expert-v2", "HalfCheetah-v5", ilq.D4RL_REF_SCORES["halfcheetah"]),
-    ("walker2d-random", "Walker2d-v5", ilq.D4RL_REF_SCORES["walker2d"]),
-    ("maze2d-umaze", "PointMaze_UMaze-v3", (23.85, 161.86)),
-    ("maze2d-medium-dense-v1", "PointMaze_MediumDense-v3", ilq.D4RL_REF_SCORES["maze2d-medium-dense"]),
-    ("pen-human", "AdroitHandPen-v1", ilq.D4RL_REF_SCORES["pen"]),
-])
+@pytest.mark.parametrize(
+    "name, eval_env, ref",
+    [
+        ("halfcheetah-expert-v2", "HalfCheetah-v5", ilq.D4RL_REF_SCORES["halfcheetah"]),
+        ("walker2d-random", "Walker2d-v5", ilq.D4RL_REF_SCORES["walker2d"]),
+        ("maze2d-umaze", "PointMaze_UMaze-v3", (23.85, 161.86)),
+        ("maze2d-medium-dense-v1", "PointMaze_MediumDense-v3", ilq.D4RL_REF_SCORES["maze2d-medium-dense"]),
+        ("pen-human", "AdroitHandPen-v1", ilq.D4RL_REF_SCORES["pen"]),
+    ],
+)
 def test_d4rl_metadata_per_family(tmp_path, name, eval_env, ref):
-    write_d4rl(tmp_path / "x.hdf5")
+    obs_dim, act_dim = ilq.D4RL_SIZES[ilq.family_of(name)]  # each task's own data sizes
+    write_d4rl(
+        tmp_path / "x.hdf5",
+        observations=np.zeros((12, obs_dim), np.float32),
+        next_observations=np.zeros((12, obs_dim), np.float32),
+        actions=np.zeros((12, act_dim), np.float32),
+    )
     _, info = load(name, dataset_path=str(tmp_path / "x.hdf5"))
     assert info.eval_env == eval_env and (info.ref_min, info.ref_max) == ref
     assert info.task == ilq.parse_d4rl_name(name)[0] and info.family == ilq.family_of(name)
@@ -408,9 +495,13 @@ def test_d4rl_missing_and_not_downloadable_names_the_file_and_url(tmp_path, monk
 
     def unreachable(url, timeout=None):
         raise OSError("network unreachable")
+
     monkeypatch.setattr(ilq.urllib.request, "urlopen", unreachable)
-    with pytest.raises(ilq.ILQError, match=r"Could not download http://rail\.eecs\.berkeley\.edu/datasets/offline_rl/"
-                                           r"gym_mujoco_v2/halfcheetah_expert-v2\.hdf5.*--dataset-path"):
+    with pytest.raises(
+        ilq.ILQError,
+        match=r"Could not download http://rail\.eecs\.berkeley\.edu/datasets/offline_rl/"
+        r"gym_mujoco_v2/halfcheetah_expert-v2\.hdf5.*--dataset-path",
+    ):
         load("halfcheetah-expert")
     leftovers = os.listdir(os.environ["D4RL_DATASET_DIR"]) if os.path.isdir(os.environ["D4RL_DATASET_DIR"]) else []
     assert not [f for f in leftovers if f.startswith("halfcheetah_expert")]  # nothing half-written
@@ -444,8 +535,9 @@ def test_a_download_is_placed_in_the_cache_and_reused(monkeypatch, tmp_path):
     cache = tmp_path / "d4rl"
     monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
     urls = []
-    monkeypatch.setattr(ilq.urllib.request, "urlopen",
-                        lambda url, timeout=None: urls.append(url) or FakeResponse([blob[:1000], blob[1000:]]))
+    monkeypatch.setattr(
+        ilq.urllib.request, "urlopen", lambda url, timeout=None: urls.append(url) or FakeResponse([blob[:1000], blob[1000:]])
+    )
     data, info = load("hopper-expert")
     assert urls == ["http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_expert-v2.hdf5"]
     assert sorted(os.listdir(cache)) == ["hopper_expert-v2.hdf5"]  # no .part left over
@@ -460,33 +552,55 @@ def test_a_broken_download_leaves_nothing_behind(monkeypatch, tmp_path, error):
     cache = tmp_path / "d4rl"
     monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
     seen = []
-    monkeypatch.setattr(ilq.urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(
-        [b"\x89HDF\r\n\x1a\n" + b"0" * 5000], error, lambda: seen.append(os.listdir(cache))))
+    monkeypatch.setattr(
+        ilq.urllib.request,
+        "urlopen",
+        lambda url, timeout=None: FakeResponse(
+            [b"\x89HDF\r\n\x1a\n" + b"0" * 5000], error, lambda: seen.append(os.listdir(cache))
+        ),
+    )
     if isinstance(error, KeyboardInterrupt):  # Ctrl-C is not turned into an ILQError, but still cleans up
         with pytest.raises(KeyboardInterrupt):
             load("walker2d-expert")
     else:
-        with pytest.raises(ilq.ILQError, match=r"Could not download .*walker2d_expert-v2\.hdf5 \(ConnectionResetError"
-                                               r".*--dataset-path"):
+        with pytest.raises(
+            ilq.ILQError,
+            match=r"Could not download .*walker2d_expert-v2\.hdf5 \(ConnectionResetError"
+            r".*--dataset-path",
+        ):
             load("walker2d-expert")
     assert seen == [["walker2d_expert-v2.hdf5.part"]]  # a partial file did exist while the download ran...
     assert os.listdir(cache) == []  # ...and is gone
 
 
-@pytest.mark.parametrize("shapes, match", [
-    (dict(observations=(0, 11), actions=(0, 3), rewards=(0,), terminals=(0,), timeouts=(0,)), "non-empty"),
-    (dict(observations=(5, 11), actions=(5,), rewards=(5,), terminals=(5,), timeouts=(5,)), "must be 2-D"),
-    (dict(observations=(5, 11), actions=(5, 3), rewards=(5,), terminals=(5,), timeouts=(5,),
-          next_observations=(5, 12)), "next_observations shaped like observations"),
-    (dict(observations=(5, 11), actions=(4, 3), rewards=(5,), terminals=(5,), timeouts=(5,)), "inconsistent"),
-])
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (dict(observations=(0, 11), actions=(0, 3), rewards=(0,), terminals=(0,), timeouts=(0,)), "non-empty"),
+        (dict(observations=(5, 11), actions=(5,), rewards=(5,), terminals=(5,), timeouts=(5,)), "must be 2-D"),
+        (
+            dict(observations=(5, 11), actions=(5, 3), rewards=(5,), terminals=(5,), timeouts=(5,), next_observations=(5, 12)),
+            "next_observations shaped like observations",
+        ),
+        (dict(observations=(5, 11), actions=(4, 3), rewards=(5,), terminals=(5,), timeouts=(5,)), "inconsistent"),
+    ],
+)
 def test_malformed_d4rl_arrays_are_refused(tmp_path, shapes, match):
     with h5py.File(tmp_path / "bad.hdf5", "w") as f:
         for k, shape in shapes.items():
             f[k] = np.zeros(shape, np.float32)
     with pytest.raises(ilq.ILQError, match=match) as e:
         load("hopper-medium", dataset_path=str(tmp_path / "bad.hdf5"))
-    assert "Delete it and download it again" in str(e.value)
+    assert "Pass an intact copy with --dataset-path" in str(e.value) and "delete" not in str(e.value).lower()
+    os.makedirs(os.environ["D4RL_DATASET_DIR"], exist_ok=True)  # the same file in the D4RL cache: that one may go
+    cached = os.path.join(os.environ["D4RL_DATASET_DIR"], "hopper_medium-v2.hdf5")
+    shutil.copy(tmp_path / "bad.hdf5", cached)
+    try:
+        with pytest.raises(ilq.ILQError, match=match) as e:
+            load("hopper-medium", download=False)
+        assert "Delete it and download it again" in str(e.value)
+    finally:
+        os.remove(cached)
 
 
 def test_truncated_or_corrupt_or_incomplete_hdf5_is_refused(tmp_path):
@@ -494,9 +608,10 @@ def test_truncated_or_corrupt_or_incomplete_hdf5_is_refused(tmp_path):
     blob = open(tmp_path / "good.hdf5", "rb").read()
     open(tmp_path / "cut.hdf5", "wb").write(blob[: len(blob) // 2])
     open(tmp_path / "junk.hdf5", "wb").write(b"this is not hdf5" * 100)
-    for name in ("cut.hdf5", "junk.hdf5"):
-        with pytest.raises(ilq.ILQError, match=f"{name}' as HDF5 .*truncated or corrupt: delete it and download it"):
+    for name in ("cut.hdf5", "junk.hdf5"):  # files the user named: never answered "delete it"
+        with pytest.raises(ilq.ILQError, match=f"{name}' as HDF5 .*truncated or corrupt. Pass an intact copy") as e:
             load("hopper-medium", dataset_path=str(tmp_path / name))
+        assert "delete" not in str(e.value).lower()
     assert sorted(os.listdir(tmp_path)) == ["cut.hdf5", "good.hdf5", "junk.hdf5"]  # nothing written beside them
     with h5py.File(tmp_path / "partial.hdf5", "w") as f:
         f["observations"] = np.zeros((4, 11))
@@ -523,21 +638,74 @@ def test_actions_outside_the_unit_box_are_refused(tmp_path):
         load("hopper-medium", dataset_path=str(tmp_path / "bad.hdf5"))
 
 
-def test_observation_size_must_match_the_evaluation_env(tmp_path):
-    write_d4rl(tmp_path / "h.hdf5", observations=np.zeros((12, 9), np.float32),
-               next_observations=np.zeros((12, 9), np.float32))
-    data, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"))
-    with pytest.raises(ilq.ILQError, match="Hopper-v5 has observation size 11 .* has 9 and 3.*--eval-env-id"):
+def test_another_robots_data_under_a_d4rl_name_is_called_a_data_mismatch(tmp_path):
+    """walker2d data passed as hopper-medium-replay: the data do not match the named task; changing the evaluation env
+    would not help, so the message must not send the user to --eval-env-id."""
+    write_d4rl(
+        tmp_path / "walker.hdf5",
+        observations=np.zeros((12, 17), np.float32),
+        next_observations=np.zeros((12, 17), np.float32),
+        actions=np.zeros((12, 6), np.float32),
+    )
+    with pytest.raises(
+        ilq.ILQError,
+        match=r"does not hold hopper-medium-replay data: its observations have size 17 "
+        r"and its actions 6, but hopper data have 11 and 3",
+    ) as e:
+        load("hopper-medium-replay", dataset_path=str(tmp_path / "walker.hdf5"))
+    assert "--eval-env-id" not in str(e.value)
+    _, info = load("walker2d-medium-replay", dataset_path=str(tmp_path / "walker.hdf5"))  # the right name works
+    assert info.eval_env == "Walker2d-v5"
+
+
+def test_an_evaluation_env_that_does_not_fit_the_data_points_to_eval_env_id(tmp_path):
+    write_d4rl(tmp_path / "h.hdf5")
+    _, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"), eval_env_id="Walker2d-v5")
+    assert info.eval_env == "Walker2d-v5"  # the override is honoured, then checked
+    with pytest.raises(ilq.ILQError, match="Walker2d-v5 has observation size 17 .* has 11 and 3.*with --eval-env-id"):
         ilq.make_env(info)
-    _, good = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"), eval_env_id="Walker2d-v5")
-    assert good.eval_env == "Walker2d-v5"  # the override is honoured (and then checked the same way)
+    _, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"))
+    ilq.make_env(info).close()
+
+
+def test_a_gymnasium_env_id_given_as_env_id_says_that_env_id_names_a_dataset():
+    for env_id in ("Hopper-v5", "HalfCheetah-v4", "PointMaze_UMaze-v3"):
+        with pytest.raises(
+            ilq.ILQError,
+            match=rf"--env-id '{env_id}' is a Gymnasium environment, but --env-id names a "
+            rf"DATASET.*--eval-env-id {env_id}",
+        ) as e:
+            load(env_id)
+        if env_id == "Hopper-v5":
+            assert "hopper-random, hopper-medium, hopper-medium-replay" in str(e.value)
+            assert "ilq-local/hopper/random-v0" in str(e.value)
+
+
+def test_minari_hub_downloads_are_installed_and_fail_offline_with_ilqs_message():
+    """requirements.txt installs Minari's `hf` extra (its remote store needs huggingface_hub); with HF_HUB_OFFLINE=1
+    (conftest) the download path imports and then fails with ILQ's one-paragraph message, not an ImportError."""
+    requirements = open(os.path.join(ROOT, "requirements.txt")).read()
+    assert re.search(r"^minari\[hdf5,hf\]==", requirements, re.M)
+    import huggingface_hub  # noqa: F401  (installed by minari[hf])
+
+    with pytest.raises(ilq.ILQError) as e:
+        load("mujoco/hopper/medium-v0")
+    message = str(e.value)
+    assert "could not be downloaded (OfflineModeIsEnabled" in message and "ModuleNotFoundError" not in message
+    assert "ImportError" not in message and "minari download mujoco/hopper/medium-v0" in message
 
 
 def run_cli(*argv):
     env = dict(os.environ)  # conftest's temporary MINARI_DATASETS_PATH / D4RL_DATASET_DIR and HF_HUB_OFFLINE=1
     assert env["HF_HUB_OFFLINE"] == "1" and "ilq-tests-" in env["D4RL_DATASET_DIR"]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), *argv],
-                       capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "ilq_jax.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1  # one paragraph
     return r.stderr
@@ -555,3 +723,9 @@ def test_cli_reports_a_corrupt_dataset_file_without_traceback(tmp_path):
     (tmp_path / "junk.hdf5").write_bytes(b"junk" * 100)
     err = run_cli("--env-id", "hopper-medium-replay", "--dataset-path", str(tmp_path / "junk.hdf5"))
     assert err.startswith(f"error: Could not read '{tmp_path / 'junk.hdf5'}' as HDF5") and "truncated or corrupt" in err
+    assert "delete" not in err.lower() and (tmp_path / "junk.hdf5").exists()
+
+
+def test_cli_env_id_hopper_v5_points_to_eval_env_id():
+    err = run_cli("--env-id", "Hopper-v5")
+    assert "names a DATASET" in err and "--eval-env-id Hopper-v5" in err

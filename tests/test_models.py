@@ -1,7 +1,9 @@
 """The two pretrained models (Algorithm 1, lines 2-3) learn what they should, the imagined step and the
 termination functions do what MOPO / Gymnasium do, and the artifacts round-trip and refuse mismatches."""
+
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +32,7 @@ A_SYS = np.array([[0.1, -0.2, 0.0], [0.0, 0.3, 0.1], [-0.1, 0.0, 0.2]])
 B_SYS = np.array([[0.5, 0.0, -0.3], [0.0, 0.4, 0.2]])
 C_SYS, D_SYS = np.array([0.3, -0.2, 0.1]), np.array([0.5, -0.5])
 SIGMA = np.array([0.05, 0.1, 0.2, 0.1])  # true noise std of [s' - s (3 dims), r]
-FLOOR = float(np.mean(SIGMA ** 2))  # MSE of the true conditional mean: no model can do better
+FLOOR = float(np.mean(SIGMA**2))  # MSE of the true conditional mean: no model can do better
 
 
 def true_mean(s, a):
@@ -48,8 +50,9 @@ def linear_gaussian(n, seed=0):
 @pytest.fixture(scope="module")
 def fitted():
     data = linear_gaussian(4000)
-    model, metrics = ilq.train_dynamics(data, "hopper", members=4, elites=2, hidden=32, layers=4, epochs=40,
-                                        lr=3e-3, seed=0, batch_size=128)
+    model, metrics = ilq.train_dynamics(
+        data, "hopper", members=4, elites=2, hidden=32, layers=4, epochs=40, lr=3e-3, seed=0, batch_size=128
+    )
     return data, model, metrics
 
 
@@ -125,9 +128,17 @@ def ensemble_params(net, in_dim, seed=0):
 def random_model(elites=(1, 3), hidden=8, seed=0):
     rng = np.random.default_rng(seed + 100)
     net = ilq.DynamicsEnsemble(H_OBS + 1, MEMBERS, hidden, 4)
-    return ilq.DynamicsModel(ensemble_params(net, H_OBS + H_ACT, seed), f32(rng.normal(size=H_OBS + H_ACT)),
-                             f32(0.5 + np.abs(rng.normal(size=H_OBS + H_ACT))), jnp.asarray(elites, jnp.int32),
-                             H_OBS, MEMBERS, hidden, 4, "hopper")
+    return ilq.DynamicsModel(
+        ensemble_params(net, H_OBS + H_ACT, seed),
+        f32(rng.normal(size=H_OBS + H_ACT)),
+        f32(0.5 + np.abs(rng.normal(size=H_OBS + H_ACT))),
+        jnp.asarray(elites, jnp.int32),
+        H_OBS,
+        MEMBERS,
+        hidden,
+        4,
+        "hopper",
+    )
 
 
 def planted_model():
@@ -173,7 +184,7 @@ def test_dynamics_penalty_is_the_max_sigma_norm_over_all_members():
     # make non-elite member 0 the most uncertain, so an elites-only max would give a different number
     p = jax.tree_util.tree_map(lambda x: x, model.params)
     b = np.asarray(p["params"]["EnsembleDense_4"]["bias"]).copy()
-    b[0, 0, H_OBS + 1:] += 1.5
+    b[0, 0, H_OBS + 1 :] += 1.5
     p["params"]["EnsembleDense_4"]["bias"] = jnp.asarray(b)
     model = model.replace(params=p)
     obs = jax.random.normal(jax.random.PRNGKey(5), (N_STEP, H_OBS)).at[:, 0].add(1.25)
@@ -184,7 +195,7 @@ def test_dynamics_penalty_is_the_max_sigma_norm_over_all_members():
     one = jax.jit(ilq.DynamicsEnsemble(H_OBS + 1, 1, model.hidden, 4).apply)
     norms = []
     for e in range(MEMBERS):
-        pe = jax.tree_util.tree_map(lambda v: v[e:e + 1] if v.ndim == 3 else v, model.params)
+        pe = jax.tree_util.tree_map(lambda v: v[e : e + 1] if v.ndim == 3 else v, model.params)
         _, logvar = one(pe, f32(x))
         norms.append(np.sqrt(np.sum(np.exp(np.asarray(logvar[0], np.float64)), -1)))  # ||sigma||_2, sigma^2 = e^logvar
     norms = np.stack(norms)
@@ -195,6 +206,7 @@ def test_dynamics_penalty_is_the_max_sigma_norm_over_all_members():
 # ------------------------------------------------------------------------------------------------------------------
 # Termination functions on hand-made states (Gymnasium v5 healthy ranges; MOPO's functions)
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def states(dim, rows, base=None):
     out = np.zeros((len(rows), dim), np.float32)
@@ -208,29 +220,66 @@ def states(dim, rows, base=None):
 
 def done_of(family, dim, cases, base=None):
     s = states(dim, [c for c, _ in cases], base)
-    np.testing.assert_array_equal(np.asarray(ilq.terminated(family, s)), [d for _, d in cases],
-                                  err_msg=f"{family}: {[c for c, _ in cases]}")
+    np.testing.assert_array_equal(
+        np.asarray(ilq.terminated(family, s)), [d for _, d in cases], err_msg=f"{family}: {[c for c, _ in cases]}"
+    )
 
 
 def test_hopper_termination_matches_gymnasium_hopper_v5():
     # Hopper-v5: z = obs[0] in (0.7, inf), angle = obs[1] in (-0.2, 0.2), state_vector[2:] = obs[1:] in (-100, 100)
-    done_of("hopper", 11, [
-        ({}, False), ({0: 0.71}, False), ({0: 0.7}, True), ({0: 0.69}, True), ({0: 5.0}, False),
-        ({1: 0.19}, False), ({1: -0.19}, False), ({1: 0.2}, True), ({1: 0.21}, True), ({1: -0.21}, True),
-        ({5: 99.0}, False), ({5: 100.0}, True), ({5: 150.0}, True), ({10: -99.0}, False),
-        # -150 must fall too: the common port computes abs(obs < 100), a boolean, and lets it through
-        ({5: -150.0}, True), ({10: -100.5}, True),
-        ({0: np.nan}, True), ({3: np.inf}, True), ({0: np.inf}, True),
-    ], base={0: 1.25})
+    done_of(
+        "hopper",
+        11,
+        [
+            ({}, False),
+            ({0: 0.71}, False),
+            ({0: 0.7}, True),
+            ({0: 0.69}, True),
+            ({0: 5.0}, False),
+            ({1: 0.19}, False),
+            ({1: -0.19}, False),
+            ({1: 0.2}, True),
+            ({1: 0.21}, True),
+            ({1: -0.21}, True),
+            ({5: 99.0}, False),
+            ({5: 100.0}, True),
+            ({5: 150.0}, True),
+            ({10: -99.0}, False),
+            # -150 must fall too: the common port computes abs(obs < 100), a boolean, and lets it through
+            ({5: -150.0}, True),
+            ({10: -100.5}, True),
+            ({0: np.nan}, True),
+            ({3: np.inf}, True),
+            ({0: np.inf}, True),
+        ],
+        base={0: 1.25},
+    )
 
 
 def test_walker2d_termination_matches_gymnasium_walker2d_v5():
     # Walker2d-v5: z = obs[0] in (0.8, 2.0), angle = obs[1] in (-1, 1); no state range
-    done_of("walker2d", 17, [
-        ({}, False), ({0: 0.81}, False), ({0: 0.8}, True), ({0: 0.79}, True), ({0: 1.99}, False), ({0: 2.0}, True),
-        ({0: 2.01}, True), ({1: 0.99}, False), ({1: -0.99}, False), ({1: 1.0}, True), ({1: -1.0}, True),
-        ({1: 1.01}, True), ({8: 500.0}, False), ({8: -500.0}, False), ({4: np.nan}, True),
-    ], base={0: 1.25})
+    done_of(
+        "walker2d",
+        17,
+        [
+            ({}, False),
+            ({0: 0.81}, False),
+            ({0: 0.8}, True),
+            ({0: 0.79}, True),
+            ({0: 1.99}, False),
+            ({0: 2.0}, True),
+            ({0: 2.01}, True),
+            ({1: 0.99}, False),
+            ({1: -0.99}, False),
+            ({1: 1.0}, True),
+            ({1: -1.0}, True),
+            ({1: 1.01}, True),
+            ({8: 500.0}, False),
+            ({8: -500.0}, False),
+            ({4: np.nan}, True),
+        ],
+        base={0: 1.25},
+    )
 
 
 def test_halfcheetah_pointmaze_and_unknown_never_terminate():
@@ -241,15 +290,26 @@ def test_halfcheetah_pointmaze_and_unknown_never_terminate():
         assert bool(ilq.terminated(family, s.at[7, 1].set(jnp.nan))[7])  # a non-finite state can never bootstrap
     # pointmaze: even far outside the maze; halfcheetah (documented): only a blown-up imagined state, |obs| >= 100
     assert not np.asarray(ilq.terminated("maze2d", states(6, [{0: 1e6}, {1: -1e6}, {}]))).any()
-    done_of("halfcheetah", 17, [({1: 3.0, 8: 99.0}, False), ({8: -99.0}, False), ({8: 150.0}, True),
-                                ({0: -150.0}, True)])
+    done_of("halfcheetah", 17, [({1: 3.0, 8: 99.0}, False), ({8: -99.0}, False), ({8: 150.0}, True), ({0: -150.0}, True)])
 
 
 def test_pen_termination_is_the_dropped_pen():
     # D4RL pen: obs[24:27] is the pen position (after 24 hand joints); done when its height < 0.075
-    done_of("pen", 45, [({}, False), ({26: 0.076}, False), ({26: 0.075}, False), ({26: 0.07}, True),
-                        ({26: -1.0}, True), ({32: 0.0}, False), ({24: -5.0, 25: 5.0}, False), ({3: np.nan}, True)],
-            base={26: 0.2})
+    done_of(
+        "pen",
+        45,
+        [
+            ({}, False),
+            ({26: 0.076}, False),
+            ({26: 0.075}, False),
+            ({26: 0.07}, True),
+            ({26: -1.0}, True),
+            ({32: 0.0}, False),
+            ({24: -5.0, 25: 5.0}, False),
+            ({3: np.nan}, True),
+        ],
+        base={26: 0.2},
+    )
 
 
 def test_termination_is_batched_over_any_leading_shape():
@@ -269,13 +329,14 @@ MODE = 0.7
 class ExactEps(nn.Module):
     """The Bayes-optimal noise prediction E[xi | a^k] for actions +-MODE (1-D, equally likely): the best any
     epsilon-network can do, so it shows what the sampler itself can reach."""
+
     k: int
 
     @nn.compact
     def __call__(self, x, t, obs):
         sch = ilq.vp_schedule(self.k)
         a, s = sch["sqrt_ac"][t][:, None], sch["sqrt_one_minus_ac"][t][:, None]
-        x0 = MODE * jnp.tanh(a * MODE * x / s ** 2)  # posterior mean of a^0 given a^k
+        x0 = MODE * jnp.tanh(a * MODE * x / s**2)  # posterior mean of a^0 given a^k
         return (x - a * x0) / s
 
 
@@ -298,17 +359,18 @@ def bimodal():
     obs = rng.normal(size=(n, 3))
     act = MODE * rng.choice([-1.0, 1.0], size=(n, 1))  # every state: -0.7 or +0.7, equally likely
     data = ilq.Transitions(f32(obs), f32(act), jnp.zeros(n), f32(obs), jnp.zeros(n))
-    models = {k: ilq.train_diffusion(data, k=k, hidden=64, steps=steps, lr=1e-3, seed=0)[0]
-              for k, steps in ((5, 3000), (20, 2000))}
+    models = {
+        k: ilq.train_diffusion(data, k=k, hidden=64, steps=steps, lr=1e-3, seed=0)[0] for k, steps in ((5, 3000), (20, 2000))
+    }
     return data, models
 
 
 def numpy_reverse_chain(eps_fn, k, n, seed=0):
-    """Diffusion-QL's sampler written out in numpy from the formulas (paper.md Sec. 4, A9): VP betas, x0 from eps
-    clipped to [-1, 1], DDPM posterior mean and variance, no noise at the last step, final clip."""
+    """Diffusion-QL's sampler (Eq. 6-7 as its code has them) written out in numpy from the formulas: VP betas, x0 from
+    eps clipped to [-1, 1], DDPM posterior mean and variance, no noise at the last step, final clip."""
     rng = np.random.default_rng(seed)
     t = np.arange(1, k + 1)
-    alphas = np.exp(-0.1 / k - 0.5 * (10.0 - 0.1) * (2 * t - 1) / k ** 2)
+    alphas = np.exp(-0.1 / k - 0.5 * (10.0 - 0.1) * (2 * t - 1) / k**2)
     betas, ac = 1.0 - alphas, np.cumprod(alphas)
     ac_prev = np.concatenate([[1.0], ac[:-1]])
     x = rng.normal(size=n)
@@ -324,7 +386,8 @@ def exact_eps_numpy(k):
 
     def eps(x, i):
         a, s = sch["sqrt_ac"][i], sch["sqrt_one_minus_ac"][i]
-        return (x - a * MODE * np.tanh(a * MODE * x / s ** 2)) / s
+        return (x - a * MODE * np.tanh(a * MODE * x / s**2)) / s
+
     return eps
 
 
@@ -344,8 +407,15 @@ def test_sampler_matches_an_independent_numpy_chain():
     n_obs, m = 100, 200
     obs = jnp.zeros((n_obs, 3))
     net = ilq.NoiseNet(1, 16)
-    zero = ilq.BehaviorModel(jax.tree_util.tree_map(lambda l: jnp.zeros(l.shape, l.dtype), jax.eval_shape(
-        net.init, jax.random.PRNGKey(0), jnp.zeros((1, 1)), jnp.zeros(1, jnp.int32), obs[:1])), 1, 5, 16)
+    zero = ilq.BehaviorModel(
+        jax.tree_util.tree_map(
+            lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
+            jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 1)), jnp.zeros(1, jnp.int32), obs[:1]),
+        ),
+        1,
+        5,
+        16,
+    )
     grid = np.linspace(-1, 1, 401)
     for beh, eps_fn in ((zero, lambda x, i: np.zeros_like(x)), (ExactBehavior({}, 1, 5, 0), exact_eps_numpy(5))):
         ours = np.asarray(ilq.diffusion_sample(beh, obs, jax.random.PRNGKey(2), m)).ravel()
@@ -405,22 +475,41 @@ def test_diffusion_sample_is_usable_inside_another_jit(bimodal):
     eager = ilq.diffusion_sample(beh, obs, jax.random.PRNGKey(0), 3).max(1)
     assert out.shape == (16, 1) and limit(beh, obs, jax.random.PRNGKey(0), m=10).shape == (16, 1)
     np.testing.assert_allclose(np.asarray(out), np.asarray(eager), atol=1e-5)
-    assert not np.array_equal(np.asarray(limit(beh, obs, jax.random.PRNGKey(1), m=10)),
-                              np.asarray(limit(beh, obs, jax.random.PRNGKey(0), m=10)))
+    assert not np.array_equal(
+        np.asarray(limit(beh, obs, jax.random.PRNGKey(1), m=10)), np.asarray(limit(beh, obs, jax.random.PRNGKey(0), m=10))
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Artifacts: save -> load, the sidecar, the cache, refusals
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def tiny_problem(model_dir, **kw):
     data = linear_gaussian(600)
     arrays = {k: np.asarray(v) for k, v in data._asdict().items()}
-    info = ilq.DatasetInfo(name="tests/linear-v0", source="test", task=None, family="hopper", eval_env="none",
-                           ref_min=None, ref_max=None, obs_dim=OBS, act_dim=ACT, episode_returns=np.zeros(1),
-                           fingerprint=ilq._fingerprint(arrays))
-    args = ilq.Args(model_dir=str(model_dir), dynamics_members=3, dynamics_elites=2, dynamics_hidden=16,
-                    dynamics_epochs=2, diffusion_steps=30, **kw)
+    info = ilq.DatasetInfo(
+        name="tests/linear-v0",
+        source="test",
+        task=None,
+        family="hopper",
+        eval_env="none",
+        ref_min=None,
+        ref_max=None,
+        obs_dim=OBS,
+        act_dim=ACT,
+        episode_returns=np.zeros(1),
+        fingerprint=ilq._fingerprint(arrays),
+    )
+    args = ilq.Args(
+        model_dir=str(model_dir),
+        dynamics_members=3,
+        dynamics_elites=2,
+        dynamics_hidden=16,
+        dynamics_epochs=2,
+        diffusion_steps=30,
+        **kw,
+    )
     return data, info, args
 
 
@@ -451,8 +540,9 @@ def test_artifacts_round_trip_to_bit_identical_predictions(cached):
     key, sample = jax.random.PRNGKey(0), jax.jit(ilq.diffusion_sample, static_argnums=3)
     for a, b in zip(STEP(dyn, data.observations, data.actions, key), STEP(dyn2, data.observations, data.actions, key)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_array_equal(np.asarray(sample(beh, data.observations, key, 4)),
-                                  np.asarray(sample(beh2, data.observations, key, 4)))
+    np.testing.assert_array_equal(
+        np.asarray(sample(beh, data.observations, key, 4)), np.asarray(sample(beh2, data.observations, key, 4))
+    )
 
 
 def test_sidecar_describes_the_model_without_loading_it(cached):
@@ -461,8 +551,7 @@ def test_sidecar_describes_the_model_without_loading_it(cached):
     bside = json.loads(Path(os.path.splitext(ilq.artifact_path(args, info, "behavior"))[0] + ".json").read_text())
     for s, kind in ((side, "dynamics"), (bside, "behavior")):
         assert s["kind"] == kind and s["config"]["seed"] == args.pretrain_seed
-        assert s["dataset"] == dict(name=info.name, fingerprint=info.fingerprint, obs_dim=OBS, act_dim=ACT,
-                                    transitions=600)
+        assert s["dataset"] == dict(name=info.name, fingerprint=info.fingerprint, obs_dim=OBS, act_dim=ACT, transitions=600)
         assert {"python", "jax", "jaxlib", "flax", "optax", "numpy"} <= set(s["versions"])
         assert s["versions"]["jax"] == jax.__version__ and s["family"] == "hopper" and s["created"]
     # architecture, training length, scaler stats, elites, final metrics
@@ -502,10 +591,17 @@ def fake_trainers(monkeypatch, cached):
     """Stand-ins that record their calls and return the cached models (no compile, no training)."""
     _, _, _, dyn, beh = cached
     calls = []
-    monkeypatch.setattr(ilq, "train_dynamics", lambda *a, **k: calls.append(("dynamics", k["epochs"])) or (
-        dyn, dict(train_loss=0.0, holdout_mse=[0.0] * 3, holdout_mse_elites=0.0, elites=[0, 1])))
-    monkeypatch.setattr(ilq, "train_diffusion", lambda *a, **k: calls.append(("behavior", k["steps"])) or (
-        beh, dict(final_loss=0.0)))
+    monkeypatch.setattr(
+        ilq,
+        "train_dynamics",
+        lambda *a, **k: (
+            calls.append(("dynamics", k["epochs"]))
+            or (dyn, dict(train_loss=0.0, holdout_mse=[0.0] * 3, holdout_mse_elites=0.0, elites=[0, 1]))
+        ),
+    )
+    monkeypatch.setattr(
+        ilq, "train_diffusion", lambda *a, **k: calls.append(("behavior", k["steps"])) or (beh, dict(final_loss=0.0))
+    )
     return calls
 
 
@@ -533,8 +629,11 @@ def test_mismatched_or_damaged_artifacts_are_refused(cached, tmp_path):
     data, info, args, d_path, b_path = copy_cache(cached, tmp_path)
     replace = lambda **kw: ilq.DatasetInfo(**{**info.__dict__, **kw})  # noqa: E731
     fp = info.fingerprint[:12]
-    with pytest.raises(ilq.ILQError, match=rf"made for dataset 'tests/linear-v0' \(obs 3, act 2, fingerprint {fp}\), "
-                                           r"not for 'other' .*pretrain_models.py --env-id other"):
+    with pytest.raises(
+        ilq.ILQError,
+        match=rf"made for dataset 'tests/linear-v0' \(obs 3, act 2, fingerprint {fp}\), "
+        r"not for 'other' .*pretrain_models.py --env-id other",
+    ):
         ilq.load_artifact(d_path, "dynamics", replace(name="other", fingerprint="0" * 40))
     with pytest.raises(ilq.ILQError, match=r"not for 'tests/linear-v0' \(obs 4, act 2"):
         ilq.load_artifact(d_path, "dynamics", replace(obs_dim=OBS + 1))
@@ -548,8 +647,17 @@ def test_mismatched_or_damaged_artifacts_are_refused(cached, tmp_path):
         ilq.load_artifact(str(tmp_path / "nothing.msgpack"), "behavior", info)
     # weights of another architecture under a sidecar that matches the dataset
     net = ilq.DynamicsEnsemble(OBS + 1, 3, 8, 4)
-    other = ilq.DynamicsModel(ensemble_params(net, OBS + ACT), jnp.zeros(OBS + ACT),
-                              jnp.ones(OBS + ACT), jnp.zeros(2, jnp.int32), OBS, 3, 8, 4, "hopper")
+    other = ilq.DynamicsModel(
+        ensemble_params(net, OBS + ACT),
+        jnp.zeros(OBS + ACT),
+        jnp.ones(OBS + ACT),
+        jnp.zeros(2, jnp.int32),
+        OBS,
+        3,
+        8,
+        4,
+        "hopper",
+    )
     blob = Path(d_path).read_bytes()
     Path(d_path).write_bytes(flax.serialization.to_bytes(other))
     with pytest.raises(ilq.ILQError, match="does not match its sidecar's architecture or is damaged"):
@@ -563,13 +671,13 @@ def test_mismatched_or_damaged_artifacts_are_refused(cached, tmp_path):
         ilq.load_artifact(b_path, "behavior", info)
     # given explicitly (--dynamics-path), a wrong artifact stops the run instead of being retrained silently
     with pytest.raises(ilq.ILQError, match="made for dataset"):
-        ilq.load_or_pretrain(ilq.Args(**{**args.__dict__, "dynamics_path": d_path}), data,
-                             replace(fingerprint="0" * 40))
+        ilq.load_or_pretrain(ilq.Args(**{**args.__dict__, "dynamics_path": d_path}), data, replace(fingerprint="0" * 40))
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # pretrain_models.py
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def write_d4rl_file(path, n=800, seed=0):
     """A tiny D4RL-format hopper file (random numbers, healthy heights), written here."""
@@ -590,10 +698,26 @@ def write_d4rl_file(path, n=800, seed=0):
 def test_pretrain_models_cli_trains_both_then_reuses_them(tmp_path):
     write_d4rl_file(tmp_path / "tiny.hdf5")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, os.path.join(ROOT, "pretrain_models.py"), "--env-id", "hopper-medium-replay",
-           "--dataset-path", str(tmp_path / "tiny.hdf5"), "--dynamics-epochs", "1", "--diffusion-steps", "40",
-           "--dynamics-hidden", "16", "--dynamics-members", "3", "--dynamics-elites", "2",
-           "--model-dir", str(tmp_path / "models")]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "pretrain_models.py"),
+        "--env-id",
+        "hopper-medium-replay",
+        "--dataset-path",
+        str(tmp_path / "tiny.hdf5"),
+        "--dynamics-epochs",
+        "1",
+        "--diffusion-steps",
+        "40",
+        "--dynamics-hidden",
+        "16",
+        "--dynamics-members",
+        "3",
+        "--dynamics-elites",
+        "2",
+        "--model-dir",
+        str(tmp_path / "models"),
+    ]
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[models] dynamics: training (1 epochs)" in first.stdout and "[dynamics] epoch   1/1" in first.stdout
@@ -602,7 +726,11 @@ def test_pretrain_models_cli_trains_both_then_reuses_them(tmp_path):
     assert folder.name.startswith("hopper-medium-replay-")
     files = sorted(os.listdir(folder))
     assert [f.split("-")[0] + os.path.splitext(f)[1] for f in files] == [
-        "behavior.json", "behavior.msgpack", "dynamics.json", "dynamics.msgpack"]
+        "behavior.json",
+        "behavior.msgpack",
+        "dynamics.json",
+        "dynamics.msgpack",
+    ]
     side = json.loads((folder / [f for f in files if f.startswith("dynamics") and f.endswith(".json")][0]).read_text())
     assert side["dataset"]["obs_dim"] == 11 and side["dataset"]["act_dim"] == 3 and side["trained"] == 1
     assert side["config"]["members"] == 3 and side["family"] == "hopper"
@@ -614,3 +742,28 @@ def test_pretrain_models_cli_trains_both_then_reuses_them(tmp_path):
     assert second.stdout.count("loaded") == 2 and "training" not in second.stdout, second.stdout
     assert {f: os.stat(folder / f).st_mtime_ns for f in os.listdir(folder)} == mtimes  # nothing rewritten
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# Progress during pretraining
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_pretraining_prints_progress_between_calls_with_time_left(monkeypatch, capsys):
+    """Both trainers print a line (done, rate, time left) whenever PROGRESS_EVERY_S (30 s) has passed since the last one,
+    the dynamics trainer inside an epoch too (large datasets take minutes per epoch); "eta" never means time left."""
+    assert ilq.PROGRESS_EVERY_S == 30.0
+    monkeypatch.setattr(ilq, "PROGRESS_EVERY_S", 0.0)  # every jitted call is 30 s long, as far as the trainers know
+    monkeypatch.setattr(ilq, "DYNAMICS_BATCHES_PER_CALL", 2)
+    data = linear_gaussian(1500)  # 1200 training transitions: 9 minibatches of 128, 5 calls per epoch
+    ilq.train_dynamics(data, "hopper", members=2, elites=1, hidden=8, epochs=2, batch_size=128)
+    out = capsys.readouterr().out
+    inside = [line for line in out.splitlines() if "| batch " in line]
+    assert len(inside) == 2 * 4, out  # after each call but an epoch's last, which prints the epoch line
+    assert inside[0].startswith("[dynamics] epoch   1/2 | batch 2/9 |") and "batches/s | time left" in inside[0]
+    assert out.count("epochs/s | time left") == 2
+    ilq.train_diffusion(data, hidden=16, steps=40, steps_per_call=10, batch_size=32)
+    out += capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("[diffusion]")]
+    assert [line.split("|")[0].split()[-1] for line in steps] == ["10/40", "20/40", "30/40", "40/40"]
+    assert all("steps/s | time left" in line for line in steps)
+    assert not re.search(r"\beta\b", out)

@@ -4,13 +4,30 @@ All norms are sup-norms over every (s, a) entry. "(a)" is the optimality reading
 all actions), "(b)" the fixed deterministic pi of the proofs. Every MDP comes from a seeded generator; half are
 adversarial (the limitation branch min{y_img, y_lmt} = y_lmt is active), and the tests assert that it is.
 """
+
 import numpy as np
 import pytest
 
-from benchmarks.tabular_ilb import (TabularMDP, adversarial_pair, counterexample_mdp, deterministic_beta_mdp, ilb_fixed_point,
-                                    ilb_operator, limitation_value, one_step_backup, q_beta_star, random_mdp,
-                                    replace, step_ratio, sup_norm, support_operator, theorem4_counterexample,
-                                    theorem4_rhs, value_iteration, weighted_norm)
+from benchmarks.tabular_ilb import (
+    TabularMDP,
+    adversarial_pair,
+    counterexample_mdp,
+    deterministic_beta_mdp,
+    ilb_fixed_point,
+    ilb_operator,
+    limitation_value,
+    one_step_backup,
+    q_beta_star,
+    random_mdp,
+    replace,
+    step_ratio,
+    sup_norm,
+    support_operator,
+    theorem4_counterexample,
+    theorem4_rhs,
+    value_iteration,
+    weighted_norm,
+)
 
 GAMMA = 0.9
 
@@ -20,8 +37,7 @@ def cases(n, seed):
     rng = np.random.default_rng(seed)
     for i in range(n):
         S, A = int(rng.integers(2, 9)), int(rng.integers(2, 6))
-        mdp = random_mdp(rng, S, A, int(rng.integers(1, A)), GAMMA, float(rng.choice([0.0, 0.1, 0.4])),
-                         adversarial=i % 2 == 1)
+        mdp = random_mdp(rng, S, A, int(rng.integers(1, A)), GAMMA, float(rng.choice([0.0, 0.1, 0.4])), adversarial=i % 2 == 1)
         pi = None if i % 4 < 2 else rng.integers(0, A, S)
         yield mdp, pi, float(rng.choice([-0.5, 0.0, 0.3])), rng
 
@@ -91,8 +107,12 @@ def test_unique_fixed_point_from_several_starts(seed):
     """Value iteration from zeros, N(0, 50^2) and +-100 reaches the same table, and it is a fixed point."""
     for mdp, pi, delta, rng in cases(12, seed):
         T = lambda Q: ilb_operator(Q, mdp, delta, pi)
-        starts = [np.zeros_like(mdp.r), rng.normal(0, 50, mdp.r.shape), np.full(mdp.r.shape, 100.0),
-                  np.full(mdp.r.shape, -100.0)]
+        starts = [
+            np.zeros_like(mdp.r),
+            rng.normal(0, 50, mdp.r.shape),
+            np.full(mdp.r.shape, 100.0),
+            np.full(mdp.r.shape, -100.0),
+        ]
         fixed = [value_iteration(T, Q0)[0] for Q0 in starts]
         for Q in fixed:
             assert sup_norm(T(Q) - Q) <= 1e-11
@@ -102,7 +122,7 @@ def test_unique_fixed_point_from_several_starts(seed):
 def test_fixed_point_ood_values_capped():
     """At Q_ILB every OOD value <= max in-support value of its state + delta, with equality where the limit binds."""
     n_active = n_ood = 0
-    for mdp, pi, delta, rng in cases(60, seed=5):
+    for mdp, pi, delta, _rng in cases(60, seed=5):
         Q = ilb_fixed_point(mdp, delta, pi)
         cap = limitation_value(Q, mdp.support)[:, None] + delta
         ood = ~mdp.support
@@ -116,7 +136,7 @@ def test_fixed_point_ood_values_capped():
 def test_exact_model_zero_delta_ood_is_min_of_true_backup_and_limit():
     """P̂ = P, r̂ = r, delta = 0: Q_ILB(s, a_ood) = min(r + gamma E_P V(s'), max_{in} Q_ILB(s, .)), both readings."""
     branches = np.zeros(2, int)
-    for mdp, pi, _, rng in cases(40, seed=6):
+    for mdp, pi, _, _rng in cases(40, seed=6):
         mdp = replace(mdp, P_hat=mdp.P, r_hat=mdp.r)
         Q = ilb_fixed_point(mdp, 0.0, pi)
         backup = one_step_backup(Q, mdp.P, mdp.r, mdp.gamma, pi)
@@ -130,7 +150,7 @@ def test_exact_model_zero_delta_ood_is_min_of_true_backup_and_limit():
 def test_reading_a_closed_form_for_nonpositive_delta():
     """Reading (a), delta <= 0, any model: Q_ILB = Q_beta* on in-support pairs (model error never reaches them)
     and Q_ILB(s, a_ood) = min(r̂ + gamma E_P̂ V_beta*, V_beta*(s)) + delta, with V_beta* = max_{in} Q_beta*."""
-    for mdp, _, delta, rng in cases(40, seed=7):
+    for mdp, _, delta, _rng in cases(40, seed=7):
         delta = -abs(delta)
         Q, Qb = ilb_fixed_point(mdp, delta), q_beta_star(mdp)
         Vb = limitation_value(Qb, mdp.support)
@@ -145,8 +165,14 @@ def test_theorem4_bound_smoke():
     worst = 0.0
     for i in range(40):
         rng = np.random.default_rng([8, i])
-        mdp, beta, pi = deterministic_beta_mdp(rng, int(rng.integers(2, 8)), int(rng.integers(2, 5)), GAMMA,
-                                               float(rng.choice([0.0, 0.1, 0.4])), float(rng.choice([0.0, 0.5, 1.0])))
+        mdp, beta, pi = deterministic_beta_mdp(
+            rng,
+            int(rng.integers(2, 8)),
+            int(rng.integers(2, 5)),
+            GAMMA,
+            float(rng.choice([0.0, 0.1, 0.4])),
+            float(rng.choice([0.0, 0.5, 1.0])),
+        )
         if i % 2:
             mdp = replace(mdp, r_hat=mdp.r_hat + ~mdp.support)  # optimistic model on OOD actions
         delta = float(rng.choice([-1.0, 0.0, 0.5]))

@@ -1,8 +1,11 @@
 """Training runs as a user meets them: N seeds in one process (jax.vmap) equal N single runs, Ctrl-C and
 --resume (checkpoint, exit code 130, only the remaining updates, bit-identical result), and every way a run
 folder can be damaged or misused ending in one clear error."""
+
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tyro
+from test_learner import TINY, _tiny_args, setup
 
 import ilq_jax as ilq
-from test_learner import TINY, _tiny_args, setup
 
 REAL_MAKE_UPDATE_FN = ilq.make_update_fn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,9 +45,26 @@ def test_vmapped_seed_is_the_single_run_of_that_seed():
 
 def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), *TINY, "--num-seeds", "2", "--seed", "5",
-                          "--run-name", "two", "--model-dir", str(tmp_path / "models")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "ilq_jax.py"),
+            *TINY,
+            "--num-seeds",
+            "2",
+            "--seed",
+            "5",
+            "--run-name",
+            "two",
+            "--model-dir",
+            str(tmp_path / "models"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.load(open(tmp_path / "runs" / "two" / "summary.json"))
     assert [s["seed"] for s in summary["seeds"]] == [5, 6] and summary["num_seeds"] == 2
@@ -63,6 +84,7 @@ def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
 
 def _counting_update_fn(monkeypatch, counter, interrupt_on_call=None):
     """Wrap ilq.make_update_fn: count the updates each call runs; optionally send Ctrl-C to ourselves."""
+
     def make(cfg, batched=False):
         fn = REAL_MAKE_UPDATE_FN(cfg, batched)
 
@@ -71,7 +93,9 @@ def _counting_update_fn(monkeypatch, counter, interrupt_on_call=None):
             if interrupt_on_call == len(counter):
                 os.kill(os.getpid(), signal.SIGINT)
             return fn(state, frozen, keys)
+
         return run
+
     monkeypatch.setattr(ilq, "make_update_fn", make)
 
 
@@ -96,8 +120,9 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_runs_only_the_rest_bit_for_bit(
     resume_s = time.time() - t0
     assert sum(calls) == 20  # only the remaining updates ran
     assert resumed["seeds"] == full["seeds"]
-    assert (tmp_path / "runs" / "cut" / "checkpoint.msgpack").read_bytes() == \
-        (tmp_path / "runs" / "full" / "checkpoint.msgpack").read_bytes()
+    assert (tmp_path / "runs" / "cut" / "checkpoint.msgpack").read_bytes() == (
+        tmp_path / "runs" / "full" / "checkpoint.msgpack"
+    ).read_bytes()
     # the resumed run's wall time counts both invocations, and the finished run cannot be resumed again
     assert cut_wall > 0 and cut_wall + 0.5 * resume_s < resumed["wall_time_s"] <= cut_wall + resume_s + 0.5
     before = (tmp_path / "runs" / "cut" / "summary.json").read_bytes()
@@ -111,6 +136,7 @@ def test_ctrl_c_during_pretraining_exits_130_and_keeps_finished_models(tmp_path,
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(ilq, "train_diffusion", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         ilq.main([*TINY, "--run-name", "pre", "--model-dir", str(tmp_path / "models")])
@@ -143,8 +169,15 @@ def _variant(stopped_run, tmp_path, damage=None, remove=None):
     return run
 
 
-@pytest.mark.parametrize("name,payload", [("checkpoint.msgpack", b"\x00garbage"), ("checkpoint.json", b"{not json"),
-                                          ("args.json", b"[1, 2"), ("checkpoint.msgpack", b"")])
+@pytest.mark.parametrize(
+    "name,payload",
+    [
+        ("checkpoint.msgpack", b"\x00garbage"),
+        ("checkpoint.json", b"{not json"),
+        ("args.json", b"[1, 2"),
+        ("checkpoint.msgpack", b""),
+    ],
+)
 def test_damaged_run_files_give_one_error_naming_the_file_and_nothing_is_deleted(stopped_run, tmp_path, name, payload):
     run = _variant(stopped_run, tmp_path, damage=(name, payload))
     files = sorted(os.listdir(run))
@@ -163,3 +196,93 @@ def test_flags_that_resume_cannot_honour_are_refused(stopped_run, tmp_path):
     run = _variant(stopped_run, tmp_path)
     with pytest.raises(ilq.ILQError, match="drop --total-steps"):
         ilq.train(ilq.Args(resume=str(run), total_steps=400))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --help: every flag described, None defaults explained, one boolean style; pretrain_models.py shows only its own
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _help(script):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, COLUMNS="200"),
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def _options(text):
+    """{flag: its help text} from tyro's --help box (each option starts a line with --flag; its text may wrap)."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        body = line.strip().strip("│").strip()
+        m = re.match(r"│ (--[a-z][\w-]*)", line.strip())  # an option starts at the box's first column
+        if m:
+            current = m.group(1)
+            blocks[current] = body
+        elif current and body and not body.startswith("╰"):
+            blocks[current] += " " + body
+    return blocks
+
+
+def _description(block):
+    """An option's help without its flag names, metavar and '(default: ...)'."""
+    block = re.sub(r"\(default: [^)]*\)", "", block)
+    return re.sub(r"^(--[\w-]+,? ?)+(\{[^}]*\}(\|[A-Z]+)?|[A-Z]+)?", "", block).strip()
+
+
+def test_every_flag_of_ilq_jax_is_documented_none_is_explained_and_booleans_are_flags():
+    text = _help("ilq_jax.py")
+    options = _options(text)
+    for f in dataclasses.fields(ilq.Args):
+        name = "--" + f.name.replace("_", "-")
+        assert name in options, name
+        words = _description(options[name]).split()
+        assert len(words) >= 3, (name, options[name])
+        if f.default is None:  # None is never left unexplained
+            assert "None:" in _description(options[name]), (name, options[name])
+        if f.name in ("eta", "delta", "penalty_coef", "critic_lr", "actor_lr", "entropy", "cosine_lr"):
+            assert "None: the paper's value for this dataset" in options[name], name
+        if f.type in ("bool", "FlagOrPaper"):  # one style: --flag / --no-flag
+            assert options[name].startswith(f"{name}, --no-{name[2:]}"), options[name]
+    assert "{None,True,False}" not in text and "True|False" not in text
+    assert "about 5 min" in options["--budget"] and "10 min" not in text  # measured: 4 min 55 s (README)
+    assert "(Tables 3-6)" in text  # the description says where None values come from
+
+
+def test_boolean_flags_parse_in_the_one_style():
+    args = tyro.cli(ilq.Args, args=["--no-entropy", "--cosine-lr", "--no-imagination", "--behavior-bank"])
+    assert (args.entropy, args.cosine_lr, args.imagination, args.behavior_bank) == (False, True, False, True)
+    assert tyro.cli(ilq.Args, args=[]).entropy is None  # left out: the paper's value for the dataset
+
+
+def test_pretrain_models_help_shows_only_its_own_flags_and_what_it_does():
+    text = _help("pretrain_models.py")
+    options = _options(text)
+    own = {
+        "--env-id",
+        "--dataset-path",
+        "--download",
+        "--random-dataset-steps",
+        "--budget",
+        "--dynamics-epochs",
+        "--diffusion-steps",
+        "--dynamics-members",
+        "--dynamics-elites",
+        "--dynamics-hidden",
+        "--dynamics-layers",
+        "--dynamics-lr",
+        "--diffusion-k",
+        "--diffusion-lr",
+        "--pretrain-seed",
+        "--model-dir",
+        "--force",
+    }
+    assert set(options) == own, set(options) ^ own
+    for block in options.values():
+        assert len(_description(block).split()) >= 3, block
+    assert "Pretrain ILQ's two frozen models once" in text and "(Algorithm 1, lines 2-3)" in text
