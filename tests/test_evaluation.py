@@ -2,6 +2,7 @@
 across the vectorised envs gives exact returns; normalised scores are recomputed from returns with D4RL's reference
 constants typed here (d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE), independently of ilq_jax's table.
 Everything here is exact: no sampling."""
+
 import gymnasium as gym
 import h5py
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ D4RL = {"hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfche
 class StepEnv(gym.Env):
     """Env `index`: episodes of `length` steps; step t (1-based) pays t * (1 + index) + 10 * action. The episode ends
     by termination, or by truncation when `truncate`. obs = [index, t]. Refuses to run far past its episode."""
+
     observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
@@ -59,7 +61,7 @@ def test_evaluate_returns_exact_sums_with_different_episode_lengths():
     # one episode per env, each from its own seed (env i from seed + i); the policy acted in every step of it
     for i, env in enumerate(envs.envs):
         assert env.seeds[0] == 123 + i
-        np.testing.assert_allclose(env.actions[:LENGTHS[i]], min(0.5 * i, 1.0), atol=1e-6)
+        np.testing.assert_allclose(env.actions[: LENGTHS[i]], min(0.5 * i, 1.0), atol=1e-6)
     assert max(env.total for env in envs.envs) == max(LENGTHS)  # stops when the longest episode ends
     envs.close()
 
@@ -67,9 +69,13 @@ def test_evaluate_returns_exact_sums_with_different_episode_lengths():
 def test_evaluate_with_the_deterministic_policy_of_an_actor():
     """The policy train() passes: tanh(mean) of the actor; here a planted actor whose mean is atanh(0.3) everywhere."""
     actor = ilq.Actor(1, 4, 1)
-    params = {"params": {"Dense_0": dict(kernel=jnp.zeros((2, 4)), bias=jnp.zeros(4)),
-                         "Dense_1": dict(kernel=jnp.zeros((4, 1)), bias=jnp.full(1, np.arctanh(0.3))),
-                         "Dense_2": dict(kernel=jnp.zeros((4, 1)), bias=jnp.zeros(1))}}
+    params = {
+        "params": {
+            "Dense_0": dict(kernel=jnp.zeros((2, 4)), bias=jnp.zeros(4)),
+            "Dense_1": dict(kernel=jnp.zeros((4, 1)), bias=jnp.full(1, np.arctanh(0.3))),
+            "Dense_2": dict(kernel=jnp.zeros((4, 1)), bias=jnp.zeros(1)),
+        }
+    }
     envs = gym.vector.SyncVectorEnv([lambda i=i: StepEnv(i, LENGTHS[i], TRUNCATE[i]) for i in range(4)])
     returns = ilq.evaluate(envs, lambda p, o: ilq.deterministic_action(actor, p, o), params, 0)
     expected = [(1 + i) * L * (L + 1) / 2 + 3.0 * L for i, L in enumerate(LENGTHS)]
@@ -77,13 +83,16 @@ def test_evaluate_with_the_deterministic_policy_of_an_actor():
     envs.close()
 
 
-def write_d4rl(path, rewards, ends, seed=0):
+DIMS = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6)}  # D4RL's observation and action sizes
+
+
+def write_d4rl(path, rewards, ends, dims, seed=0):
     rng = np.random.default_rng(seed)
-    n = len(rewards)
+    n, (obs_dim, act_dim) = len(rewards), dims
     with h5py.File(path, "w") as f:
-        f["observations"] = rng.normal(size=(n, 3)).astype(np.float32)
-        f["next_observations"] = rng.normal(size=(n, 3)).astype(np.float32)
-        f["actions"] = rng.uniform(-1, 1, size=(n, 2)).astype(np.float32)
+        f["observations"] = rng.normal(size=(n, obs_dim)).astype(np.float32)
+        f["next_observations"] = rng.normal(size=(n, obs_dim)).astype(np.float32)
+        f["actions"] = rng.uniform(-1, 1, size=(n, act_dim)).astype(np.float32)
         f["rewards"] = np.asarray(rewards, np.float32)
         f["terminals"] = np.asarray(ends, bool)
         f["timeouts"] = np.zeros(n, bool)
@@ -97,12 +106,11 @@ def test_normalised_scores_are_recomputed_from_returns(tmp_path, family):
     rewards = np.array([1.5, 2.0, -0.5, 4.0, 10.0, 0.25], np.float32)
     ends = [False, True, False, False, True, True]  # episodes: rows 0-1, 2-4, 5
     path = tmp_path / f"{family}.hdf5"
-    write_d4rl(path, rewards, ends)
+    write_d4rl(path, rewards, ends, DIMS[family])
     _, info = ilq.load_dataset(ilq.Args(env_id=f"{family}-medium", dataset_path=str(path), download=False))
     episode_returns = np.array([3.5, 13.5, 0.25])
     np.testing.assert_allclose(info.episode_returns, episode_returns, rtol=1e-6)
-    np.testing.assert_allclose(info.normalize(info.episode_returns), 100 * (episode_returns - lo) / (hi - lo),
-                               rtol=1e-6)
+    np.testing.assert_allclose(info.normalize(info.episode_returns), 100 * (episode_returns - lo) / (hi - lo), rtol=1e-6)
     returns = np.array([lo, hi, 0.0, 1234.5, -50.0])
     norm = info.normalize(returns)
     np.testing.assert_allclose(norm, 100 * (returns - lo) / (hi - lo), rtol=1e-12)

@@ -14,6 +14,7 @@
    iteration of the project's own `ilb_targets`, with the critics replaced by a table, converges to the fixed
    point of the exact ILB operator of benchmarks/tabular_ilb.py, the OOD cap y_lmt + delta included.
 """
+
 import json
 import math
 import os
@@ -41,6 +42,7 @@ f64 = partial(np.asarray, dtype=np.float64)
 # Independent numpy references (float64)
 # ==================================================================================================================
 
+
 def np_dense(p, x):
     return x @ f64(p["kernel"]) + f64(p["bias"])
 
@@ -66,7 +68,7 @@ def np_tanh_gaussian(mean, log_std, noise):
     with log(1 - tanh(u)^2) = 2 log 2 - 2 log(e^u + e^-u) (exact, and finite for any u)."""
     mean, log_std, noise = f64(mean), f64(log_std), f64(noise)
     u = mean + np.exp(log_std) * noise
-    log_normal = -0.5 * noise ** 2 - log_std - 0.5 * np.log(2 * np.pi)
+    log_normal = -0.5 * noise**2 - log_std - 0.5 * np.log(2 * np.pi)
     log_jac = 2 * np.log(2.0) - 2 * np.logaddexp(u, -u)
     return np.tanh(u), np.sum(log_normal - log_jac, -1)
 
@@ -131,7 +133,7 @@ def np_dynamics_step(dyn, s, a, key):
     member = np.asarray(dyn.elites)[np.asarray(jax.random.randint(k_member, (n,), 0, dyn.elites.shape[0]))]
     eps = f64(jax.random.normal(k_noise, (n, d)))
     sample = mean[member, np.arange(n)] + std[member, np.arange(n)] * eps
-    penalty = np.sqrt((std ** 2).sum(-1)).max(0)  # max over ALL members of ||sigma||_2
+    penalty = np.sqrt((std**2).sum(-1)).max(0)  # max over ALL members of ||sigma||_2
     s_next = f64(s) + sample[:, :-1]
     return s_next, sample[:, -1], penalty, np_terminated(dyn.family, s_next)
 
@@ -162,7 +164,7 @@ def np_diffusion_samples(beh, obs, key, m):
     step keys split(k_chain, K), the i-th for the i-th reverse step."""
     k = beh.k
     t = np.arange(1, k + 1)
-    alphas = np.exp(-0.1 / k - 0.5 * (10.0 - 0.1) * (2 * t - 1) / k ** 2)
+    alphas = np.exp(-0.1 / k - 0.5 * (10.0 - 0.1) * (2 * t - 1) / k**2)
     betas, ac = 1.0 - alphas, np.cumprod(alphas)
     ac_prev = np.concatenate([[1.0], ac[:-1]])
     k_init, k_chain = jax.random.split(key)
@@ -173,7 +175,7 @@ def np_diffusion_samples(beh, obs, key, m):
     out = np.zeros((n, m, act))
     for i in range(n):  # one state at a time: its own M chains see only its own s
         x = x0_noise[i]
-        s = np.repeat(f64(obs)[i:i + 1], m, axis=0)
+        s = np.repeat(f64(obs)[i : i + 1], m, axis=0)
         for step, tt in enumerate(range(k - 1, -1, -1)):
             eps = np_noise_net(beh.params, x, tt, s)
             x0 = np.clip((x - np.sqrt(1 - ac[tt]) * eps) / np.sqrt(ac[tt]), -1.0, 1.0)
@@ -206,10 +208,14 @@ def reference_targets(cfg, state, frozen, batch, key, behavior_actions=None):
     out["y_img"] = r_img - cfg.penalty_coef * pen + cfg.gamma * np.where(done, 0.0, boot)
     out["done_img"], out["boot_img"], out["logp_img"] = done, boot, logp_img
 
-    a_beh = np_diffusion_samples(frozen.behavior, s, k_beh, cfg.num_behavior_samples) \
-        if behavior_actions is None else f64(behavior_actions)
-    per_state = np.array([np_twin_q(T, np.repeat(s[i:i + 1], cfg.num_behavior_samples, 0), a_beh[i]).max(1).min()
-                          for i in range(len(s))])  # per critic the max over the M samples at s_i, then the min
+    a_beh = (
+        np_diffusion_samples(frozen.behavior, s, k_beh, cfg.num_behavior_samples)
+        if behavior_actions is None
+        else f64(behavior_actions)
+    )
+    per_state = np.array(
+        [np_twin_q(T, np.repeat(s[i : i + 1], cfg.num_behavior_samples, 0), a_beh[i]).max(1).min() for i in range(len(s))]
+    )  # per critic the max over the M samples at s_i, then the min
     out["y_lmt"] = np.repeat(per_state, n)
     out["a_beh"] = a_beh
     out["y_ood"] = np.minimum(out["y_img"], out["y_lmt"]) + cfg.delta  # delta after the min (Eq. 18)
@@ -219,6 +225,7 @@ def reference_targets(cfg, state, frozen, batch, key, behavior_actions=None):
 # ==================================================================================================================
 # Fixtures: random networks; a dynamics model whose imagined states continue for the healthy dataset states
 # ==================================================================================================================
+
 
 def draw_params(init, *shapes_of_inputs, seed=0, kernel_scale=1.0):
     """Parameters with the structure `init` gives, drawn in numpy (kernels N(0, 1/fan_in), biases N(0, 0.1^2)):
@@ -238,17 +245,35 @@ def draw_params(init, *shapes_of_inputs, seed=0, kernel_scale=1.0):
 
 
 def train_state(cfg, actor_params, critic_params, target_params, log_alpha):
-    return ilq.TrainState(actor_params=actor_params, critic_params=critic_params, target_critic_params=target_params,
-                          log_alpha=jnp.asarray(log_alpha, jnp.float32),
-                          actor_opt_state=cfg.optimizer(cfg.actor_lr).init(actor_params),
-                          critic_opt_state=cfg.optimizer(cfg.critic_lr).init(critic_params),
-                          alpha_opt_state=cfg.optimizer(cfg.actor_lr).init(jnp.zeros(())))
+    return ilq.TrainState(
+        actor_params=actor_params,
+        critic_params=critic_params,
+        target_critic_params=target_params,
+        log_alpha=jnp.asarray(log_alpha, jnp.float32),
+        actor_opt_state=cfg.optimizer(cfg.actor_lr).init(actor_params),
+        critic_opt_state=cfg.optimizer(cfg.critic_lr).init(critic_params),
+        alpha_opt_state=cfg.optimizer(cfg.actor_lr).init(jnp.zeros(())),
+    )
 
 
 def make_setup(seed=0, family="hopper", **overrides):
-    kw = dict(obs_dim=OBS, act_dim=ACT, eta=0.7, delta=0.3, penalty_coef=0.5, critic_lr=1e-3, actor_lr=1e-3,
-              entropy=True, cosine_lr=False, total_steps=100, batch_size=B, num_behavior_samples=M,
-              num_ood_actions=N_OOD, hidden_dim=16, num_hidden=2)
+    kw = dict(
+        obs_dim=OBS,
+        act_dim=ACT,
+        eta=0.7,
+        delta=0.3,
+        penalty_coef=0.5,
+        critic_lr=1e-3,
+        actor_lr=1e-3,
+        entropy=True,
+        cosine_lr=False,
+        total_steps=100,
+        batch_size=B,
+        num_behavior_samples=M,
+        num_ood_actions=N_OOD,
+        hidden_dim=16,
+        num_hidden=2,
+    )
     kw.update(overrides)
     cfg = ilq.ILQConfig(**kw)
     rng = np.random.default_rng(seed)
@@ -259,22 +284,35 @@ def make_setup(seed=0, family="hopper", **overrides):
     last = params["params"]["EnsembleDense_4"]
     bias = np.zeros(last["bias"].shape, np.float32)
     bias[:, 0, OBS] = rng.normal(size=3)  # reward offsets per member
-    bias[..., OBS + 1:] = -7.0  # log-variance
+    bias[..., OBS + 1 :] = -7.0  # log-variance
     params["params"]["EnsembleDense_4"] = dict(kernel=last["kernel"] * 0.1, bias=jnp.asarray(bias))
-    dyn = ilq.DynamicsModel(params, jnp.asarray(rng.normal(size=OBS + ACT), f32),
-                            jnp.asarray(0.5 + np.abs(rng.normal(size=OBS + ACT)), f32),
-                            jnp.array([0, 2], jnp.int32), OBS, 3, 16, 4, family)
-    beh = ilq.BehaviorModel(draw_params(ilq.NoiseNet(ACT, 32).init, ((1, ACT), f32), ((1,), jnp.int32),
-                                        ((1, OBS), f32), seed=seed + 1), ACT, 5, 32)
+    dyn = ilq.DynamicsModel(
+        params,
+        jnp.asarray(rng.normal(size=OBS + ACT), f32),
+        jnp.asarray(0.5 + np.abs(rng.normal(size=OBS + ACT)), f32),
+        jnp.array([0, 2], jnp.int32),
+        OBS,
+        3,
+        16,
+        4,
+        family,
+    )
+    beh = ilq.BehaviorModel(
+        draw_params(ilq.NoiseNet(ACT, 32).init, ((1, ACT), f32), ((1,), jnp.int32), ((1, OBS), f32), seed=seed + 1), ACT, 5, 32
+    )
     n = 48
     obs = rng.normal(size=(n, OBS))
     obs[:, 0] = np.where(rng.random(n) < 0.6, 1.25, 0.4)  # healthy (hopper) or fallen
     obs[:, 1] = rng.uniform(-0.05, 0.05, n)
     if family == "halfcheetah":  # it never falls; a blown-up state (|obs| >= 100) ends the imagined rollout
         obs[:, 3] = np.where(obs[:, 0] < 1, 150.0, obs[:, 3])
-    data = ilq.Transitions(jnp.asarray(obs, f32), jnp.asarray(rng.uniform(-1, 1, (n, ACT)), f32),
-                           jnp.asarray(rng.normal(size=n), f32), jnp.asarray(rng.normal(size=(n, OBS)), f32),
-                           jnp.asarray(np.arange(n) % 3 == 0, f32))
+    data = ilq.Transitions(
+        jnp.asarray(obs, f32),
+        jnp.asarray(rng.uniform(-1, 1, (n, ACT)), f32),
+        jnp.asarray(rng.normal(size=n), f32),
+        jnp.asarray(rng.normal(size=(n, OBS)), f32),
+        jnp.asarray(np.arange(n) % 3 == 0, f32),
+    )
     actor = draw_params(cfg.actor.init, ((1, OBS), f32), seed=seed + 2)
     critic = draw_params(cfg.critic.init, ((1, OBS), f32), ((1, ACT), f32), seed=seed + 3)
     # targets differ from the online critics, their two heads differ by an offset, and alpha != 1
@@ -295,10 +333,13 @@ def fused_targets(cfg, *args):
     return FUSED[cfg](*args)
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("hopper", dict()),
-    ("halfcheetah", dict(target_entropy_bonus=True, num_ood_actions=1, delta=-0.5, penalty_coef=2.0)),
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("hopper", dict()),
+        ("halfcheetah", dict(target_entropy_bonus=True, num_ood_actions=1, delta=-0.5, penalty_coef=2.0)),
+    ],
+)
 def test_fused_target_equals_independent_reference_with_continuing_imagined_transitions(family, overrides):
     """Exact (float32 vs float64): y_in, a_ood, y_img (with its bootstrap on the continuing transitions), y_lmt
     (diffusion samples paired with their own state), y_ood. Sampled: nothing beyond the shared draws."""
@@ -337,6 +378,7 @@ def test_behaviour_samples_are_paired_with_their_own_state():
 # ==================================================================================================================
 # Item 2: actor and temperature (Eq. 21, SAC's alpha with target entropy -|A|)
 # ==================================================================================================================
+
 
 def set_actor_head(params, num_hidden, mean_bias=None, log_std=None):
     """An actor whose last layers are replaced: mean = mean_bias (kernel 0), log-std = log_std (through the
@@ -383,8 +425,7 @@ def test_actor_loss_uses_the_online_critics_and_alpha_log_pi():
     def ref_loss(p):
         mean, log_std = cfg.actor.apply(p, obs)
         u = mean + jnp.exp(log_std) * noise
-        lp = jnp.sum(-0.5 * noise ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
-                     - (2 * jnp.log(2.0) - 2 * jnp.logaddexp(u, -u)), -1)
+        lp = jnp.sum(-0.5 * noise**2 - log_std - 0.5 * jnp.log(2 * jnp.pi) - (2 * jnp.log(2.0) - 2 * jnp.logaddexp(u, -u)), -1)
         return jnp.mean(alpha * lp - cfg.critic.apply(state.critic_params, obs, jnp.tanh(u)).min(0))
 
     grads = jax.jit(jax.grad(ref_loss))(state.actor_params)
@@ -395,8 +436,9 @@ def test_actor_loss_uses_the_online_critics_and_alpha_log_pi():
         np.testing.assert_allclose(step[big], -cfg.actor_lr * np.sign(g[big]), rtol=1e-3)
         checked += big.sum()
     assert checked > 100
-    np.testing.assert_allclose(float(new.log_alpha - state.log_alpha),
-                               cfg.actor_lr * np.sign(np.mean(logp_ref) - ACT), rtol=1e-3)
+    np.testing.assert_allclose(
+        float(new.log_alpha - state.log_alpha), cfg.actor_lr * np.sign(np.mean(logp_ref) - ACT), rtol=1e-3
+    )
     # the critics are not touched by the actor step
     for x, y in zip(jax.tree_util.tree_leaves(new.critic_params), jax.tree_util.tree_leaves(state.critic_params)):
         np.testing.assert_array_equal(x, y)
@@ -420,8 +462,9 @@ def test_actor_climbs_the_online_critic():
     """With online critics that prefer larger actions (both heads, different slopes) and target critics that prefer
     smaller ones, 40 actor steps move the deterministic action tanh(mean) up in every state and dimension."""
     cfg, state, _, _ = make_setup(seed=6, actor_lr=3e-3, entropy=False)
-    state = state.replace(critic_params=planted_linear_critic(cfg, (2.0, 3.0)),
-                          target_critic_params=planted_linear_critic(cfg, (-3.0, -2.0)))
+    state = state.replace(
+        critic_params=planted_linear_critic(cfg, (2.0, 3.0)), target_critic_params=planted_linear_critic(cfg, (-3.0, -2.0))
+    )
     obs = jnp.asarray(np.random.default_rng(2).normal(size=(32, OBS)), jnp.float32)
     before = np.asarray(ilq.deterministic_action(cfg.actor, state.actor_params, obs))
     for i in range(40):
@@ -431,12 +474,15 @@ def test_actor_climbs_the_online_critic():
     assert np.mean(after - before) > 0.3, np.mean(after - before)
 
 
-@pytest.mark.parametrize("log_std,entropy_range,rises", [
-    (-5.0, (-8.0, -6.0), True),  # entropy far below -|A| = -2: alpha rises
-    (-2.67, (-2.7, -2.3), True),  # just below -|A|
-    (-2.17, (-1.7, -1.3), False),  # just above -|A| (and below -|A|/2 and 0: another target entropy would rise)
-    (0.0, (0.5, 2.0), False),  # far above
-])
+@pytest.mark.parametrize(
+    "log_std,entropy_range,rises",
+    [
+        (-5.0, (-8.0, -6.0), True),  # entropy far below -|A| = -2: alpha rises
+        (-2.67, (-2.7, -2.3), True),  # just below -|A|
+        (-2.17, (-1.7, -1.3), False),  # just above -|A| (and below -|A|/2 and 0: another target entropy would rise)
+        (0.0, (0.5, 2.0), False),  # far above
+    ],
+)
 def test_alpha_rises_below_the_target_entropy_and_falls_above(log_std, entropy_range, rises):
     """Entropy estimated independently (numpy log pi of the same draws), then one update: exact direction, first
     Adam step of size actor_lr. Sampled: the entropy estimate (2048 states, s.e. ~0.03), asserted in range first."""
@@ -481,14 +527,16 @@ def test_log_probability_is_the_numerical_tanh_gaussian_density(act_dim):
 # Item 5: the behaviour bank
 # ==================================================================================================================
 
+
 def bank_action(obs):
     """The planted behaviour: a state-dependent point mass, distinct for every state."""
-    return 0.9 * jnp.tanh(obs[:, :ACT] * 2.0 + obs[:, ACT:2 * ACT])
+    return 0.9 * jnp.tanh(obs[:, :ACT] * 2.0 + obs[:, ACT : 2 * ACT])
 
 
 class PointMassEps(nn.Module):
     """The exact noise prediction for a point mass at a0(s): eps = (x - sqrt(abar_k) a0(s)) / sqrt(1 - abar_k);
     the reverse chain then returns a0(s) exactly (x0 = a0(s) at every step, no noise at the last)."""
+
     k: int
 
     @nn.compact
@@ -520,8 +568,12 @@ def test_behavior_bank_rows_belong_to_their_states(n, chunk):
 def test_behavior_bank_chunks_draw_fresh_noise():
     """Sampled: identical states in different chunks (of a random noise network) get different samples, all in
     [-1, 1]; the last, partial chunk too."""
-    beh = ilq.BehaviorModel(draw_params(ilq.NoiseNet(ACT, 32).init, ((1, ACT), jnp.float32), ((1,), jnp.int32),
-                                        ((1, OBS), jnp.float32)), ACT, 5, 32)
+    beh = ilq.BehaviorModel(
+        draw_params(ilq.NoiseNet(ACT, 32).init, ((1, ACT), jnp.float32), ((1,), jnp.int32), ((1, OBS), jnp.float32)),
+        ACT,
+        5,
+        32,
+    )
     obs = jnp.ones((21, OBS))
     bank = np.asarray(ilq.make_behavior_bank(beh, obs, 3, seed=0, chunk=8))
     assert bank.shape == (21, 3, ACT) and np.all(np.isfinite(bank)) and np.all(np.abs(bank) <= 1)
@@ -547,8 +599,7 @@ def test_update_reads_the_bank_rows_of_its_own_minibatch():
     i mod M, the other M-1 actions lower), a target critic Q(s, a) = -10 |a_0 - s_0| and tau = 0: y_lmt = 0 exactly
     when the update pairs bank[idx] with its own minibatch and maxes over M, so the OOD target is delta. Exact."""
     n, m = 50, 4
-    cfg, state, _, _ = make_setup(seed=9, imagination=False, tau=0.0, delta=0.3, num_behavior_samples=m,
-                                  num_ood_actions=1)
+    cfg, state, _, _ = make_setup(seed=9, imagination=False, tau=0.0, delta=0.3, num_behavior_samples=m, num_ood_actions=1)
     s0 = np.linspace(-0.9, 0.9, n)
     rng = np.random.default_rng(4)
     obs = rng.normal(size=(n, OBS))
@@ -557,8 +608,12 @@ def test_update_reads_the_bank_rows_of_its_own_minibatch():
     bank[:, :, 0] = s0[:, None] - 0.3 - 0.1 * np.arange(m)
     bank[np.arange(n), np.arange(n) % m, 0] = s0
     bank[:, :, 1] = rng.uniform(-1, 1, (n, m))
-    data = ilq.Transitions(*(jnp.asarray(x, jnp.float32) for x in (
-        obs, rng.uniform(-1, 1, (n, ACT)), rng.normal(size=n), rng.normal(size=(n, OBS)), np.zeros(n))))
+    data = ilq.Transitions(
+        *(
+            jnp.asarray(x, jnp.float32)
+            for x in (obs, rng.uniform(-1, 1, (n, ACT)), rng.normal(size=n), rng.normal(size=(n, OBS)), np.zeros(n))
+        )
+    )
     state = state.replace(target_critic_params=planted_distance_critic(cfg))
     frozen = ilq.Frozen(data, None, None, jnp.asarray(bank))
     _, metrics = ilq.make_update_fn(cfg)(state, frozen, jax.random.split(jax.random.PRNGKey(0), 5))
@@ -571,13 +626,50 @@ def test_cli_behavior_bank_end_to_end(tmp_path):
     """One tiny run with --behavior-bank: the bank is built for every dataset state, summary.json is written with a
     finite score, and the normalised score is the return normalised with D4RL's hopper constants (typed here)."""
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), "--env-id", "ilq-local/hopper/random-v0",
-                          "--random-dataset-steps", "1000", "--total-steps", "20", "--updates-per-call", "10",
-                          "--eval-interval", "20", "--eval-episodes", "1", "--dynamics-epochs", "1",
-                          "--diffusion-steps", "20", "--batch-size", "16", "--hidden-dim", "32", "--dynamics-hidden",
-                          "32", "--dynamics-members", "3", "--dynamics-elites", "2", "--num-behavior-samples", "3",
-                          "--behavior-bank", "--run-name", "bank", "--model-dir", str(tmp_path / "models")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "ilq_jax.py"),
+            "--env-id",
+            "ilq-local/hopper/random-v0",
+            "--random-dataset-steps",
+            "1000",
+            "--total-steps",
+            "20",
+            "--updates-per-call",
+            "10",
+            "--eval-interval",
+            "20",
+            "--eval-episodes",
+            "1",
+            "--dynamics-epochs",
+            "1",
+            "--diffusion-steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--hidden-dim",
+            "32",
+            "--dynamics-hidden",
+            "32",
+            "--dynamics-members",
+            "3",
+            "--dynamics-elites",
+            "2",
+            "--num-behavior-samples",
+            "3",
+            "--behavior-bank",
+            "--run-name",
+            "bank",
+            "--model-dir",
+            str(tmp_path / "models"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "behaviour bank: 1000 states x 3 actions" in out.stdout, out.stdout[-2000:]
     summary = json.load(open(tmp_path / "runs" / "bank" / "summary.json"))
@@ -616,12 +708,13 @@ class ExactModel(nn.Module):
     """The finite MDP's model as a two-member 'ensemble' on [onehot(s), a] (no standardisation): member 0 (the only
     elite) predicts s' - s = onehot(next[s, a]) - onehot(s) and r(s, a) with sigma = 1e-9 (exact); member 1 is never
     sampled and has sigma = PEN_SIGMA in every output, so the MOPO penalty is exactly sqrt(S + 1) * PEN_SIGMA."""
+
     nxt: tuple
     rew: tuple
 
     @nn.compact
     def __call__(self, x):
-        s, a = x[..., :S_TAB], x[..., S_TAB:S_TAB + 1]
+        s, a = x[..., :S_TAB], x[..., S_TAB : S_TAB + 1]
         near = jax.nn.one_hot(jnp.argmin(jnp.abs(a - jnp.asarray(X_TAB)), -1), A_TAB)
         s_next = jnp.einsum("ns,na,sat->nt", s, near, jax.nn.one_hot(jnp.asarray(self.nxt), S_TAB))
         r = jnp.einsum("ns,na,sa->n", s, near, jnp.asarray(self.rew))
@@ -681,23 +774,68 @@ def test_iterated_jax_target_converges_to_the_exact_ilb_fixed_point(delta):
     capped = y_lmt < y_img - 1e-6
     assert 0 < capped.sum() < S_TAB, (y_img, y_lmt)  # both branches of min{y_img, y_lmt} + delta are active
 
-    cfg = TableConfig(obs_dim=S_TAB, act_dim=1, eta=0.5, delta=delta, penalty_coef=c, critic_lr=1e-3, actor_lr=1e-3,
-                      entropy=True, cosine_lr=False, total_steps=1, gamma=GAMMA_TAB, batch_size=2 * S_TAB,
-                      num_behavior_samples=4, num_ood_actions=1, hidden_dim=S_TAB, num_hidden=1)
-    actor_p = {"params": {"Dense_0": dict(kernel=jnp.eye(S_TAB), bias=jnp.zeros(S_TAB)),
-                          "Dense_1": dict(kernel=jnp.asarray(np.arctanh(X_TAB[pi])[:, None], jnp.float32),
-                                          bias=jnp.zeros(1)),
-                          "Dense_2": dict(kernel=jnp.zeros((S_TAB, 1)), bias=jnp.full(1, -20.0))}}
-    dyn = ExactDynamics({}, jnp.zeros(S_TAB + 1), jnp.ones(S_TAB + 1), jnp.array([0], jnp.int32), S_TAB, 2, 0, 0,
-                        "none", tuple(map(tuple, nxt.tolist())), tuple(map(tuple, r.tolist())))
+    cfg = TableConfig(
+        obs_dim=S_TAB,
+        act_dim=1,
+        eta=0.5,
+        delta=delta,
+        penalty_coef=c,
+        critic_lr=1e-3,
+        actor_lr=1e-3,
+        entropy=True,
+        cosine_lr=False,
+        total_steps=1,
+        gamma=GAMMA_TAB,
+        batch_size=2 * S_TAB,
+        num_behavior_samples=4,
+        num_ood_actions=1,
+        hidden_dim=S_TAB,
+        num_hidden=1,
+    )
+    actor_p = {
+        "params": {
+            "Dense_0": dict(kernel=jnp.eye(S_TAB), bias=jnp.zeros(S_TAB)),
+            "Dense_1": dict(kernel=jnp.asarray(np.arctanh(X_TAB[pi])[:, None], jnp.float32), bias=jnp.zeros(1)),
+            "Dense_2": dict(kernel=jnp.zeros((S_TAB, 1)), bias=jnp.full(1, -20.0)),
+        }
+    }
+    dyn = ExactDynamics(
+        {},
+        jnp.zeros(S_TAB + 1),
+        jnp.ones(S_TAB + 1),
+        jnp.array([0], jnp.int32),
+        S_TAB,
+        2,
+        0,
+        0,
+        "none",
+        tuple(map(tuple, nxt.tolist())),
+        tuple(map(tuple, r.tolist())),
+    )
     s_idx, a_idx = np.nonzero(support)  # every in-support pair once: the minibatch
-    batch = ilq.Transitions(*(jnp.asarray(x, jnp.float32) for x in (
-        np.eye(S_TAB)[s_idx], X_TAB[a_idx][:, None], r[s_idx, a_idx], np.eye(S_TAB)[nxt[s_idx, a_idx]],
-        np.zeros(len(s_idx)))))
+    batch = ilq.Transitions(
+        *(
+            jnp.asarray(x, jnp.float32)
+            for x in (
+                np.eye(S_TAB)[s_idx],
+                X_TAB[a_idx][:, None],
+                r[s_idx, a_idx],
+                np.eye(S_TAB)[nxt[s_idx, a_idx]],
+                np.zeros(len(s_idx)),
+            )
+        )
+    )
     beh = np.stack([X_TAB[np.nonzero(support[s])[0]] for s in s_idx])  # (B, 2): the support at each batch state
     beh = jnp.asarray(np.concatenate([beh, beh], 1)[..., None], jnp.float32)  # (B, M=4, 1)
-    state = ilq.TrainState(actor_params=actor_p, critic_params=None, target_critic_params=None,
-                           log_alpha=jnp.zeros(()), actor_opt_state=None, critic_opt_state=None, alpha_opt_state=None)
+    state = ilq.TrainState(
+        actor_params=actor_p,
+        critic_params=None,
+        target_critic_params=None,
+        log_alpha=jnp.zeros(()),
+        actor_opt_state=None,
+        critic_opt_state=None,
+        alpha_opt_state=None,
+    )
     targets = jax.jit(partial(ilq.ilb_targets, cfg))
     frozen = ilq.Frozen(None, dyn, None)
 

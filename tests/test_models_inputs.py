@@ -8,6 +8,7 @@
 Everything here is sampled (training data, minibatches, samples); the thresholds leave wide margins over what the
 trained models reach, and far less than a model that ignored its input could.
 """
+
 from functools import partial
 
 import jax
@@ -41,8 +42,9 @@ def fitted():
     s, a = draw(4000, rng)
     y = true_mean(s, a) + rng.normal(size=(4000, OBS + 1)) * true_sigma(s)[:, None]
     data = ilq.Transitions(f32(s), f32(a), f32(y[:, -1]), f32(s + y[:, :OBS]), f32(np.zeros(4000)))
-    model, metrics = ilq.train_dynamics(data, "halfcheetah", members=3, elites=2, hidden=32, layers=4, epochs=60,
-                                        lr=3e-3, seed=0, batch_size=128)
+    model, metrics = ilq.train_dynamics(
+        data, "halfcheetah", members=3, elites=2, hidden=32, layers=4, epochs=60, lr=3e-3, seed=0, batch_size=128
+    )
     # every member fitted (also the non-elite one: the penalty is a max over ALL members, so one member stuck at a
     # worse fit would dominate it; with 40 epochs and other seeds that happens, e.g. holdout MSE 0.063 vs 0.012)
     mse = np.asarray(metrics["holdout_mse"])
