@@ -42,7 +42,8 @@ Where the paper is silent or ambiguous, this file chooses (each choice is repeat
                               (Eq. 7 writes beta_k), no noise at the last step, final clip; VP schedule, K = 5;
                               M = 10 fresh samples per state in every update (--behavior-bank: sampled once)
     alpha                     SAC's automatic temperature, target entropy -|A|, learning rate = the actor's;
-                              Adroit (pen): entropy off (alpha = 0) and cosine decay to 0 of both learning rates
+                              Adroit (pen): entropy off, read as alpha = 0 (--fixed-alpha A: a fixed alpha instead),
+                              and cosine decay to 0 of both learning rates
     done masks                (1 - terminal) in Eq. 17 with true terminations only (a time-limit truncation bootstraps)
     gradient flow             targets under stop-gradient; OOD actions detached in Eq. 16; the models stay frozen
     min / max order (Eq. 20)  per target critic the max over the same M behaviour samples at s, then min over critics
@@ -486,6 +487,7 @@ class ILQConfig:
     imagination: bool = True  # False: the "w/o imagination" ablation (Sec. 5.4)
     limitation: bool = True  # False: the "w/o limitation" ablation
     target_entropy_bonus: bool = False  # -alpha log pi in the targets (SAC/MCQ); not in Eq. 17/19
+    fixed_alpha: float = 0.0  # alpha when entropy tuning is off (Adroit): 0 = no entropy term, > 0 = a fixed temperature
     hidden_dim: int = 256
     num_hidden: int = 3
 
@@ -550,7 +552,7 @@ def ilb_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, batch: Transi
     """
     b, n, m = batch.rewards.shape[0], cfg.num_ood_actions, cfg.num_behavior_samples
     actor, critic, target = cfg.actor, cfg.critic, state.target_critic_params
-    alpha = jnp.exp(state.log_alpha) if (cfg.entropy and cfg.target_entropy_bonus) else 0.0  # no entropy by default
+    alpha = temperature(cfg, state) if cfg.target_entropy_bonus else 0.0  # Eq. 17 and 19 have no entropy term
     k_next, k_ood, k_img, k_img_next, k_beh = jax.random.split(key, 5)
 
     # Eq. 17, in-sample: r + gamma * (1 - done) * min_j Q_target_j(s', a'), a' ~ pi(.|s'); done = true terminations
@@ -596,11 +598,16 @@ def critic_loss(cfg: ILQConfig, critic_params, batch: Transitions, t: Targets):
     return cfg.eta * loss_in + (1.0 - cfg.eta) * loss_ood, (loss_in, loss_ood, q_data.mean(), q_ood.mean())
 
 
+def temperature(cfg: ILQConfig, state: TrainState):
+    """SAC's alpha: tuned (log_alpha) with entropy on; with entropy off (Adroit) the fixed --fixed-alpha, 0 by default."""
+    return jnp.exp(state.log_alpha) if cfg.entropy else jnp.asarray(cfg.fixed_alpha, jnp.float32)
+
+
 def actor_alpha_update(cfg: ILQConfig, state: TrainState, observations, key):
     """Eq. 21: max E[min_j Q_theta_j(s, a) - alpha log pi(a|s)] with the state's (just updated, online) critics, then
     SAC's automatic temperature: target entropy -|A|, the actor's learning rate (the paper gives neither). Returns
     (state, (actor loss, log pi))."""
-    alpha = jnp.exp(state.log_alpha) if cfg.entropy else 0.0
+    alpha = temperature(cfg, state)
 
     def actor_loss(actor_params):
         a, logp = sample_action(cfg.actor, actor_params, observations, key)
@@ -634,7 +641,7 @@ def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key):
     state = state.replace(target_critic_params=target)
     metrics = {"losses/critic_loss": loss_q, "losses/critic_loss_in_sample": loss_in, "losses/critic_loss_ood": loss_ood}
     metrics.update({"losses/actor_loss": loss_pi, "losses/entropy": -jnp.mean(logp), "losses/q_data": q_data})
-    metrics.update({"losses/alpha": jnp.exp(state.log_alpha) if cfg.entropy else jnp.zeros(()), "losses/q_ood": q_ood})
+    metrics.update({"losses/alpha": temperature(cfg, state), "losses/q_ood": q_ood})
     metrics.update({"ilq/y_in": t.y_in.mean(), "ilq/y_ood": t.y_ood.mean()})
     if t.y_img is not None and t.y_lmt is not None:  # the paper's health check (Fig. 10a)
         metrics["ilq/y_img_minus_y_lmt"] = jnp.mean(t.y_img - t.y_lmt)
@@ -753,6 +760,7 @@ class Args:
     limitation: bool = True  # --no-limitation: OOD target = y_img + delta (the ablation of Sec. 5.4)
     behavior_bank: bool = False  # M behaviour actions per state sampled once (faster on CPU), not in every update (the paper)
     target_entropy_bonus: bool = False  # -alpha log pi in the critic targets as in SAC/MCQ (the paper's Eq. 17/19 have none)
+    fixed_alpha: float = 0.0  # alpha when entropy tuning is off (Adroit's "Entropy: False"): 0 = none (default), >0 fixed
     hidden_dim: int = 256  # width of the actor and critic layers (the paper's 256)
     num_hidden: int = 3  # hidden layers of the actor and critic (the paper's 3)
     dynamics_path: Optional[str] = None  # dynamics model to use (.msgpack beside its .json; None: the cache, else train one)
@@ -802,8 +810,9 @@ def resolve_args(args: Args) -> Args:
     for name in ("eta", "gamma", "tau"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
             bad.append(f"{flag(name)} ({getattr(args, name)}) must lie in [0, 1]")
-    if args.penalty_coef is not None and args.penalty_coef < 0:
-        bad.append(f"--penalty-coef ({args.penalty_coef}) must be >= 0")
+    for name in ("penalty_coef", "fixed_alpha"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            bad.append(f"{flag(name)} ({getattr(args, name)}) must be >= 0")
     if args.dynamics_elites > args.dynamics_members:
         bad.append(f"--dynamics-elites ({args.dynamics_elites}) cannot exceed --dynamics-members ({args.dynamics_members})")
     if args.dynamics_layers != len(DYNAMICS_WEIGHT_DECAY) - 1:
@@ -834,7 +843,7 @@ class DatasetInfo:
     source: str  # where the data came from, in words
     task: Optional[str]  # D4RL-style task name for the paper's hyper-parameters, e.g. "hopper-medium"
     family: str  # termination-function family: hopper | walker2d | halfcheetah | maze2d | pen | none
-    eval_env: Any  # Gymnasium id or EnvSpec
+    eval_env: Any  # Gymnasium id, EnvSpec, or EvalEnv (D4RL names: where their data were recorded)
     ref_min: Optional[float]
     ref_max: Optional[float]
     obs_dim: int
@@ -949,6 +958,7 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
     with errors_as(f"Could not read '{path}' as HDF5", f"The file is truncated or corrupt. {advice}"):
         with h5py.File(path, "r") as f:
             raw = {k: np.asarray(f[k]) for k in keys if k in f}
+            label = f.attrs.get("ilq_local_description")  # a file benchmarks/make_datasets.py made (not D4RL data)
     if missing := [k for k in keys[:4] if k not in raw]:
         raise ILQError(
             f"'{path}' is not a D4RL-format HDF5 file: it lacks {missing}. Expected: {', '.join(keys)} (the last two "
@@ -977,7 +987,8 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
     rewards = raw["rewards"].reshape(-1)
     arrays = dict(observations=obs[keep], actions=raw["actions"][keep].astype(np.float32), next_observations=next_obs[keep])
     arrays.update(rewards=rewards[keep].astype(np.float32), terminals=terminals[keep].astype(np.float32))
-    return dict(arrays, episode_returns=_episode_returns(rewards.astype(np.float64), terminals | timeouts))
+    arrays.update(episode_returns=_episode_returns(rewards.astype(np.float64), terminals | timeouts))
+    return dict(arrays, local_description=label) if label is not None else arrays
 
 
 def download_d4rl(url: str, dest: str) -> None:
@@ -1019,12 +1030,11 @@ def load_d4rl(args: Args, task: str, version: Optional[str]) -> tuple[dict, dict
             f"but {family} data have {expected[0]} and {expected[1]} (another robot's data?). Give the --env-id that "
             f"names this file's data, or pass the {task} file with --dataset-path."
         )
-    if family == "maze2d":
-        eval_env = D4RL_MAZE[task.split("-")[1]].replace("-v3", "Dense-v3" if task.endswith("dense") else "-v3")
-    else:
-        eval_env = D4RL_LOCOMOTION.get(family, "AdroitHandPen-v1")
+    eval_env = d4rl_eval_env(task)
     ref_min, ref_max = D4RL_REF_SCORES[task if family == "maze2d" else family]
-    info = dict(name=args.env_id, source=f"D4RL HDF5 {path}", task=task, family=family, eval_env=eval_env)
+    label = arrays.pop("local_description", None)
+    source = f"LOCALLY MADE data in D4RL's HDF5 layout, {path}: {label}" if label else f"D4RL HDF5 {path}"
+    info = dict(name=args.env_id, source=source, task=task, family=family, eval_env=eval_env)
     return arrays, dict(info, ref_min=ref_min, ref_max=ref_max)
 
 
@@ -1160,7 +1170,10 @@ def load_minari(args: Args) -> tuple[dict, dict]:
     else:
         source = f"Minari dataset {dataset_id}"
     # a local dataset follows a D4RL protocol, so it takes that D4RL task's hyper-parameters (Tables 3-6)
-    info = dict(name=dataset_id, source=source, task=f"{local.group(1)}-{local.group(2)}" if local else None)
+    # D4RL's own data re-released by Minari take their D4RL task's row too
+    d4rl = re.fullmatch(r"D4RL/(pointmaze|pen)/(umaze|medium|large|human|cloned)(-dense)?-v\d+", dataset_id)
+    task = f"{'maze2d' if d4rl.group(1) == 'pointmaze' else 'pen'}-{d4rl.group(2)}{d4rl.group(3) or ''}" if d4rl else None
+    info = dict(name=dataset_id, source=source, task=f"{local.group(1)}-{local.group(2)}" if local else task)
     info.update(family=family_of(dataset_id), eval_env=eval_env)
     return arrays, dict(info, ref_min=meta.get("ref_min_score"), ref_max=meta.get("ref_max_score"))
 
@@ -1194,15 +1207,175 @@ def load_dataset(args: Args) -> tuple[Transitions, DatasetInfo]:
     return Transitions(**{k: jnp.asarray(arrays[k], jnp.float32) for k in Transitions._fields}), info
 
 
+# ------------------------------------------------------------------ evaluation envs where D4RL's data were recorded
+# D4RL locomotion data come from gym's -v2 envs (mujoco-py); Gymnasium's -v4 envs reproduce their model, observation,
+# reward (alive bonus on every step, the terminal one included), termination and reset noise (-v5 changes Walker2d's
+# foot friction and drops the terminal step's healthy reward). D4RL maze2d (-v1) and pen (-v0/-v1) are rebuilt as thin
+# wrappers over Gymnasium-Robotics' physics (same MJCF): D4RL's frame, observation, target, reward, reset and episode end.
+D4RL_LOCOMOTION_V4 = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4"}
+D4RL_MAZE2D = {  # D4RL's layouts ('#' wall, 'O' empty, 'G' goal), rows top to bottom, and time limits
+    "umaze": dict(gym_id="PointMaze_UMaze", max_episode_steps=300, layout=("#####", "#GOO#", "###O#", "#OOO#", "#####")),
+    "medium": dict(gym_id="PointMaze_Medium", max_episode_steps=600, layout=(
+        "########", "#OO##OO#", "#OO#OOO#", "##OOO###", "#OO#OOO#", "#O#OO#O#", "#OOO#OG#", "########")),
+    "large": dict(gym_id="PointMaze_Large", max_episode_steps=800, layout=(
+        "############", "#OOOO#OOOOO#", "#O##O#O#O#O#", "#OOOOOO#OOO#", "#O####O###O#",
+        "#OO#O#OOOOO#", "##O#O#O#O###", "#OO#OOO#OGO#", "############")),
+}  # fmt: skip
+D4RL_QPOS_OFFSET = 0.2  # D4RL's particle body sits at (1.2, 1.2) and cell (r, c) is centred at (r + 1, c + 1)
+D4RL_PEN_DROP_Z, D4RL_PEN_STEPS, PEN_OBJ_Z = 0.075, 100, 26  # pen-v0/v1: done when obs[26] (the pen's z) < 0.075
+
+
+class EvalEnv(NamedTuple):
+    """An evaluation env that is not a registered id: its name, a maker of one env, and how it differs from the data's."""
+
+    id: str
+    make: Any
+    note: str
+
+
+def _robotics() -> None:
+    with errors_as("Maze2D and pen evaluation need Gymnasium-Robotics", "Install requirements.txt (gymnasium-robotics)."):
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+
+
+def maze2d_cells(maze: str) -> tuple[list, tuple]:
+    """(D4RL's reset cells: the empty cells sorted, then the goal cell; the goal cell), as (row, col)."""
+    layout = D4RL_MAZE2D[maze]["layout"]
+    cells = lambda ch: sorted((r, c) for r, row in enumerate(layout) for c, x in enumerate(row) if x == ch)  # noqa: E731
+    return cells("O") + cells("G"), cells("G")[0]
+
+
+def d4rl_to_gym_pos(maze_obj, pos) -> np.ndarray:
+    """D4RL qpos (row, col units, 0.2 past the cell centre) -> Gymnasium-Robotics' centred, y-up world position."""
+    rc = np.asarray(pos, np.float64) + D4RL_QPOS_OFFSET
+    return np.stack([rc[..., 1] + 0.5 - maze_obj.x_map_center, maze_obj.y_map_center - rc[..., 0] - 0.5], axis=-1)
+
+
+def gym_to_d4rl_pos(maze_obj, xy) -> np.ndarray:
+    xy = np.asarray(xy, np.float64)
+    rc = np.stack([maze_obj.y_map_center - xy[..., 1] - 0.5, xy[..., 0] + maze_obj.x_map_center - 0.5], axis=-1)
+    return rc - D4RL_QPOS_OFFSET
+
+
+def d4rl_to_gym_vec(v) -> np.ndarray:
+    """A planar vector (velocity, action) from D4RL's axes to Gymnasium-Robotics' (a rotation by -90 degrees)."""
+    v = np.asarray(v, np.float64)
+    return np.stack([v[..., 1], -v[..., 0]], axis=-1)
+
+
+def gym_to_d4rl_vec(v) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    return np.stack([-v[..., 1], v[..., 0]], axis=-1)
+
+
+class D4RLMaze2d(gym.Wrapper):
+    """D4RL maze2d-{umaze,medium,large}[-dense]-v1 on Gymnasium-Robotics' PointMaze_*-v3 physics: observation
+    [qpos(2), qvel(2)] in D4RL's frame, action Box(-1, 1, 2) on D4RL's axes, fixed target at the goal cell, reward
+    1{dist <= 0.5} (dense: exp(-dist)), never terminates; reset: a cell uniform over the empty cells and the goal cell,
+    qpos noise U(+-0.1), qvel N(0, 0.1^2). No time limit here (make_d4rl_maze2d adds D4RL's). reset(options={"qpos",
+    "qvel"}) starts from a given D4RL-frame state; set_target moves the target (data collection)."""
+
+    def __init__(self, maze: str = "umaze", dense: bool = False):
+        _robotics()
+        gym_id = D4RL_MAZE2D[maze]["gym_id"] + ("Dense" if dense else "") + "-v3"
+        base = gym.make(gym_id, continuing_task=True, reset_target=False).unwrapped
+        with contextlib.suppress(OSError):  # the library leaves the maze's MJCF in a temporary file; it is loaded now
+            os.remove(base.tmp_xml_file_path)
+        super().__init__(base)
+        self.dense, self.maze_obj = dense, base.maze
+        walls = [[ch == "#" for ch in row] for row in D4RL_MAZE2D[maze]["layout"]]
+        if walls != [[c == 1 for c in r] for r in base.maze.maze_map]:
+            raise ILQError(f"{gym_id}'s layout differs from D4RL's {maze} maze (another Gymnasium-Robotics version?).")
+        self.cells, goal = maze2d_cells(maze)
+        self.target = np.array(goal, np.float64)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def set_target(self, target) -> None:
+        self.target = np.asarray(target, np.float64).copy()
+        self.env.unwrapped.goal = d4rl_to_gym_pos(self.maze_obj, self.target)
+        self.env.unwrapped.update_target_site_pos()
+
+    def _obs(self, gym_obs) -> np.ndarray:
+        return np.concatenate([gym_to_d4rl_pos(self.maze_obj, gym_obs[:2]), gym_to_d4rl_vec(gym_obs[2:4])])
+
+    def reset(self, *, seed=None, options=None):
+        self.env.reset(seed=seed)  # seeds the library's RNG; its own goal and start are replaced below
+        rng, options = self.env.unwrapped.np_random, options or {}
+        if "qpos" in options:
+            qpos, qvel = np.asarray(options["qpos"], np.float64), np.asarray(options.get("qvel", np.zeros(2)), np.float64)
+        else:
+            qpos = np.asarray(self.cells[int(rng.integers(len(self.cells)))], np.float64) + rng.uniform(-0.1, 0.1, 2)
+            qvel = rng.standard_normal(2) * 0.1
+        self.env.unwrapped.point_env.set_state(d4rl_to_gym_pos(self.maze_obj, qpos), d4rl_to_gym_vec(qvel))
+        self.set_target(self.target)
+        data = self.env.unwrapped.point_env.data
+        return self._obs(np.concatenate([data.qpos, data.qvel])), {}
+
+    def step(self, action):
+        gym_obs, _, _, truncated, _ = self.env.step(d4rl_to_gym_vec(np.asarray(action).reshape(2)).astype(np.float32))
+        obs = self._obs(gym_obs["observation"])
+        dist = float(np.linalg.norm(obs[:2] - self.target))
+        return obs, float(np.exp(-dist)) if self.dense else float(dist <= 0.5), False, truncated, {"distance": dist}
+
+
+def make_d4rl_maze2d(maze: str, dense: bool) -> gym.Env:
+    return gym.wrappers.TimeLimit(D4RLMaze2d(maze, dense), D4RL_MAZE2D[maze]["max_episode_steps"])
+
+
+class D4RLPen(gym.Wrapper):
+    """Gymnasium-Robotics' AdroitHandPen-v1 (D4RL's MJCF, 45-d observation, dense reward) with D4RL pen-v0/v1's end:
+    terminated when the pen drops (its z, obs[26], below 0.075). make_d4rl_pen adds the 100-step limit."""
+
+    def __init__(self):
+        _robotics()
+        super().__init__(gym.make("AdroitHandPen-v1").unwrapped)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        dropped = bool(obs[PEN_OBJ_Z] < D4RL_PEN_DROP_Z)
+        return obs, reward, bool(terminated) or dropped, truncated, dict(info, dropped=dropped)
+
+
+def make_d4rl_pen() -> gym.Env:
+    return gym.wrappers.TimeLimit(D4RLPen(), D4RL_PEN_STEPS)
+
+
+def make_d4rl_locomotion(family: str) -> gym.Env:
+    with warnings.catch_warnings():  # "-v4 is out of date": chosen on purpose, -v4 reproduces D4RL's -v2
+        warnings.filterwarnings("ignore", message=r".*is out of date.*")
+        env = gym.make(D4RL_LOCOMOTION_V4[family])
+    return gym.wrappers.TransformAction(env, lambda a: np.clip(a, -1.0, 1.0), env.action_space)  # D4RL's clip
+
+
+def d4rl_eval_env(task: str) -> EvalEnv:
+    """Where a D4RL task's data were recorded, as close as Gymnasium allows, and how it still differs."""
+    family, mujoco = task.split("-")[0], f"MuJoCo {package_versions().get('mujoco', '?')}"
+    if family in D4RL_LOCOMOTION_V4:
+        env_id = D4RL_LOCOMOTION_V4[family]
+        note = f"{env_id}, actions clipped to [-1, 1]; the data came from gym's {env_id[:-1]}2 on mujoco-py: same model, "
+        note += f"observation, reward, termination and reset noise, another simulator version ({mujoco})"
+        return EvalEnv(env_id, partial(make_d4rl_locomotion, family), note)
+    if family == "maze2d":
+        maze, dense = task.split("-")[1], task.endswith("-dense")
+        gym_id, steps = D4RL_MAZE2D[maze]["gym_id"] + ("Dense" if dense else ""), D4RL_MAZE2D[maze]["max_episode_steps"]
+        note = f"D4RL's {task}-v1 (frame, [qpos, qvel] observation, goal cell, reward, start distribution, {steps} steps) "
+        note += f"on Gymnasium-Robotics' {gym_id}-v3 physics ({mujoco}; D4RL: mujoco-py, walls 0.2 lower, same contacts)"
+        return EvalEnv(f"D4RL-{task}", partial(make_d4rl_maze2d, maze, dense), note)
+    note = f"AdroitHandPen-v1 with D4RL's episode end (pen z < 0.075) and {D4RL_PEN_STEPS} steps; data: D4RL's PenEnvV0 "
+    note += f"on mujoco-py, same MJCF, observation and reward ({mujoco})"
+    return EvalEnv(f"D4RL-{task}", make_d4rl_pen, note)
+
+
 def make_env(info: DatasetInfo, num_envs: int = 1):
     """A vectorised evaluation env, checked against the dataset's observation and action sizes."""
-    spec = info.eval_env
-    sid = spec if isinstance(spec, str) else spec.id
+    spec, sid = info.eval_env, env_name(info.eval_env)
     if any(k in sid for k in ("PointMaze", "AdroitHand")):
-        with errors_as(f"Evaluating on {sid} needs Gymnasium-Robotics", "Install it: `pip install gymnasium-robotics`."):
-            import gymnasium_robotics  # noqa: F401  (registers the envs)
+        _robotics()
+    make = spec.make if isinstance(spec, EvalEnv) else partial(gym.make, spec)
     with errors_as(f"Could not create the evaluation env {sid}", "Pass a working one with --eval-env-id."):
-        envs = gym.vector.SyncVectorEnv([lambda: gym.make(spec) for _ in range(num_envs)])
+        envs = gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
     obs_dim = flatten_obs(envs.single_observation_space.sample()).shape[-1]
     act_dim = int(np.prod(envs.single_action_space.shape))
     if (obs_dim, act_dim) != (info.obs_dim, info.act_dim):
@@ -1220,9 +1393,13 @@ def make_env(info: DatasetInfo, num_envs: int = 1):
     return envs
 
 
+def env_name(spec) -> str:
+    return spec if isinstance(spec, str) else spec.id
+
+
 def describe_dataset(data: Transitions, info: DatasetInfo) -> str:
     r, norm = info.episode_returns, info.normalize(info.episode_returns)
-    env = info.eval_env if isinstance(info.eval_env, str) else info.eval_env.id
+    env = env_name(info.eval_env) + (f" ({info.eval_env.note})" if isinstance(info.eval_env, EvalEnv) else "")
     refs = "no reference scores: raw returns only"
     if norm is not None:
         refs = (
@@ -1271,6 +1448,8 @@ def effective_hparams(args: Args, info: DatasetInfo) -> dict:
     hp = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in paper.items()}
     known = info.task in PAPER_HPARAMS
     hp["source"] = f"paper Tables 3-6 row '{info.task}'" if known else "defaults (dataset not in the paper's tables)"
+    if not known and info.name.startswith("mujoco/"):  # Minari's own locomotion data: new data, no row of the paper
+        hp["source"] += "; Minari's mujoco/* datasets were recorded anew on Gymnasium -v5, they are not D4RL's data"
     return dict(hp, overridden=[k for k in paper if getattr(args, k) is not None])
 
 
@@ -1634,10 +1813,12 @@ def train(args: Args) -> dict:
 def write_summary(args: Args, info: DatasetInfo, hp: dict, progress: dict, seeds: list, run_dir: str, wall, state_bytes):
     """summary.json of a finished run: per-seed and mean final scores (mean of the last 10 evaluations), the dataset's
     own mean, the evaluation protocol, speed, wall time over every invocation, settings and versions."""
-    ds_norm, env = info.normalize(info.episode_returns), info.eval_env if isinstance(info.eval_env, str) else info.eval_env.id
+    ds_norm, env = info.normalize(info.episode_returns), env_name(info.eval_env)
     starts = f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = 0, 1, ... per evaluation, "
     starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every seed"
     evaluation = dict(env=env, episodes=args.eval_episodes, policy="deterministic tanh(mean)", start_seeds=starts)
+    if isinstance(info.eval_env, EvalEnv):
+        evaluation["env_note"] = info.eval_env.note
     summary = dict(summarize(progress, seeds), num_seeds=len(seeds), eval_steps=progress["eval_steps"])
     summary.update(dataset_mean_normalized_return=None if ds_norm is None else float(ds_norm.mean()))
     summary.update(dataset_mean_return=float(info.episode_returns.mean()), evaluation=evaluation)

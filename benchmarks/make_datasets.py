@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from collections import deque
 from functools import partial
 
 import gymnasium as gym
@@ -135,6 +136,177 @@ def write_dataset(dataset_id: str, episodes: Episodes, env_id: str, refs, descri
     )
 
 
+# ------------------------------------------------------------------ maze2d and pen data (D4RL's protocols)
+
+
+class WaypointController:
+    """D4RL's maze2d data-collection controller (d4rl/pointmaze/waypoint_controller.py), re-implemented.
+
+    Plans on the grid from the current cell (position rounded, D4RL's qpos units) to the target's cell:
+    a shortest 4-connected path (D4RL runs q-iteration; a breadth-first search with D4RL's tie order
+    -col, +col, -row, +row gives the same greedy path). Waypoints are the path's cells, each shifted by
+    -U(0, 0.2) per axis except the last (the target cell). PD control a = clip(10 (waypoint - pos) -
+    1 * vel, -1, 1); a waypoint counts as passed within 0.1, and the task as solved within 0.1 of the target
+    cell, both also needing a per-step displacement < 0.1 (D4RL's "velocity" test).
+    """
+
+    MOVES = ((0, -1), (0, 1), (-1, 0), (1, 0))
+
+    def __init__(self, maze: str, rng: np.random.Generator, solve_thresh=0.1, p_gain=10.0, d_gain=-1.0):
+        self.open = set(ilq.maze2d_cells(maze)[0])
+        self.rng, self.solve_thresh, self.p_gain, self.d_gain = rng, solve_thresh, p_gain, d_gain
+        self.vel_thresh = 0.1
+        self._target = None
+        self._waypoints, self._idx, self._prev = [], 0, np.zeros(2)
+
+    def _path(self, start: tuple, target: tuple) -> list:
+        dist, queue = {target: 0}, deque([target])
+        while queue:
+            cur = queue.popleft()
+            for dr, dc in self.MOVES:
+                nxt = (cur[0] + dr, cur[1] + dc)
+                if nxt in self.open and nxt not in dist:
+                    dist[nxt] = dist[cur] + 1
+                    queue.append(nxt)
+        if start == target:
+            return [target]
+        path, cur = [], start
+        while cur != target:  # greedy descent; the start may be a wall cell (rounding near a wall)
+            options = [(cur[0] + dr, cur[1] + dc) for dr, dc in self.MOVES]
+            cur = min((n for n in options if n in dist), key=lambda n: dist[n])  # min keeps the first on ties
+            path.append(cur)
+        return path
+
+    def _new_target(self, pos, target_cell) -> None:
+        start = (int(round(pos[0])), int(round(pos[1])))
+        cells = self._path(start, target_cell)
+        self._waypoints = [
+            np.asarray(c, np.float64) - (0.0 if c == target_cell else self.rng.uniform(size=2) * 0.2) for c in cells
+        ]
+        self._idx, self._prev, self._target = 0, np.asarray(start, np.float64), target_cell
+
+    def get_action(self, pos, vel, target) -> tuple[np.ndarray, bool]:
+        target_cell = (int(round(target[0])), int(round(target[1])))
+        if target_cell != self._target:
+            self._new_target(pos, target_cell)
+        step_len = np.linalg.norm(self._prev - pos)
+        solved = np.linalg.norm(pos - np.asarray(self._target, np.float64)) < self.solve_thresh and step_len < self.vel_thresh
+        wp = np.asarray(self._target, np.float64) if solved else self._waypoints[self._idx]
+        action = self.p_gain * (wp - pos) + self.d_gain * vel
+        if not solved and np.linalg.norm(pos - wp) < self.solve_thresh and step_len < self.vel_thresh:
+            self._idx = min(self._idx + 1, len(self._waypoints) - 1)
+        self._prev = np.asarray(pos, np.float64).copy()
+        return np.clip(action, -1.0, 1.0), bool(solved)
+
+
+def _pack(obs, act, rew, term, tout, nobs) -> dict:
+    return dict(
+        observations=np.asarray(obs, np.float32),
+        actions=np.asarray(act, np.float32),
+        rewards=np.asarray(rew, np.float32),
+        terminals=np.asarray(term, bool),
+        timeouts=np.asarray(tout, bool),
+        next_observations=np.asarray(nobs, np.float32),
+    )
+
+
+def make_maze2d_dataset(
+    maze: str, dense: bool, n_steps: int, seed: int, action_noise: float = 0.5, reward_on_next_obs: bool = False
+) -> dict:
+    """LOCALLY MADE maze2d data (not D4RL's files) with D4RL's collection protocol
+    (scripts/generation/generate_maze2d_datasets.py), recorded in D4RLMaze2d (Gymnasium-Robotics physics):
+
+    one continuing trajectory of n_steps from one reset; the WaypointController steers to a target drawn
+    uniformly over the open cells + U(-0.1, 0.1)^2, actions get N(0, action_noise^2) noise (D4RL's --noisy:
+    0.5) and are clipped to [-1, 1]; when the controller reports the target reached, or after the time limit
+    (ts >= 300 / 600 / 800), that step is marked in `timeouts` and a new target is drawn (D4RL: "timeouts"
+    splits the trajectory at reached goals; there are no terminal states, `terminals` is all False).
+    Rewards are relative to the evaluation target (the goal cell), as D4RL relabels them, and by default
+    from observations[t] as in D4RL's released v1 files (reward_on_next_obs=True: from next_observations[t],
+    as the env gives it). The trajectory is never cut, so next_observations[t] == observations[t + 1] for
+    every t; D4RL's script instead repeats the last observation after a reached goal.
+    Arrays in D4RL's HDF5 layout (float32; terminals/timeouts bool) plus next_observations.
+    """
+    env = ilq.D4RLMaze2d(maze, dense)
+    rng = np.random.default_rng(seed)
+    ctrl = WaypointController(maze, rng)
+    horizon = ilq.D4RL_MAZE2D[maze]["max_episode_steps"]
+
+    def random_target():
+        return np.asarray(env.cells[int(rng.integers(len(env.cells)))], np.float64) + rng.uniform(-0.1, 0.1, 2)
+
+    eval_target = env.target.copy()
+    env.set_target(random_target())
+    obs, _ = env.reset(seed=seed)
+    out = {k: [] for k in ("obs", "act", "tout", "nobs")}
+    ts = 0
+    for _ in range(n_steps):
+        act, done = ctrl.get_action(obs[:2], obs[2:], env.target)
+        act = np.clip(act + action_noise * rng.standard_normal(2), -1.0, 1.0)
+        done = done or ts >= horizon
+        nobs, *_ = env.step(act)
+        for k, v in zip(out, (obs, act, done, nobs)):
+            out[k].append(v)
+        ts += 1
+        if done:
+            env.set_target(random_target())
+            ts = 0
+        obs = nobs
+    env.close()
+    pos = np.asarray(out["nobs" if reward_on_next_obs else "obs"])[:, :2]
+    rew = d4rl_maze2d_reward(pos, eval_target, dense)
+    return _pack(out["obs"], out["act"], rew, np.zeros(n_steps, bool), out["tout"], out["nobs"])
+
+
+def make_pen_dataset(n_steps: int, seed: int, max_noise: float = 1.0) -> dict:
+    """LOCALLY MADE pen data (not D4RL's human/cloned demonstrations), recorded in make_d4rl_pen()
+    (AdroitHandPen-v1 with D4RL's drop termination and 100-step episodes) by a NOISY SCRIPTED policy:
+    hold the initial grasp (each position actuator commanded to its joint's initial angle) plus Gaussian
+    noise whose scale is drawn per episode from U(0, max_noise), clipped to [-1, 1]. Low noise keeps the pen
+    (episodes time out at 100 steps), high noise drops it (terminal). Episode e resets with seed + e.
+    `terminals`: the pen dropped; `timeouts`: the 100-step limit (the last, cut episode is not marked).
+    """
+    env = ilq.make_d4rl_pen()
+    base = env.unwrapped
+    rng = np.random.default_rng(seed)
+    joints = base.model.actuator_trnid[:, 0]
+    out = {k: [] for k in ("obs", "act", "rew", "term", "tout", "nobs")}
+    episode, t = 0, 0
+    while t < n_steps:
+        obs, _ = env.reset(seed=seed + episode)
+        hold = np.clip((base.data.qpos[joints] - base.act_mean) / base.act_rng, -1.0, 1.0)
+        sigma = rng.uniform(0.0, max_noise)
+        done = False
+        while not done and t < n_steps:
+            act = np.clip(hold + sigma * rng.standard_normal(hold.shape), -1.0, 1.0)
+            nobs, rew, term, trunc, _ = env.step(act.astype(np.float32))
+            t += 1
+            done = term or trunc
+            for k, v in zip(out, (obs, act, rew, term, trunc and not term, nobs)):
+                out[k].append(v)
+            obs = nobs
+        episode += 1
+    env.close()
+    return _pack(out["obs"], out["act"], out["rew"], out["term"], out["tout"], out["nobs"])
+
+
+def d4rl_maze2d_reward(pos, target, dense: bool):
+    """D4RL maze2d reward of positions (..., 2) in qpos units: exp(-dist), or 1 if dist <= 0.5."""
+    dist = np.linalg.norm(np.asarray(pos, np.float64) - np.asarray(target, np.float64), axis=-1)
+    return np.exp(-dist) if dense else (dist <= 0.5).astype(np.float64)
+
+
+def write_d4rl_hdf5(path: str, arrays: dict, description: str) -> None:
+    """A locally made dataset in D4RL's HDF5 layout, so that `ilq_jax.py --env-id <D4RL name> --dataset-path <file>`
+    runs the D4RL path (paper row, evaluation env); the file says what it is in its `ilq_local_description` attribute."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+        f.attrs["ilq_local_description"] = description + " Locally generated by ilq-jax; NOT a D4RL dataset."
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--robot", choices=["hopper", "walker2d"], default="hopper")
@@ -153,7 +325,32 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=5_000)
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny run for a smoke check; datasets get a -quick suffix")
+    p.add_argument(
+        "--d4rl-format",
+        metavar="TASK",
+        default=None,
+        help="instead: make maze2d-{umaze,medium,large}[-dense] (waypoint controller) or pen-human (noisy "
+        "scripted grasp) data in D4RL's HDF5 layout, to --out",
+    )
+    p.add_argument("--steps", type=int, default=100_000, help="size of the --d4rl-format dataset")
+    p.add_argument("--out", default=None, help="HDF5 file written by --d4rl-format")
     a = p.parse_args(argv)
+    if a.d4rl_format:
+        task, out = a.d4rl_format, a.out or f"{a.d4rl_format}-ilq-local.hdf5"
+        if task.startswith("maze2d-"):
+            maze, dense = task.split("-")[1], task.endswith("-dense")
+            arrays = make_maze2d_dataset(maze, dense, a.steps, a.seed)
+            what = f"D4RL's maze2d protocol (waypoint controller, action noise 0.5) on the D4RL-faithful {task} env"
+        elif task.startswith("pen-"):
+            arrays, what = make_pen_dataset(a.steps, a.seed), "a noisy scripted grasp on the D4RL-faithful pen env"
+        else:
+            p.error("--d4rl-format takes maze2d-<umaze|medium|large>[-dense] or pen-<human|cloned>")
+        write_d4rl_hdf5(out, arrays, f"{a.steps} steps of {what}, seed {a.seed}.")
+        print(
+            f"[datasets] wrote {out}: {a.steps} steps, {int(arrays['timeouts'].sum() + arrays['terminals'].sum())} "
+            f"episode ends, mean reward {arrays['rewards'].mean():.3f}"
+        )
+        return
     if a.quick:
         a.max_steps, a.learning_starts, a.eval_every, a.medium_steps, a.eval_episodes = 4_000, 1_000, 1_000, 2_000, 2
     suffix = "-quick" if a.quick else ""

@@ -472,3 +472,18 @@ def test_readme_states_the_line_count_and_the_part_one_span():
     assert total == end2 == len(lines)
     assert lines[p1 - 1].startswith("# Part I ") and lines[p2 - 1].startswith("# Part II")
     assert lines[ilb - 1].startswith("def ilb_targets") and lines[end1 - 1].strip() and not lines[end1].strip()
+
+
+def test_adroit_alpha_reading_is_a_flag_zero_by_default_or_fixed():
+    """Entropy off (Adroit): alpha is --fixed-alpha (0 by default: no entropy term), never tuned; the actor loss is
+    E[alpha log pi - min_j Q_j] with that alpha."""
+    for fixed in (0.0, 0.2):
+        cfg, state, frozen, batch = setup(entropy=False, fixed_alpha=fixed)
+        key = jax.random.PRNGKey(3)
+        new_state, (loss, logp) = ilq.actor_alpha_update(cfg, state, batch.observations, key)
+        a, logp_ref = ilq.sample_action(cfg.actor, state.actor_params, batch.observations, key)
+        q = cfg.critic.apply(state.critic_params, batch.observations, a).min(0)
+        np.testing.assert_allclose(loss, np.mean(fixed * np.asarray(logp_ref) - np.asarray(q)), rtol=1e-5, atol=1e-6)
+        assert float(new_state.log_alpha) == float(state.log_alpha)  # not tuned
+        _, metrics = ilq.ilq_update(cfg, state, frozen, key)
+        assert float(metrics["losses/alpha"]) == pytest.approx(fixed)

@@ -153,6 +153,7 @@ def test_every_learner_flag_reaches_the_compiled_update(capture, tmp_path):
         "--target-entropy-bonus",
         "--no-entropy",
         "--cosine-lr",
+        "--fixed-alpha=0.125",
     ]
     with pytest.raises(Captured):
         ilq.main(argv)
@@ -166,6 +167,7 @@ def test_every_learner_flag_reaches_the_compiled_update(capture, tmp_path):
         False,
         True,
     )
+    assert cfg.fixed_alpha == 0.125
     argv = ["--env-id", "hopper-medium-replay", "--dataset-path", str(path), "--run-name", "flags2", "--no-imagination"]
     with pytest.raises(Captured):
         ilq.main(argv)
