@@ -55,7 +55,9 @@ Where the paper is silent or ambiguous, this file chooses (each choice is repeat
                               or reward normalisation for them
     evaluation                deterministic tanh(mean), 10 episodes, fresh start seeds at every evaluation; the score
                               is the mean of the last 10 evaluations (never the best); every 5000 updates at the
-                              paper's budget
+                              paper's budget; in the env the data were recorded in: D4RL locomotion names on
+                              Gymnasium's -v4 (D4RL's -v2 model and rules), maze2d and pen as D4RL-faithful wrappers
+                              over Gymnasium-Robotics' physics, Minari data in their recorded eval env
 """
 
 from __future__ import annotations
