@@ -14,3 +14,17 @@ os.environ["MINARI_DATASETS_PATH"] = os.path.join(_CACHE, "minari")
 os.environ["D4RL_DATASET_DIR"] = os.path.join(_CACHE, "d4rl")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def run_training_cli(tmp_path, run_name, *argv, timeout=900):
+    """`python ilq_jax.py ARGV --run-name RUN_NAME` in tmp_path, with its own Minari folder and model cache; asserts
+    exit code 0 and returns (the finished process, the run's summary.json)."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, MINARI_DATASETS_PATH=os.path.join(tmp_path, "minari"), JAX_PLATFORMS="cpu")
+    argv = [*argv, "--run-name", run_name, "--model-dir", os.path.join(tmp_path, "models")]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "ilq_jax.py"), *argv], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out, json.load(open(os.path.join(tmp_path, "runs", run_name, "summary.json")))

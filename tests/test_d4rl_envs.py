@@ -3,7 +3,6 @@ D4RL maze2d / pen rebuilt on Gymnasium-Robotics' physics, checked against D4RL's
 reward, time limits, start distribution, pen drop); the maze2d and pen data makers of benchmarks/make_datasets.py;
 and both pipelines end to end on locally made data in D4RL's HDF5 layout at a tiny budget."""
 
-import json
 import os
 import re
 import subprocess
@@ -13,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import run_training_cli
 
 import ilq_jax as ilq
 from benchmarks import make_datasets as md
@@ -494,29 +494,7 @@ def test_pipeline_end_to_end_on_locally_made_d4rl_format_data(task, make, tmp_pa
         "--num-behavior-samples",
         "3",
     ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "ilq_jax.py"),
-            "--env-id",
-            task,
-            "--dataset-path",
-            str(data),
-            *tiny,
-            "--run-name",
-            "e2e",
-            "--model-dir",
-            str(tmp_path / "models"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    summary = json.load(open(tmp_path / "runs" / "e2e" / "summary.json"))
+    _, summary = run_training_cli(tmp_path, "e2e", "--env-id", task, "--dataset-path", str(data), *tiny)
     assert summary["evaluation"]["env"] == ("D4RL-maze2d-umaze" if make == "maze2d" else "D4RL-pen-human")
     assert "LOCALLY MADE" in summary["dataset"]["source"] and "NOT a D4RL dataset" in summary["dataset"]["source"]
     refs = {"maze2d": (23.85, 161.86), "pen": (96.262799, 3076.8331017826877)}[make]

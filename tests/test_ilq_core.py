@@ -15,11 +15,8 @@
    point of the exact ILB operator of benchmarks/tabular_ilb.py, the OOD cap y_lmt + delta included.
 """
 
-import json
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_training_cli
 
 import ilq_jax as ilq
 from benchmarks.tabular_ilb import TabularMDP, ilb_fixed_point, limitation_value, one_step_backup
@@ -625,54 +623,11 @@ def test_update_reads_the_bank_rows_of_its_own_minibatch():
 def test_cli_behavior_bank_end_to_end(tmp_path):
     """One tiny run with --behavior-bank: the bank is built for every dataset state, summary.json is written with a
     finite score, and the normalised score is the return normalised with D4RL's hopper constants (typed here)."""
-    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "ilq_jax.py"),
-            "--env-id",
-            "ilq-local/hopper/random-v0",
-            "--random-dataset-steps",
-            "1000",
-            "--total-steps",
-            "20",
-            "--updates-per-call",
-            "10",
-            "--eval-interval",
-            "20",
-            "--eval-episodes",
-            "1",
-            "--dynamics-epochs",
-            "1",
-            "--diffusion-steps",
-            "20",
-            "--batch-size",
-            "16",
-            "--hidden-dim",
-            "32",
-            "--dynamics-hidden",
-            "32",
-            "--dynamics-members",
-            "3",
-            "--dynamics-elites",
-            "2",
-            "--num-behavior-samples",
-            "3",
-            "--behavior-bank",
-            "--run-name",
-            "bank",
-            "--model-dir",
-            str(tmp_path / "models"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    flags = "--env-id ilq-local/hopper/random-v0 --random-dataset-steps 1000 --total-steps 20 --updates-per-call 10 "
+    flags += "--eval-interval 20 --eval-episodes 1 --dynamics-epochs 1 --diffusion-steps 20 --batch-size 16 --hidden-dim 32 "
+    flags += "--dynamics-hidden 32 --dynamics-members 3 --dynamics-elites 2 --num-behavior-samples 3 --behavior-bank"
+    out, summary = run_training_cli(tmp_path, "bank", *flags.split())
     assert "behaviour bank: 1000 states x 3 actions" in out.stdout, out.stdout[-2000:]
-    summary = json.load(open(tmp_path / "runs" / "bank" / "summary.json"))
     assert summary["args"]["behavior_bank"] is True
     score, ret = summary["final_normalized_score"], summary["final_return"]
     assert np.isfinite(score) and np.isfinite(ret)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_training_cli
 
 import ilq_jax as ilq
 
@@ -345,26 +346,7 @@ def _tiny_args(tmp_path, **kw):
 
 
 def test_cli_tiny_run_writes_summary(tmp_path):
-    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(root, "ilq_jax.py"),
-            *TINY,
-            "--run-name",
-            "tiny",
-            "--model-dir",
-            str(tmp_path / "models"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.load(open(tmp_path / "runs" / "tiny" / "summary.json"))
+    out, summary = run_training_cli(tmp_path, "tiny", *TINY)
     for key in (
         "final_normalized_score",
         "dataset_mean_normalized_return",

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tyro
+from conftest import run_training_cli
 from test_learner import TINY, _tiny_args, setup
 
 import ilq_jax as ilq
@@ -44,29 +45,7 @@ def test_vmapped_seed_is_the_single_run_of_that_seed():
 
 
 def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
-    env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "ilq_jax.py"),
-            *TINY,
-            "--num-seeds",
-            "2",
-            "--seed",
-            "5",
-            "--run-name",
-            "two",
-            "--model-dir",
-            str(tmp_path / "models"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.load(open(tmp_path / "runs" / "two" / "summary.json"))
+    _, summary = run_training_cli(tmp_path, "two", *TINY, "--num-seeds", "2", "--seed", "5")
     assert [s["seed"] for s in summary["seeds"]] == [5, 6] and summary["num_seeds"] == 2
     finals = [s["final_normalized_score"] for s in summary["seeds"]]
     assert np.isclose(summary["final_normalized_score"], np.mean(finals))
