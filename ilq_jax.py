@@ -62,6 +62,7 @@ Where the paper is silent or ambiguous, this file chooses (each choice is repeat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -131,7 +132,11 @@ class Actor(nn.Module):
 
 def sample_action(actor: Actor, params, obs, key):
     """a ~ pi(.|s) and log pi(a|s) (tanh change of variables, in the stable softplus form)."""
-    mean, log_std = actor.apply(params, obs)
+    return tanh_gaussian(*actor.apply(params, obs), key)
+
+
+def tanh_gaussian(mean, log_std, key):
+    """sample_action from the actor's outputs (one actor pass can then serve several sets of states)."""
     u = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
     logp = jnp.sum(-0.5 * ((u - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), -1)
     logp -= jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), -1)
@@ -211,11 +216,11 @@ class NoiseNet(nn.Module):
     t_dim: int = 16
 
     @nn.compact
-    def __call__(self, x, t, obs):
+    def __call__(self, x, t, obs):  # t: (N,) one step per row, or (1,) one step for all rows (the sampler)
         half = self.t_dim // 2
         emb = t.astype(jnp.float32)[:, None] * jnp.exp(-math.log(10000.0) * jnp.arange(half) / (half - 1))[None]
-        emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], -1)
-        h = jnp.concatenate([x, nn.Dense(self.t_dim)(mish(nn.Dense(2 * self.t_dim)(emb))), obs], -1)
+        emb = nn.Dense(self.t_dim)(mish(nn.Dense(2 * self.t_dim)(jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], -1))))
+        h = jnp.concatenate([x, jnp.broadcast_to(emb, (x.shape[0], self.t_dim)), obs], -1)
         for _ in range(3):
             h = mish(nn.Dense(self.hidden)(h))
         return nn.Dense(self.act_dim)(h)
@@ -418,13 +423,14 @@ def diffusion_sample(beh: BehaviorModel, obs, key, num_samples: int):
 
     def reverse_step(x, inp):
         t, k = inp
-        eps = beh.net.apply(beh.params, x, jnp.full((x.shape[0],), t), obs_rep)
+        eps = beh.net.apply(beh.params, x, t[None], obs_rep)  # the step's time embedding once, not once per row
         x0 = jnp.clip(sch["sqrt_recip_ac"][t] * x - sch["sqrt_recipm1_ac"][t] * eps, -1.0, 1.0)
         mean = sch["post_coef_x0"][t] * x0 + sch["post_coef_xt"][t] * x
         noise = jnp.where(t > 0, 1.0, 0.0) * jax.random.normal(k, x.shape)
         return mean + jnp.exp(0.5 * sch["post_log_var"][t]) * noise, None
 
-    x, _ = jax.lax.scan(reverse_step, x, (jnp.arange(beh.k - 1, -1, -1), jax.random.split(k_chain, beh.k)))
+    steps = (jnp.arange(beh.k - 1, -1, -1), jax.random.split(k_chain, beh.k))
+    x, _ = jax.lax.scan(reverse_step, x, steps, unroll=True)  # K is small: unrolled, XLA fuses across steps
     return jnp.clip(x, -1.0, 1.0).reshape(n, num_samples, beh.act_dim)
 
 
@@ -546,39 +552,51 @@ def init_train_state(cfg: ILQConfig, key) -> TrainState:
     )
 
 
+def target_keys(key):
+    """The keys of one update's targets: next, ood, imagine, imagine_next, behaviour = target_keys(key)."""
+    return jax.random.split(key, 5)
+
+
 def ilb_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, batch: Transitions, behavior_actions, key) -> Targets:
     """The Imagination-Limited Bellman targets of one minibatch (Eq. 17-20), under stop-gradient.
 
-    behavior_actions: (B, M, act) from the bank, or None to sample them here from the diffusion model.
-    Key convention (the reference test repeats it): next, ood, imagine, imagine_next, behaviour = split(key, 5).
+    behavior_actions: (B, M, act) from the bank or drawn beforehand (presample_behavior), or None to sample them here
+    from the diffusion model. The actor runs once for s' and the OOD states, the target critics once for every row
+    that needs them (s', the imagined s', the behaviour actions): the same values as separate passes, fewer kernels.
     """
     b, n, m = batch.rewards.shape[0], cfg.num_ood_actions, cfg.num_behavior_samples
     actor, critic, target = cfg.actor, cfg.critic, state.target_critic_params
     alpha = temperature(cfg, state) if cfg.target_entropy_bonus else 0.0  # Eq. 17 and 19 have no entropy term
-    k_next, k_ood, k_img, k_img_next, k_beh = jax.random.split(key, 5)
+    k_next, k_ood, k_img, k_img_next, k_beh = target_keys(key)
 
-    # Eq. 17, in-sample: r + gamma * (1 - done) * min_j Q_target_j(s', a'), a' ~ pi(.|s'); done = true terminations
-    a_next, logp_next = sample_action(actor, state.actor_params, batch.next_observations, k_next)
-    v_next = critic.apply(target, batch.next_observations, a_next).min(0) - alpha * logp_next
-    y_in = batch.rewards + cfg.gamma * (1.0 - batch.terminals) * v_next
-
-    # OOD actions at s: "we directly treat policy pi as the sampling distribution u" (Eq. 16); N per state
+    # a' ~ pi(.|s') for Eq. 17, and the OOD actions at s: "we directly treat policy pi as the sampling distribution u"
+    # (Eq. 16), N per state
     s_ood = jnp.repeat(batch.observations, n, axis=0)
-    a_ood, _ = sample_action(actor, state.actor_params, s_ood, k_ood)
-
-    y_img = y_lmt = None
-    if cfg.imagination:  # Eq. 19: one imagined step (random elite, sampled), reward penalty, termination mask
+    mean, log_std = actor.apply(state.actor_params, jnp.concatenate([batch.next_observations, s_ood]))
+    a_next, logp_next = tanh_gaussian(mean[:b], log_std[:b], k_next)
+    a_ood, _ = tanh_gaussian(mean[b:], log_std[b:], k_ood)
+    rows = [(batch.next_observations, a_next)]  # the (state, action) rows of the one target-critic pass
+    if cfg.imagination:  # Eq. 19's step: a random elite, sampled; then a' ~ pi at the imagined s'
         s_img, r_img, penalty, done_img = dynamics_step(frozen.dynamics, s_ood, a_ood, k_img)
         a_img, logp_img = sample_action(actor, state.actor_params, s_img, k_img_next)
-        v_img = critic.apply(target, s_img, a_img).min(0) - alpha * logp_img
+        rows.append((s_img, a_img))
+    if cfg.limitation:  # Eq. 20's M behaviour actions at s
+        a_beh = (
+            diffusion_sample(frozen.behavior, batch.observations, k_beh, m) if behavior_actions is None else behavior_actions
+        )
+        chex.assert_shape(a_beh, (b, m, cfg.act_dim))
+        rows.append((jnp.repeat(batch.observations, m, axis=0), a_beh.reshape(b * m, -1)))
+    q_all = critic.apply(target, *(jnp.concatenate(part) for part in zip(*rows)))  # (2, rows)
+    q = iter(jnp.split(q_all, np.cumsum([len(obs) for obs, _ in rows[:-1]]), axis=1))
+
+    # Eq. 17, in-sample: r + gamma * (1 - done) * min_j Q_target_j(s', a'); done = true terminations
+    y_in = batch.rewards + cfg.gamma * (1.0 - batch.terminals) * (next(q).min(0) - alpha * logp_next)
+    y_img = y_lmt = None
+    if cfg.imagination:  # Eq. 19: imagined value, MOPO reward penalty, termination mask
+        v_img = next(q).min(0) - alpha * logp_img
         y_img = r_img - cfg.penalty_coef * penalty + cfg.gamma * jnp.where(done_img, 0.0, v_img)
     if cfg.limitation:  # Eq. 20: per target critic the max over the same M behaviour actions at s, then min
-        a_beh = behavior_actions
-        if a_beh is None:
-            a_beh = diffusion_sample(frozen.behavior, batch.observations, k_beh, m)
-        chex.assert_shape(a_beh, (b, m, cfg.act_dim))
-        q_beh = critic.apply(target, jnp.repeat(batch.observations, m, axis=0), a_beh.reshape(b * m, -1))
-        y_lmt = jnp.repeat(q_beh.reshape(2, b, m).max(-1).min(0), n)
+        y_lmt = jnp.repeat(next(q).reshape(2, b, m).max(-1).min(0), n)
 
     # Eq. 18: min{y_img, y_lmt} + delta (delta after the min); an ablation keeps one branch
     if y_img is not None and y_lmt is not None:
@@ -592,9 +610,12 @@ def ilb_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, batch: Transi
 
 def critic_loss(cfg: ILQConfig, critic_params, batch: Transitions, t: Targets):
     """Eq. 16: eta * in-sample TD error + (1 - eta) * OOD error, each averaged over its own set, summed over the twin
-    critics (each regresses to the same target)."""
-    q_data = cfg.critic.apply(critic_params, batch.observations, batch.actions)  # (2, B)
-    q_ood = cfg.critic.apply(critic_params, t.s_ood, t.a_ood)  # (2, B*N)
+    critics (each regresses to the same target). One critic pass over the dataset and the OOD pairs."""
+    b = batch.rewards.shape[0]
+    q = cfg.critic.apply(
+        critic_params, jnp.concatenate([batch.observations, t.s_ood]), jnp.concatenate([batch.actions, t.a_ood])
+    )
+    q_data, q_ood = q[:, :b], q[:, b:]  # (2, B), (2, B*N)
     loss_in = jnp.mean((q_data - t.y_in) ** 2, axis=1).sum()
     loss_ood = jnp.mean((q_ood - t.y_ood) ** 2, axis=1).sum()
     return cfg.eta * loss_in + (1.0 - cfg.eta) * loss_ood, (loss_in, loss_ood, q_data.mean(), q_ood.mean())
@@ -626,14 +647,39 @@ def actor_alpha_update(cfg: ILQConfig, state: TrainState, observations, key):
     return state, (loss_pi, logp)
 
 
-def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key):
-    """One step of Algorithm 1: minibatch (inside jit) -> targets -> critics (Eq. 16) -> actor and alpha (Eq. 21) ->
-    soft target update (tau)."""
+def minibatch_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, key, behavior_actions=None):
+    """Algorithm 1's minibatch (sampled inside jit) and its ILB targets. Returns (batch, targets without the y_img /
+    y_lmt branches, the actor's key, the targets' metrics), the same structure for every method."""
     k_batch, k_target, k_actor = jax.random.split(key, 3)
     idx = jax.random.randint(k_batch, (cfg.batch_size,), 0, frozen.data.rewards.shape[0])
     batch = jax.tree_util.tree_map(lambda x: x[idx], frozen.data)
-    t = ilb_targets(cfg, state, frozen, batch, None if frozen.bank is None else frozen.bank[idx], k_target)
+    if behavior_actions is None and frozen.bank is not None:
+        behavior_actions = frozen.bank[idx]
+    t = ilb_targets(cfg, state, frozen, batch, behavior_actions, k_target)
+    metrics = {"ilq/y_in": t.y_in.mean(), "ilq/y_ood": t.y_ood.mean()}
+    both = t.y_img is not None and t.y_lmt is not None  # the paper's health check (Fig. 10a); NaN for an ablation
+    metrics["ilq/y_img_minus_y_lmt"] = jnp.mean(t.y_img - t.y_lmt) if both else jnp.float32(jnp.nan)
+    metrics["ilq/ood_clip_frac"] = jnp.mean(t.y_lmt < t.y_img) if both else jnp.float32(jnp.nan)
+    return batch, t._replace(y_img=None, y_lmt=None), k_actor, metrics
 
+
+def presample_behavior(cfg: ILQConfig, frozen: Frozen, keys):
+    """The behaviour actions that ilb_targets would draw for these update keys (..., 2) -> (..., B, M, act), drawn in
+    one batched diffusion chain: they depend on the update's key alone (its minibatch, its behaviour key), never on
+    the learner, so many updates' samples can be drawn at once with the same values."""
+
+    def inputs(key):
+        k_batch, k_target, _ = jax.random.split(key, 3)
+        idx = jax.random.randint(k_batch, (cfg.batch_size,), 0, frozen.data.rewards.shape[0])
+        return frozen.data.observations[idx], target_keys(k_target)[4]
+
+    obs, k_beh = jax.vmap(inputs)(keys.reshape(-1, keys.shape[-1]))
+    a = jax.vmap(partial(diffusion_sample, frozen.behavior), in_axes=(0, 0, None))(obs, k_beh, cfg.num_behavior_samples)
+    return a.reshape(keys.shape[:-1] + a.shape[1:])
+
+
+def learn(cfg: ILQConfig, state: TrainState, batch: Transitions, t: Targets, k_actor):
+    """Algorithm 1's updates from the targets: critics (Eq. 16) -> actor and alpha (Eq. 21) -> soft target update."""
     loss_and_grad = jax.value_and_grad(partial(critic_loss, cfg), has_aux=True)
     (loss_q, (loss_in, loss_ood, q_data, q_ood)), grads = loss_and_grad(state.critic_params, batch, t)
     updates, critic_opt_state = cfg.optimizer(cfg.critic_lr).update(grads, state.critic_opt_state)
@@ -644,23 +690,81 @@ def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key):
     metrics = {"losses/critic_loss": loss_q, "losses/critic_loss_in_sample": loss_in, "losses/critic_loss_ood": loss_ood}
     metrics.update({"losses/actor_loss": loss_pi, "losses/entropy": -jnp.mean(logp), "losses/q_data": q_data})
     metrics.update({"losses/alpha": temperature(cfg, state), "losses/q_ood": q_ood})
-    metrics.update({"ilq/y_in": t.y_in.mean(), "ilq/y_ood": t.y_ood.mean()})
-    if t.y_img is not None and t.y_lmt is not None:  # the paper's health check (Fig. 10a)
-        metrics["ilq/y_img_minus_y_lmt"] = jnp.mean(t.y_img - t.y_lmt)
-        metrics["ilq/ood_clip_frac"] = jnp.mean(t.y_lmt < t.y_img)
     return state, metrics
 
 
-def make_update_fn(cfg: ILQConfig, batched: bool = False):
-    """Many updates per host call: a lax.scan over ilq_update, jitted, with the train state donated.
+def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key, behavior_actions=None):
+    """One step of Algorithm 1 (lines 5-11) for one learner: minibatch -> targets -> critics, actor, alpha, target."""
+    batch, t, k_actor, target_metrics = minibatch_targets(cfg, state, frozen, key, behavior_actions)
+    state, metrics = learn(cfg, state, batch, t, k_actor)
+    return state, {**metrics, **target_metrics}
 
-    batched=True: the state and the keys carry a leading seed axis and jax.vmap runs that many independent learners
-    in one call; they share the device-resident data and the frozen models."""
 
-    def update_many(state: TrainState, frozen: Frozen, keys):
-        return jax.lax.scan(lambda s, k: ilq_update(cfg, s, frozen, k), state, keys)
+METHODS = {  # --methods: ILQ and its two ablations (Sec. 5.4) as (imagination, limitation)
+    "ilq": (True, True),
+    "no-imagination": (False, True),
+    "no-limitation": (True, False),
+}
 
-    return jax.jit(jax.vmap(update_many, in_axes=(0, None, 0)) if batched else update_many, donate_argnums=0)
+
+def method_configs(cfg: ILQConfig, methods) -> tuple:
+    """One ILQConfig per method: cfg with that method's imagination / limitation."""
+    return tuple(dataclasses.replace(cfg, imagination=METHODS[m][0], limitation=METHODS[m][1]) for m in methods)
+
+
+def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_chunk: int = 1):
+    """Many updates of many learners per host call, in one jitted lax.scan, the train state donated.
+
+    batched=False: one learner (state without a learner axis, keys (n, 2)). batched=True: the state and the keys
+    carry a leading learner axis; methods (names of METHODS; None: cfg's own imagination/limitation) split it into
+    equal method blocks, method-major: learner g * seeds + i is seed i of method g. Every learner reads the same
+    device-resident data and frozen models. Each method's targets run on its own block only (a static slice: no
+    learner pays for a branch it does not use); the critic and actor updates then run on all learners at once.
+    sample_chunk > 1 (fresh behaviour samples only): the diffusion samples of that many updates are drawn together
+    in one batched chain before them (presample_behavior; the same values)."""
+    groups = (cfg,) if methods is None else method_configs(cfg, methods)
+    if len({dataclasses.replace(c, imagination=True, limitation=True) for c in groups}) != 1:
+        raise ValueError("methods may differ only in imagination / limitation")
+
+    def one_update(state: TrainState, frozen: Frozen, keys, a_beh):  # keys (L, 2); a_beh: per method (seeds, ...)
+        seeds = keys.shape[0] // len(groups)
+        parts = []
+        for g, c in enumerate(groups):
+            block = slice(g * seeds, (g + 1) * seeds)
+            sub = jax.tree_util.tree_map(lambda x: x[block], state)
+            parts.append(jax.vmap(partial(minibatch_targets, c), in_axes=(0, None, 0, 0))(sub, frozen, keys[block], a_beh[g]))
+        batch, t, k_actor, target_metrics = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *parts)
+        state, metrics = jax.vmap(partial(learn, groups[0]))(state, batch, t, k_actor)
+        return state, {**metrics, **target_metrics}
+
+    def updates(state: TrainState, frozen: Frozen, keys):  # keys (L, C, 2): C updates
+        seeds, chunk = keys.shape[0] // len(groups), sample_chunk > 1 and frozen.bank is None
+        a_beh = [
+            presample_behavior(c, frozen, keys[g * seeds : (g + 1) * seeds]) if chunk and c.limitation else None
+            for g, c in enumerate(groups)
+        ]  # (seeds, C, B, M, act) per method, or None: drawn inside each update
+        xs = (keys.swapaxes(0, 1), [None if a is None else a.swapaxes(0, 1) for a in a_beh])
+        return jax.lax.scan(lambda s, x: one_update(s, frozen, *x), state, xs)
+
+    def update_many(state: TrainState, frozen: Frozen, keys):  # keys (L, n, 2) -> metrics (L, n)
+        full, parts = keys.shape[1] // sample_chunk * sample_chunk, []
+        if full:
+            chunks = keys[:, :full].reshape(keys.shape[0], -1, sample_chunk, keys.shape[-1]).swapaxes(0, 1)
+            state, metrics = jax.lax.scan(lambda s, k: updates(s, frozen, k), state, chunks)
+            parts.append(jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), metrics))
+        if full < keys.shape[1]:  # a call that is no multiple of the chunk: the rest as one shorter chunk
+            state, metrics = updates(state, frozen, keys[:, full:])
+            parts.append(metrics)
+        return state, jax.tree_util.tree_map(lambda *x: jnp.concatenate(x).swapaxes(0, 1), *parts)
+
+    if batched:
+        return jax.jit(update_many, donate_argnums=0)
+
+    def single(state: TrainState, frozen: Frozen, keys):
+        state, metrics = update_many(jax.tree_util.tree_map(lambda x: x[None], state), frozen, keys[None])
+        return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))
+
+    return jax.jit(single, donate_argnums=0)
 
 
 def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int, chunk: int = 8192):
@@ -697,7 +801,6 @@ def evaluation_seeds(eval_seed: int, index: int, episodes: int, num_seeds: int) 
 # ======================================================================================================================
 
 import contextlib
-import dataclasses
 import difflib
 import hashlib
 import json
@@ -806,8 +909,13 @@ def resolve_args(args: Args) -> Args:
     bad = [f"{flag(n)} ({getattr(args, n)}) must be a positive integer" for n in POSITIVE_INTS if getattr(args, n) <= 0]
     if args.stop_after is not None and args.stop_after <= 0:
         bad.append(f"--stop-after ({args.stop_after}) must be a positive integer")
+    for name in ("seed", "eval_seed", "pretrain_seed"):
+        if getattr(args, name) < 0:
+            bad.append(f"{flag(name)} ({getattr(args, name)}) must be >= 0 (JAX and Gymnasium take non-negative seeds)")
+    floats = [f.name for f in dataclasses.fields(Args) if isinstance(getattr(args, f.name), float)]
+    bad += [f"{flag(n)} ({getattr(args, n)}) must be a finite number" for n in floats if not math.isfinite(getattr(args, n))]
     for name in ("critic_lr", "actor_lr", "dynamics_lr", "diffusion_lr"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
+        if getattr(args, name) is not None and math.isfinite(getattr(args, name)) and not getattr(args, name) > 0:
             bad.append(f"{flag(name)} ({getattr(args, name)}) must be positive")
     for name in ("eta", "gamma", "tau"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
@@ -821,6 +929,13 @@ def resolve_args(args: Args) -> Args:
         bad.append(f"--dynamics-layers ({args.dynamics_layers}) must be 4: MOPO's weight decays are given for 4 layers")
     if not (args.imagination or args.limitation):
         bad.append("--no-imagination and --no-limitation together leave no OOD target; keep at least one")
+    if args.dataset_path is not None and parse_d4rl_name(args.env_id) is None:
+        bad.append(
+            f"--dataset-path ({args.dataset_path}) is read only for a D4RL name, and --env-id '{args.env_id}' is none: "
+            "pass the D4RL name that says what the file holds (e.g. --env-id walker2d-medium-replay for walker2d "
+            "medium-replay data; it picks the paper's row and the evaluation env), or drop --dataset-path to train on "
+            "--env-id's own data"
+        )
     if bad:
         raise ILQError("; ".join(bad) + ".")
     return args
