@@ -56,8 +56,9 @@ Where the paper is silent or ambiguous, this file chooses (each choice is repeat
     evaluation                deterministic tanh(mean), 10 episodes, fresh start seeds at every evaluation; the score
                               is the mean of the last 10 evaluations (never the best); every 5000 updates at the
                               paper's budget; in the env the data were recorded in: D4RL locomotion names on
-                              Gymnasium's -v4 (D4RL's -v2 model and rules), maze2d and pen as D4RL-faithful wrappers
-                              over Gymnasium-Robotics' physics, Minari data in their recorded eval env
+                              Gymnasium's -v4 (D4RL's -v2 model and rules) with the -v2 masses restored (MuJoCo
+                              2.1.2 changed capsule inertias), maze2d and pen as D4RL-faithful wrappers over
+                              Gymnasium-Robotics' physics, Minari data in their recorded eval env
 """
 
 from __future__ import annotations
@@ -1327,8 +1328,9 @@ def load_dataset(args: Args) -> tuple[Transitions, DatasetInfo]:
 # ------------------------------------------------------------------ evaluation envs where D4RL's data were recorded
 # D4RL locomotion data come from gym's -v2 envs (mujoco-py); Gymnasium's -v4 envs reproduce their model, observation,
 # reward (alive bonus on every step, the terminal one included), termination and reset noise (-v5 changes Walker2d's
-# foot friction and drops the terminal step's healthy reward). D4RL maze2d (-v1) and pen (-v0/-v1) are rebuilt as thin
-# wrappers over Gymnasium-Robotics' physics (same MJCF): D4RL's frame, observation, target, reward, reset and episode end.
+# foot friction and drops the terminal step's healthy reward); restore_v2_masses undoes MuJoCo 2.1.2's capsule masses.
+# D4RL maze2d (-v1) and pen (-v0/-v1) are rebuilt as thin wrappers over Gymnasium-Robotics' physics (same MJCF): D4RL's
+# frame, observation, target, reward, reset and episode end.
 D4RL_LOCOMOTION_V4 = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4"}
 D4RL_MAZE2D = {  # D4RL's layouts ('#' wall, 'O' empty, 'G' goal), rows top to bottom, and time limits
     "umaze": dict(gym_id="PointMaze_UMaze", max_episode_steps=300, layout=("#####", "#GOO#", "###O#", "#OOO#", "#####")),
@@ -1459,10 +1461,44 @@ def make_d4rl_pen() -> gym.Env:
     return gym.wrappers.TimeLimit(D4RLPen(), D4RL_PEN_STEPS)
 
 
+def restore_v2_masses(env: gym.Env) -> None:
+    """Give a Gymnasium MuJoCo env the body masses, inertias and inertial frames that MuJoCo before 2.1.2 (mujoco-py,
+    where D4RL's -v2 data were recorded) compiled from the same MJCF. MuJoCo 2.1.2's changelog (Bug fixes 7,
+    mujoco.readthedocs.io/en/2.1.2/changelog.html): "Computed capsule inertias are now exact. Until this change,
+    capsule masses and inertias computed by the compiler's inertiafromgeom mechanism were approximated by a cylinder,
+    formed by the capsule's cylindrical middle section, extended on both ends by half the capsule radius." So a copy
+    of the MJCF with every capsule replaced by that cylinder is compiled (its settotalmass, as halfcheetah's, scales
+    the cylinder-based masses as the old compiler did) and its mass properties are copied into the env's model; the
+    contacts still use the capsules."""
+    import xml.etree.ElementTree as ET
+
+    import mujoco
+
+    root = ET.parse(env.unwrapped.fullpath).getroot()
+    for geom in root.iter("geom"):
+        if geom.get("type") != "capsule":
+            continue
+        r, *half = (float(x) for x in geom.get("size").split())
+        geom.set("type", "cylinder")
+        if geom.get("fromto"):  # both ends moved r/2 outward along the axis
+            a, b = np.array(geom.get("fromto").split(), np.float64).reshape(2, 3)
+            d = (b - a) / np.linalg.norm(b - a) * r / 2
+            geom.set("fromto", " ".join(map(str, [*(a - d).tolist(), *(b + d).tolist()])))
+        else:
+            geom.set("size", f"{r} {half[0] + r / 2}")
+    old, model = mujoco.MjModel.from_xml_string(ET.tostring(root, encoding="unicode")), env.unwrapped.model
+    if (old.geom_type == mujoco.mjtGeom.mjGEOM_CAPSULE).any() or old.nbody != model.nbody:
+        raise ILQError(f"Could not rebuild the pre-2.1.2 masses of {env.unwrapped.fullpath}: a capsule left or a body lost.")
+    for field in ("body_mass", "body_inertia", "body_ipos", "body_iquat"):
+        getattr(model, field)[:] = getattr(old, field)
+    mujoco.mj_setConst(model, env.unwrapped.data)
+
+
 def make_d4rl_locomotion(family: str) -> gym.Env:
     with warnings.catch_warnings():  # "-v4 is out of date": chosen on purpose, -v4 reproduces D4RL's -v2
         warnings.filterwarnings("ignore", message=r".*is out of date.*")
         env = gym.make(D4RL_LOCOMOTION_V4[family])
+    restore_v2_masses(env)
     return gym.wrappers.TransformAction(env, lambda a: np.clip(a, -1.0, 1.0), env.action_space)  # D4RL's clip
 
 
@@ -1471,8 +1507,9 @@ def d4rl_eval_env(task: str) -> EvalEnv:
     family, mujoco = task.split("-")[0], f"MuJoCo {package_versions().get('mujoco', '?')}"
     if family in D4RL_LOCOMOTION_V4:
         env_id = D4RL_LOCOMOTION_V4[family]
-        note = f"{env_id}, actions clipped to [-1, 1]; the data came from gym's {env_id[:-1]}2 on mujoco-py: same model, "
-        note += f"observation, reward, termination and reset noise, another simulator version ({mujoco})"
+        note = f"{env_id} with -v2 masses on {mujoco} (capsule masses and inertias as MuJoCo < 2.1.2 computed them), "
+        note += f"actions clipped to [-1, 1]; the data came from gym's {env_id[:-1]}2 on mujoco-py: same MJCF, "
+        note += "observation, reward, termination and reset noise, another simulator version"
         return EvalEnv(env_id, partial(make_d4rl_locomotion, family), note)
     if family == "maze2d":
         maze, dense = task.split("-")[1], task.endswith("-dense")

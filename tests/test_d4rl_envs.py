@@ -252,6 +252,18 @@ def test_seeded_resets_are_reproducible(umaze):
 
 
 # ------------------------------------------------------------------- d4rl_eval_env_spec
+MASS_FIELDS = ("body_mass", "body_inertia", "body_ipos", "body_iquat")
+
+
+def v4_with_masses_of(env, env_id):
+    """gym.make(env_id) as shipped, then given env's body masses, inertias and inertial frames."""
+    import mujoco
+
+    ref = gym.make(env_id)
+    for field in MASS_FIELDS:
+        getattr(ref.unwrapped.model, field)[:] = getattr(env.unwrapped.model, field)
+    mujoco.mj_setConst(ref.unwrapped.model, ref.unwrapped.data)
+    return ref
 
 
 @pytest.mark.parametrize(
@@ -265,11 +277,11 @@ def test_seeded_resets_are_reproducible(umaze):
 def test_locomotion_is_v4_with_clipped_actions(task, env_id, obs_dim):
     make, desc = de.d4rl_eval_env_spec(task)
     assert env_id in desc and "\n" not in desc
-    with pytest.warns(DeprecationWarning, match="out of date"):  # the reference env; make() stays silent
-        ref = gym.make(env_id)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         env = make()
+    with pytest.warns(DeprecationWarning, match="out of date"):  # the reference env; make() stays silent
+        ref = v4_with_masses_of(env, env_id)
     assert env.spec.id == env_id and env.spec.max_episode_steps == 1000
     obs, _ = env.reset(seed=3)
     ref.reset(seed=3)
@@ -287,6 +299,113 @@ def test_locomotion_is_v4_with_clipped_actions(task, env_id, obs_dim):
         assert m.geom_friction[mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_GEOM, "foot_geom"), 0] == 0.9
     env.close()
     ref.close()
+
+
+# gym -v2 on mujoco-py (MuJoCo < 2.1.2) computed a capsule's mass and inertia as a cylinder's of half-length h + r/2
+V2_MASSES = {
+    "hopper": dict(torso=3.5343, thigh=3.9270, leg=2.7143, foot=5.0894),
+    "halfcheetah": dict(torso=6.3603, bthigh=1.5352, bshin=1.5809, bfoot=1.0691, fthigh=1.4256, fshin=1.1789, ffoot=0.8499),
+}
+WALKER2D_GEOMS = {  # walker2d.xml: body -> its capsules (radius r, half-length h), density 1000 (MuJoCo's default)
+    "torso": [(0.05, 0.2)],
+    "thigh": [(0.05, 0.225)],
+    "leg": [(0.04, 0.25)],
+    "foot": [(0.06, 0.1)],
+    "thigh_left": [(0.05, 0.225)],
+    "leg_left": [(0.04, 0.25)],
+    "foot_left": [(0.06, 0.1)],
+}
+
+
+def old_cylinder(r, h, density=1000.0):
+    """(mass, axial inertia, transverse inertia) of the cylinder MuJoCo < 2.1.2 put in place of a capsule (r, h)."""
+    length = 2 * h + r  # the middle section extended by r/2 at both ends
+    mass = density * np.pi * r**2 * length
+    return mass, mass * r**2 / 2, mass * (3 * r**2 + length**2) / 12
+
+
+@pytest.mark.parametrize("task", ["hopper-medium-v2", "walker2d-medium-replay", "halfcheetah-expert"])
+def test_locomotion_has_the_v2_masses(task):
+    import mujoco
+
+    family = task.split("-")[0]
+    env_id = ilq.D4RL_LOCOMOTION_V4[family]
+    env = ilq.d4rl_eval_env(task).make()
+    m = env.unwrapped.model
+    body = lambda name: mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, name)
+    expected = V2_MASSES.get(family)
+    if family == "walker2d":  # from the cylinder rule, summed over each body's geoms
+        expected = {}
+        for name, capsules in WALKER2D_GEOMS.items():
+            b = body(name)
+            geoms = range(m.body_geomadr[b], m.body_geomadr[b] + m.body_geomnum[b])
+            np.testing.assert_allclose(sorted(m.geom_size[g, :2].tolist() for g in geoms), sorted(capsules), atol=1e-12)
+            assert all(m.geom_type[g] == mujoco.mjtGeom.mjGEOM_CAPSULE for g in geoms)
+            parts = np.array([old_cylinder(r, h) for r, h in capsules])
+            expected[name] = parts[:, 0].sum()
+            if len(capsules) == 1:  # principal inertia of one cylinder
+                np.testing.assert_allclose(sorted(m.body_inertia[b]), sorted(parts[0, [1, 2, 2]]), rtol=5e-3)
+    assert sorted(expected) == sorted(mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_BODY, b) for b in range(1, m.nbody))
+    got = [m.body_mass[body(name)] for name in expected]
+    np.testing.assert_allclose(got, list(expected.values()), rtol=5e-3)
+    with pytest.warns(DeprecationWarning, match="out of date"):
+        today = gym.make(env_id).unwrapped.model
+    assert not np.allclose(today.body_mass, m.body_mass, rtol=5e-3)  # the shipped -v4 robot is another one
+    for field in ("geom_type", "geom_size", "geom_pos", "geom_quat", "geom_friction", "body_pos", "body_quat"):
+        np.testing.assert_array_equal(getattr(m, field), getattr(today, field))  # the contact geometry is -v4's
+    assert (m.geom_type == mujoco.mjtGeom.mjGEOM_CAPSULE).sum() == m.nbody - 1 + (family == "halfcheetah")
+    assert f"-v2 masses on MuJoCo {ilq.package_versions()['mujoco']}" in ilq.d4rl_eval_env(task).note
+    env.close()
+
+
+@pytest.mark.parametrize("family", ["hopper", "walker2d", "halfcheetah"])
+def test_locomotion_rules_stay_v4s(family):
+    """Past its masses the evaluation env is -v4: -v4 given the same mass properties yields the same observations,
+    rewards, terminations and truncations step for step, over several episodes; and resets are -v4's as shipped."""
+    env_id = ilq.D4RL_LOCOMOTION_V4[family]
+    env = ilq.make_d4rl_locomotion(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ref, shipped = v4_with_masses_of(env, env_id), gym.make(env_id)
+    assert type(env.unwrapped) is type(ref.unwrapped) and env.spec.max_episode_steps == 1000
+    rng, seed, ends = np.random.default_rng(0), 0, {"terminated": 0, "truncated": 0}
+    np.testing.assert_array_equal(env.reset(seed=seed)[0], shipped.reset(seed=seed)[0])
+    ref.reset(seed=seed)
+    for _ in range(1100):
+        action = rng.uniform(-1, 1, env.action_space.shape)
+        out, ref_out = env.step(action), ref.step(action)
+        for x, y in zip(out[:4], ref_out[:4]):
+            np.testing.assert_array_equal(x, y)
+        if out[2] or out[3]:
+            ends["terminated" if out[2] else "truncated"] += 1
+            seed += 1
+            np.testing.assert_array_equal(env.reset(seed=seed)[0], ref.reset(seed=seed)[0])
+    if family == "halfcheetah":
+        assert ends == {"terminated": 0, "truncated": 1}
+    else:
+        assert ends["terminated"] >= 2
+    for e in (env, ref, shipped):
+        e.close()
+
+
+def test_eval_env_id_v4_is_the_shipped_robot(tmp_path):
+    import h5py
+
+    path = tmp_path / "hopper.hdf5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for k, shape in (("observations", (50, 11)), ("next_observations", (50, 11)), ("actions", (50, 3))):
+            f[k] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+        f["rewards"], f["terminals"] = rng.normal(size=50).astype(np.float32), np.zeros(50, bool)
+    args = ilq.Args(env_id="hopper-medium", dataset_path=str(path), download=False, eval_env_id="Hopper-v4")
+    _, info = ilq.load_dataset(args)
+    assert info.eval_env == "Hopper-v4"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        envs = ilq.make_env(info, 1)
+    # today's exact capsules, MuJoCo >= 2.1.2: 1000 pi r^2 (2h + 4r/3)
+    np.testing.assert_allclose(envs.envs[0].unwrapped.model.body_mass[1:], [3.6652, 4.0579, 2.7814, 5.3156], rtol=1e-4)
+    envs.close()
 
 
 def test_spec_routes_maze2d_and_pen_and_refuses_others():
