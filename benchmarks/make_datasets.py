@@ -407,6 +407,7 @@ def load_policy(path: str):
 def make_medium_datasets(a) -> None:
     suffix = "-quick" if a.quick else ""
     env_id = ilq.D4RL_LOCOMOTION_V4[a.robot]
+    robot = f"{env_id} with the -v2 masses (ilq_jax.restore_v2_masses; D4RL's robot), actions clipped to [-1, 1]"
     refs = ilq.D4RL_REF_SCORES[a.robot]
     target = refs[0] + a.medium_fraction * (refs[1] - refs[0])
 
@@ -447,7 +448,7 @@ def make_medium_datasets(a) -> None:
     episodes.start(obs)
     t0, n_ep, last_eval, t_update, curve = time.time(), 0, float("nan"), 0.0, []
     print(
-        f"[datasets] online SAC on {env_id} until the evaluation return reaches {target:.0f} "
+        f"[datasets] online SAC on {robot} until the evaluation return reaches {target:.0f} "
         f"(normalised {100 * a.medium_fraction:.1f}), at most {a.max_steps} steps / {a.max_minutes} min",
         flush=True,
     )
@@ -503,7 +504,7 @@ def make_medium_datasets(a) -> None:
     )
 
     replay_what = (
-        f"D4RL 'medium-replay' protocol on {env_id}: the full replay buffer of an online SAC run (seed {a.seed}) that {level}."
+        f"D4RL 'medium-replay' protocol on {robot}: the full replay buffer of an online SAC run (seed {a.seed}) that {level}."
     )
     write_dataset(f"{ilq.LOCAL_NAMESPACE}/{a.robot}/medium-replay{suffix}-v0", episodes, env_id, refs, replay_what)
 
@@ -521,7 +522,7 @@ def make_medium_datasets(a) -> None:
             rollouts.start(obs)
     rollouts.close()
     medium_what = (
-        f"D4RL 'medium' protocol on {env_id}: {a.medium_steps} steps of the stochastic policy of an online SAC run "
+        f"D4RL 'medium' protocol on {robot}: {a.medium_steps} steps of the stochastic policy of an online SAC run "
         f"(seed {a.seed}) that {level}."
     )
     write_dataset(f"{ilq.LOCAL_NAMESPACE}/{a.robot}/medium{suffix}-v0", rollouts, env_id, refs, medium_what)
@@ -531,7 +532,7 @@ def make_medium_datasets(a) -> None:
         path = os.path.join(a.out_dir, f"{a.robot}_{kind}{suffix.replace('-', '_')}-ilq-local.hdf5")
         write_d4rl_hdf5(path, episodes_to_d4rl(eps), what)
         print(f"[datasets] wrote {path} (D4RL's HDF5 layout; locally made, NOT a D4RL dataset)", flush=True)
-    meta = dict(env=env_id, seed=a.seed, steps=step, wall_s=round(wall, 1), reached=reached, eval_curve=curve)
+    meta = dict(env=env_id, env_note=robot, seed=a.seed, steps=step, wall_s=round(wall, 1), reached=reached, eval_curve=curve)
     meta.update(final_eval_return=last_eval, target_return=target, what=f"the medium SAC policy of the run that {level}")
     policy_path = os.path.join(a.out_dir, f"{a.robot}_medium{suffix.replace('-', '_')}-sac-policy.msgpack")
     save_policy(policy_path, cfg, state.actor_params, meta)
