@@ -806,10 +806,12 @@ import difflib
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import sys
+import typing
 import urllib.request
 import warnings
 from typing import Literal
@@ -830,6 +832,9 @@ class Args:
     exp_name: str = "ilq"  # name of this experiment (part of the run name)
     seed: int = 1  # seed of the ILQ learner (networks, minibatches, OOD actions)
     num_seeds: int = 1  # independent learners trained together in one process (jax.vmap): seeds --seed ... --seed + N - 1
+    # methods trained together, each with --num-seeds seeds, in one jitted scan: comma-separated from ilq, no-imagination,
+    # no-limitation (Sec. 5.4's ablations); None: one method, ilq or what --no-imagination / --no-limitation make it
+    methods: Optional[str] = None
     # the DATASET (the evaluation env is --eval-env-id): a D4RL name (hopper-medium-replay), a Minari id
     # (mujoco/hopper/medium-v0) or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy dataset this file
     # generates offline (the default)
@@ -842,14 +847,23 @@ class Args:
     # (None: a new run)
     resume: Optional[str] = None
     stop_after: Optional[int] = None  # stop after this many updates in this call, with a checkpoint (None: run to the end)
+    # end the run at the first evaluation after this many minutes since the start, as a finished run whose summary says
+    # how far it got (None: all --total-steps)
+    time_box_min: Optional[float] = None
     # cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: about 5 min on 2 CPU cores); paper: 1e6
     # updates, 3e5 diffusion steps, 40 dynamics epochs (Table 3)
     budget: Literal["cpu", "paper"] = "cpu"
     total_steps: Optional[int] = None  # gradient updates of each learner (None: from --budget, cpu 5000, paper 1e6)
     updates_per_call: int = 250  # updates fused into one jitted lax.scan call (the last call may be shorter)
+    sample_chunk: int = 10  # updates whose fresh behaviour samples are drawn together in one diffusion chain (same values)
+    # updates between checkpoints (None: from --budget, cpu 500, paper 50000); an interrupt always checkpoints
+    checkpoint_interval: Optional[int] = None
     eval_interval: Optional[int] = None  # updates between evaluations (None: from --budget, cpu 500, paper 5000)
     eval_episodes: int = 10  # episodes per evaluation (deterministic policy, fresh start states at every evaluation)
     eval_seed: int = 10_000  # first start-state seed of the evaluation episodes (separate from the training seed)
+    # worker processes that evaluate snapshots while training goes on (0: in the training loop; None: 1 when JAX runs
+    # on an accelerator, else 0); the results are the same either way
+    eval_workers: Optional[int] = None
     batch_size: int = 256  # minibatch size B (the paper's 256)
     eta: Optional[float] = None  # eta of Eq. 16, the weight of the in-sample loss (None: the paper's value for this dataset)
     delta: Optional[float] = None  # delta of Eq. 18, added after the min (None: the paper's value for this dataset)
@@ -889,11 +903,13 @@ BUDGETS = {  # the paper's Table 3, and one whose default run takes about 5 minu
     "paper": dict(total_steps=1_000_000, eval_interval=5_000, diffusion_steps=300_000, dynamics_epochs=40),
     "cpu": dict(total_steps=5_000, eval_interval=500, diffusion_steps=20_000, dynamics_epochs=10),
 }
+CHECKPOINT_EVERY = {"paper": 50_000, "cpu": 500}  # --checkpoint-interval's default (15 paper learners: ~86 MiB a file set)
 POSITIVE_INTS = (
     "total_steps eval_interval updates_per_call eval_episodes batch_size num_seeds num_behavior_samples num_ood_actions "
     "hidden_dim num_hidden dynamics_members dynamics_elites dynamics_hidden dynamics_epochs diffusion_steps diffusion_k "
-    "random_dataset_steps"
+    "random_dataset_steps sample_chunk checkpoint_interval"
 ).split()
+MAX_INT = 2**31 - 1  # JAX's int32 indices and counters
 
 
 class ILQError(Exception):
@@ -907,7 +923,18 @@ def flag(name: str) -> str:
 def resolve_args(args: Args) -> Args:
     """Fill the budget's defaults and check every numeric flag, before any work starts or any folder is made."""
     args = dataclasses.replace(args, **{k: v for k, v in BUDGETS[args.budget].items() if getattr(args, k) is None})
+    if args.checkpoint_interval is None:
+        args = dataclasses.replace(args, checkpoint_interval=CHECKPOINT_EVERY[args.budget])
     bad = [f"{flag(n)} ({getattr(args, n)}) must be a positive integer" for n in POSITIVE_INTS if getattr(args, n) <= 0]
+    bad += [f"{flag(n)} ({getattr(args, n)}) must be at most {MAX_INT}" for n in POSITIVE_INTS if getattr(args, n) > MAX_INT]
+    if args.time_box_min is not None and not args.time_box_min > 0:
+        bad.append(f"--time-box-min ({args.time_box_min}) must be positive")
+    if args.eval_workers is not None and not 0 <= args.eval_workers <= 64:
+        bad.append(f"--eval-workers ({args.eval_workers}) must lie in 0..64")
+    try:
+        learner_methods(args)
+    except ILQError as e:
+        bad.append(str(e))
     if args.stop_after is not None and args.stop_after <= 0:
         bad.append(f"--stop-after ({args.stop_after}) must be a positive integer")
     for name in ("seed", "eval_seed", "pretrain_seed"):
@@ -1643,9 +1670,10 @@ def model_settings(args: Args, kind: str) -> dict:
 
 
 def artifact_path(args: Args, info: DatasetInfo, kind: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", info.name)
     key = hashlib.sha1(json.dumps(model_settings(args, kind), sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(os.path.expanduser(args.model_dir), f"{slug}-{info.fingerprint[:12]}", f"{kind}-{key}.msgpack")
+    return os.path.join(
+        os.path.expanduser(args.model_dir), f"{slug(info.name)}-{info.fingerprint[:12]}", f"{kind}-{key}.msgpack"
+    )
 
 
 def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
@@ -1753,7 +1781,8 @@ def _read_run_file(run_dir: str, name: str, what: str):
 
 
 def resume_args(args: Args) -> Args:
-    """The saved settings of the run in --resume; flags that would change them are refused."""
+    """The saved settings of the run in --resume; flags that would change them, and a saved file with missing or
+    mistyped settings, are refused."""
     changed = [flag(f.name) for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default]
     if changed := [c for c in changed if c not in ("--resume", "--stop-after")]:
         raise ILQError(
@@ -1761,50 +1790,109 @@ def resume_args(args: Args) -> Args:
             "run with a larger --total-steps)."
         )
     saved = _read_run_file(args.resume, "args.json", "no run of ilq_jax.py")
-    with errors_as(f"--resume {args.resume}: args.json does not hold this version's settings", "Start a new run."):
-        saved = Args(**saved)
+    hints, where = typing.get_type_hints(Args), f"--resume {args.resume}: {os.path.join(args.resume, 'args.json')}"
+    missing = [flag(f.name) for f in dataclasses.fields(Args) if f.name not in saved]
+    wrong = [f"{flag(k)} = {v!r}" for k, v in saved.items() if k in hints and not _has_type(v, hints[k])]
+    unknown = [k for k in saved if k not in hints]
+    if missing or wrong or unknown or not isinstance(saved, dict):
+        what = "; ".join(
+            x
+            for x in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"mistyped {', '.join(wrong)}" if wrong else "",
+                f"unknown {', '.join(unknown)}" if unknown else "",
+            )
+            if x
+        )
+        raise ILQError(
+            f"{where} does not hold this version's settings ({what}). It was written by another version of ilq_jax.py "
+            "or edited; start a new run (nothing was changed in the run folder)."
+        )
     if os.path.exists(os.path.join(args.resume, "summary.json")):
         summary = os.path.join(args.resume, "summary.json")
         raise ILQError(f"--resume {args.resume}: the run has finished; its results are in {summary}.")
-    return dataclasses.replace(saved, resume=args.resume, stop_after=args.stop_after)
+    return dataclasses.replace(Args(**saved), resume=args.resume, stop_after=args.stop_after)
 
 
-def save_checkpoint(run_dir: str, state: TrainState, progress: dict) -> None:
-    _atomic_write(os.path.join(run_dir, "checkpoint.msgpack"), flax.serialization.to_bytes(state))
+def _has_type(value, hint) -> bool:
+    """A JSON value fits a flag's type (Optional, Literal, bool, int, float, str)."""
+    if typing.get_origin(hint) is typing.Union:
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None) or hint is bool or hint is str:
+        return isinstance(value, hint) if hint is not type(None) else value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return hint is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def checkpoint_files(methods) -> list:
+    return [f"checkpoint-{m}.msgpack" for m in methods]
+
+
+def save_checkpoint(run_dir: str, state: TrainState, progress: dict, methods) -> None:
+    """One file per method (its seeds' train states, each small enough to bring back from a GPU machine), each
+    holding the update count, then checkpoint.json: a reader checks that all agree (load_checkpoint)."""
+    per_method = len(jax.tree_util.tree_leaves(state)[0]) // len(methods)
+    state = jax.device_get(state)
+    for g, name in enumerate(checkpoint_files(methods)):
+        block = jax.tree_util.tree_map(lambda x: x[g * per_method : (g + 1) * per_method], state)
+        payload = flax.serialization.to_bytes(dict(updates=progress["updates"], state=block))
+        _atomic_write(os.path.join(run_dir, name), payload)
     _atomic_write(os.path.join(run_dir, "checkpoint.json"), json.dumps(progress).encode())
 
 
-def load_checkpoint(run_dir: str, template: TrainState) -> tuple[TrainState, dict]:
+def load_checkpoint(run_dir: str, template: TrainState, methods) -> tuple[TrainState, dict]:
+    """The state and progress of --resume, refused unless every file is whole and of the same update. checkpoint.json
+    is written last: without it the run never finished a checkpoint and starts again at update 0 (the same run)."""
+    if not os.path.exists(os.path.join(run_dir, "checkpoint.json")):
+        print(f"[ilq] {run_dir} has no finished checkpoint: the run starts again at update 0")
+        return None, None
     progress = _read_run_file(run_dir, "checkpoint.json", "no checkpoint")
-    raw = _read_run_file(run_dir, "checkpoint.msgpack", "no checkpoint")
-    with errors_as(f"--resume {run_dir}: {os.path.join(run_dir, 'checkpoint.msgpack')} is damaged", "Nothing was changed."):
-        state = flax.serialization.from_bytes(template, raw)
-        if [x.shape for x in jax.tree_util.tree_leaves(state)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
-            raise ValueError("its arrays have other shapes than this run's networks")
-    return state, progress
+    per_method = len(jax.tree_util.tree_leaves(template)[0]) // len(methods)
+    block = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((per_method, *x.shape[1:]), x.dtype), template)
+    blocks = []
+    for name in checkpoint_files(methods):
+        raw, path = _read_run_file(run_dir, name, "no checkpoint"), os.path.join(run_dir, name)
+        with errors_as(f"--resume {run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
+            saved = flax.serialization.from_bytes(dict(updates=0, state=block), raw)
+            if [x.shape for x in jax.tree_util.tree_leaves(saved["state"])] != [
+                x.shape for x in jax.tree_util.tree_leaves(block)
+            ]:
+                raise ValueError("its arrays have other shapes than this run's networks")
+        if int(saved["updates"]) != progress.get("updates"):
+            raise ILQError(
+                f"--resume {run_dir}: {path} holds update {int(saved['updates'])} but checkpoint.json says update "
+                f"{progress.get('updates')}: the checkpoint was cut while being written (a kill or a full disk). Nothing "
+                "was changed; start a new run, or restore both files from a backup."
+            )
+        blocks.append(saved["state"])
+    return jax.tree_util.tree_map(lambda *x: np.concatenate(x), *blocks), progress
 
 
-def check_finite(metrics: dict, first_update: int, run_dir: str, seeds=None) -> None:
-    """Stop on a non-finite loss or Q value, naming the update (and seed) and the last good checkpoint.
-    metrics: arrays of shape (updates,) or (seeds, updates)."""
+def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) -> None:
+    """Stop on a non-finite loss or Q value, naming the update (and learner) and the last good checkpoint.
+    metrics: arrays of shape (updates,) or (learners, updates)."""
     keys = ("losses/critic_loss", "losses/actor_loss", "losses/q_data", "losses/q_ood")
     bad = np.any([~np.isfinite(np.asarray(metrics[k])) for k in keys], axis=0)
     if bad.any():
         bad = bad.reshape(-1, bad.shape[-1])
         which, offset = np.unravel_index(int(np.argmax(bad)), bad.shape)
-        ckpt = os.path.join(run_dir, "checkpoint.msgpack")
-        where = f"update {first_update + offset}" + (f" of seed {seeds[which]}" if seeds is not None else "")
+        where = f"update {first_update + offset}" + (f" of {learners[which]}" if learners is not None else "")
         advice = "No checkpoint was saved before it."
-        if os.path.exists(ckpt):
-            advice = f"The last good checkpoint is {ckpt}; resume with --resume {run_dir} after changing the settings "
-            advice += "that diverged (e.g. a smaller --delta or learning rate)."
+        if os.path.exists(os.path.join(run_dir, "checkpoint.json")):
+            advice = f"The last good checkpoint is in {run_dir}; resume with --resume {run_dir} after changing the "
+            advice += "settings that diverged (e.g. a smaller --delta or learning rate)."
         raise ILQError(f"Non-finite loss or Q value at {where}. {advice}")
 
 
-def summarize(progress: dict, seeds: list) -> dict:
-    """Per seed: the mean of the last 10 evaluations (never the best); then mean and std over seeds."""
+def summarize(progress: dict, seeds: list, first: int = 0) -> dict:
+    """Per seed (learners first, first + 1, ...): the mean of the last 10 evaluations (never the best); then mean
+    and std over seeds."""
     per_seed = []
-    for i, seed in enumerate(seeds):
+    for j, seed in enumerate(seeds):
+        i = first + j
         scores = [e[i] for e in progress["normalized_scores"] if e is not None]
         final = float(np.mean(scores[-10:])) if scores else None
         per_seed.append(dict(seed=seed, final_normalized_score=final))
@@ -1817,196 +1905,500 @@ def summarize(progress: dict, seeds: list) -> dict:
     return dict(out, final_return=float(np.mean([p["final_return"] for p in per_seed])), seeds=per_seed)
 
 
+# ---------------------------------------------------------------------------------------------------- evaluation
+def learners_policy(cfg: ILQConfig, n_learners: int, episodes: int):
+    """The deterministic policies of n learners at once: obs (n * episodes, obs) -> actions, learner-major."""
+    act = jax.vmap(partial(deterministic_action, cfg.actor))
+    return jax.jit(lambda p, o: act(p, o.reshape(n_learners, episodes, -1)).reshape(n_learners * episodes, -1))
+
+
+def _evaluation_worker(info, cfg, n_learners, episodes, tasks, results) -> None:
+    """A worker process: its own envs and CPU policy; (step, params, seeds) in, (step, returns or an error) out."""
+    envs, policy = make_env(info, n_learners * episodes), learners_policy(cfg, n_learners, episodes)
+    for step, params, seeds in iter(tasks.get, None):
+        try:
+            results.put((step, evaluate(envs, policy, params, seeds).reshape(n_learners, episodes)))
+        except Exception as e:  # reported by the training process as one paragraph
+            results.put((step, f"{type(e).__name__}: {str(e)[:300]}"))
+    envs.close()
+
+
+class Evaluator:
+    """Evaluations of parameter snapshots: in the training loop (workers = 0) or in worker processes while training
+    goes on. Either way the same envs, start seeds and deterministic policy, so the same returns; results come
+    back in the order they were asked for."""
+
+    def __init__(self, info: DatasetInfo, cfg: ILQConfig, n_learners: int, episodes: int, workers: int):
+        self.shape, self.pending, self.done = (n_learners, episodes), [], {}
+        if workers == 0:
+            self.envs, self.policy = make_env(info, n_learners * episodes), learners_policy(cfg, n_learners, episodes)
+            return
+        import multiprocessing as mp
+
+        ctx, old = mp.get_context("spawn"), os.environ.get("JAX_PLATFORMS")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        os.environ["JAX_PLATFORMS"] = "cpu"  # the workers leave the accelerator to training
+        try:
+            self.procs = [
+                ctx.Process(target=_evaluation_worker, args=(info, cfg, *self.shape, self.tasks, self.results), daemon=True)
+                for _ in range(workers)
+            ]
+            for p in self.procs:
+                p.start()
+        finally:
+            os.environ.pop("JAX_PLATFORMS") if old is None else os.environ.update(JAX_PLATFORMS=old)
+
+    def submit(self, step: int, actor_params, seeds: list, extra) -> None:
+        """Evaluate a snapshot of the actors at `step`; `extra` comes back with its result."""
+        params = jax.device_get(actor_params)
+        self.pending.append((step, extra))
+        if hasattr(self, "envs"):
+            self.done[step] = evaluate(self.envs, self.policy, params, seeds).reshape(self.shape)
+        else:
+            self.tasks.put((step, params, seeds))
+
+    def ready(self, wait: bool = False) -> list:
+        """[(step, returns (learners, episodes), extra)] of the finished evaluations, in order; wait: all of them."""
+        while hasattr(self, "procs") and len(self.done) < len(self.pending) and (wait or not self.results.empty()):
+            try:
+                step, returns = self.results.get(timeout=5.0)
+            except queue.Empty:
+                if not all(p.is_alive() for p in self.procs):
+                    raise ILQError("An evaluation worker process died (out of memory?); use --eval-workers 0.") from None
+                continue
+            if isinstance(returns, str):
+                raise ILQError(f"Evaluation at update {step} failed in a worker process ({returns}).")
+            self.done[step] = returns
+        out = []
+        while self.pending and self.pending[0][0] in self.done:
+            step, extra = self.pending.pop(0)
+            out.append((step, self.done.pop(step), extra))
+        return out
+
+    def close(self) -> None:
+        if hasattr(self, "envs"):
+            self.envs.close()
+            return
+        for _ in self.procs:
+            self.tasks.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+
+
 # ---------------------------------------------------------------------------------------------------- the training loop
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM (SLURM, docker stop, timeout) ended the run after a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 @contextlib.contextmanager
-def deferred_ctrl_c():
-    """Ctrl-C sets a flag that the loop reads after its current call (checkpoint, one line, exit code 130); a second
-    Ctrl-C interrupts at once."""
-    stop = {"requested": False}
+def deferred_signals():
+    """Ctrl-C and SIGTERM set a flag that the loop reads between jitted calls (checkpoint, one line, exit code 128 +
+    the signal); a second one acts at once. Nothing is interrupted inside XLA or MuJoCo."""
+    stop = {"signal": None}
 
     def handler(signum, frame):
-        stop["requested"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop["signal"] = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
-    old = signal.signal(signal.SIGINT, handler)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
-def start_run(args: Args):
-    """Settings, dataset, hyper-parameters and run folder of a new or resumed run: every check passes before the folder
-    is made."""
+class Run(NamedTuple):
+    """A new or resumed run, every check passed: what start_run found."""
+
+    args: Args
+    data: Transitions
+    info: DatasetInfo
+    hp: dict
+    methods: tuple  # names of METHODS, method-major learner blocks
+    seeds: list
+    learners: list  # "ilq seed 1", ... in learner order
+    run_dir: str
+    eval_workers: int
+
+
+def learner_methods(args: Args) -> tuple:
+    """--methods as METHODS names; without it, the one method that --imagination / --limitation make."""
+    if args.methods is None:
+        return tuple(m for m, flags in METHODS.items() if flags == (args.imagination, args.limitation))
+    names = [m.strip() for m in args.methods.split(",")]
+    if not names or len(set(names)) != len(names) or any(m not in METHODS for m in names):
+        raise ILQError(f"--methods ({args.methods}) must be distinct names from {', '.join(METHODS)}, comma-separated")
+    if not (args.imagination and args.limitation):
+        raise ILQError("--methods names the ablations itself; drop --no-imagination / --no-limitation")
+    return tuple(names)
+
+
+def shard_learners(state: TrainState, frozen: Frozen, run_keys, n_learners: int):
+    """With several local devices (an 8-GPU node; XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU), the
+    learner axis is split over as many of them as divide it evenly, and the data and frozen models are copied to each;
+    the jitted update then runs each device's learners there. The same learners as on one device."""
+    devices = jax.local_devices()
+    d = max(k for k in range(1, len(devices) + 1) if n_learners % k == 0)
+    if d == 1:
+        return state, frozen, run_keys
+    mesh = jax.sharding.Mesh(np.array(devices[:d]), ("learners",))
+    split, copy = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(p)) for p in ("learners", None))
+    print(f"[ilq] learners split over {d} devices ({n_learners // d} each)")
+    return jax.device_put(state, split), jax.device_put(frozen, copy), jax.device_put(run_keys, split)
+
+
+def memory_check(cfg: ILQConfig, args: Args, info: DatasetInfo, transitions: int, n_learners: int) -> int:
+    """Bytes of one learner's train state, after refusing a run whose learners, data and models cannot fit in the
+    memory JAX can use (estimated from shapes alone: nothing is allocated)."""
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    state = nbytes(jax.eval_shape(partial(init_train_state, cfg), jax.random.PRNGKey(0)))
+    rows = cfg.batch_size * (2 + 2 * cfg.num_ood_actions + cfg.num_behavior_samples * args.sample_chunk)
+    work = rows * max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations of one update
+    dyn = {k: v for k, v in model_settings(args, "dynamics").items() if k != "lr"}
+    models = nbytes(jax.eval_shape(lambda: init_dynamics(info.obs_dim, info.act_dim, info.family, **dyn).params))
+    models += nbytes(jax.eval_shape(lambda: init_behavior(info.obs_dim, info.act_dim, args.diffusion_k).params))
+    data = (2 * info.obs_dim + info.act_dim + 2) * 4 * transitions
+    need = n_learners * (state + work) + data + models
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+    limit = limit or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > 0.9 * limit:
+        raise ILQError(
+            f"{n_learners} learner(s) need about {need / 2**30:.1f} GiB ({state / 2**20:.1f} MiB of train state and "
+            f"{work / 2**20:.0f} MiB of work space each, {data / 2**20:.0f} MiB of data, {models / 2**20:.0f} MiB of "
+            f"models), but {device.platform} has {limit / 2**30:.1f} GiB available: use fewer --num-seeds / --methods "
+            "or smaller networks."
+        )
+    return state
+
+
+def start_run(args: Args) -> Run:
+    """Settings, dataset, hyper-parameters and learners of a new or resumed run, every check that needs no model done
+    (the run folder is made later, once the models exist)."""
     args = resolve_args(resume_args(args) if args.resume else args)
     data, info = load_dataset(args)
     print(describe_dataset(data, info))
-    hp, seeds = effective_hparams(args, info), list(range(args.seed, args.seed + args.num_seeds))
-    name = (
-        args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if len(data.rewards) < max(args.batch_size, 10):
+        raise ILQError(
+            f"Dataset '{info.name}' has {len(data.rewards)} usable transitions, fewer than a minibatch ({args.batch_size}) "
+            "or the 10 the dynamics holdout needs: ILQ cannot learn from it."
+        )
+    hp, methods, seeds = (
+        effective_hparams(args, info),
+        learner_methods(args),
+        list(range(args.seed, args.seed + args.num_seeds)),
     )
+    name = args.run_name or f"{slug(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", name)
-    for file in ("checkpoint.json", "checkpoint.msgpack") if args.resume else ():  # before minutes of pretraining
-        _read_run_file(run_dir, file, "no checkpoint")
     if not args.resume and os.path.exists(run_dir):
         raise ILQError(f"Run folder {run_dir} already exists; pick another --run-name or continue it with --resume {run_dir}.")
+    for path in (args.dynamics_path, args.behavior_path):
+        if path is not None and not os.path.exists(path):
+            raise ILQError(f"Model file '{path}' does not exist (--dynamics-path / --behavior-path).")
     over = f" (overridden by flags: {', '.join(hp['overridden'])})" if hp["overridden"] else ""
     lr = f"lr critic {hp['critic_lr']} / actor {hp['actor_lr']}"
     print(
         f"[ilq] {hp['source']}; effective: eta {hp['eta']}, delta {hp['delta']}, penalty {hp['penalty_coef']}, {lr}, "
         f"entropy {hp['entropy']}, cosine lr {hp['cosine_lr']}{over}"
     )
-    behavior = "bank" if args.behavior_bank else "fresh samples every update"
+    behavior = "bank" if args.behavior_bank else f"fresh samples every update, drawn {args.sample_chunk} updates at a time"
     print(
         f"[ilq] budget '{args.budget}': {args.total_steps} updates, eval every {args.eval_interval} ({args.eval_episodes} "
-        f"episodes), M={args.num_behavior_samples}, K={args.diffusion_k}, OOD actions/state {args.num_ood_actions}, "
-        f"imagination {args.imagination}, limitation {args.limitation}, behaviour {behavior}; "
-        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; run folder {run_dir}"
+        f"episodes), checkpoint every {args.checkpoint_interval}, M={args.num_behavior_samples}, K={args.diffusion_k}, "
+        f"OOD actions/state {args.num_ood_actions}, behaviour {behavior}; method{'s' if len(methods) > 1 else ''} "
+        f"{', '.join(methods)} x seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; run folder {run_dir}"
     )
-    envs = make_env(info, len(seeds) * args.eval_episodes)  # a mismatched env fails before any training
-    os.makedirs(run_dir, exist_ok=True)
-    if not args.resume:
-        _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
-    return args, data, info, hp, seeds, run_dir, envs
+    on_accelerator = jax.default_backend() != "cpu"
+    workers = args.eval_workers if args.eval_workers is not None else int(on_accelerator)
+    make_env(info, 1).close()  # a mismatched env fails before any training
+    learners = [f"{m} seed {s}" for m in methods for s in seeds]
+    return Run(args, data, info, hp, methods, seeds, learners, run_dir, workers)
+
+
+def slug(name: str) -> str:
+    """A name as one path component (run folders, model cache folders)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def lock_run_folder(run_dir: str):
+    """An exclusive lock on the run folder for this process's lifetime: a second run on it is refused."""
+    import fcntl
+
+    handle = open(os.path.join(run_dir, ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ILQError(f"Run folder {run_dir} is in use by another ilq_jax.py process; wait for it to end.") from None
+    return handle
 
 
 def train(args: Args) -> dict:
-    """Algorithm 1 as a run: pretrained models (lines 2-3), then the fused updates (lines 4-12) with an evaluation and a
-    checkpoint every --eval-interval updates and a progress line at least every 30 s; summary.json at the end."""
+    """Algorithm 1 as a run: pretrained models (lines 2-3), then the fused updates of every (method, seed) learner
+    (lines 4-12), evaluations every --eval-interval updates, checkpoints every --checkpoint-interval, a progress line
+    at least every 30 s; summary.json at the end."""
     t_invocation = time.time()
-    args, data, info, hp, seeds, run_dir, envs = start_run(args)
-    n_seeds, n_eval = len(seeds), args.eval_episodes
-    pretrain_log = TensorBoard(os.path.join(run_dir, "pretrain"))
-    try:
-        dynamics, behavior = load_or_pretrain(args, data, info, log=pretrain_log.scalar)
-    finally:
-        pretrain_log.close()
-    bank = None
-    if args.behavior_bank and args.limitation:
-        bank = make_behavior_bank(behavior, data.observations, args.num_behavior_samples, args.pretrain_seed)
-    cfg, frozen = learner_config(args, hp, info), Frozen(data, dynamics, behavior, bank)
-    # seed i of the batch is exactly the learner that a single run with --seed i would be
-    state = jax.vmap(partial(init_train_state, cfg))(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-    progress = dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0)
-    progress["wall_time_s"] = 0.0
-    if args.resume:
-        state, progress = load_checkpoint(run_dir, state)
-        print(f"[ilq] resumed {run_dir} at update {progress['updates']}")
-    seed_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) // n_seeds
-    print(f"[ilq] {n_seeds} learner(s) in one jitted call; train state {seed_bytes / 2**20:.1f} MiB per seed")
-    update = make_update_fn(cfg, batched=True)
-    run_keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 1) for s in seeds])
-    # the key of update u depends on u alone, so calls of any length (and resumes) give the same learner
-    update_keys = jax.jit(jax.vmap(lambda rk, us: jax.vmap(partial(jax.random.fold_in, rk))(us), in_axes=(0, None)))
-    act = jax.vmap(partial(deterministic_action, cfg.actor))
-    policy = jax.jit(lambda p, o: act(p, o.reshape(n_seeds, n_eval, -1)).reshape(n_seeds * n_eval, -1))
-    writers = [TensorBoard(os.path.join(run_dir, f"seed_{s}")) for s in seeds]
-    wall_before, start_updates, last_print = progress["wall_time_s"], progress["updates"], time.time()
-
-    def checkpoint(message: str = ""):
-        progress["wall_time_s"] = wall_before + time.time() - t_invocation
-        save_checkpoint(run_dir, state, progress)
-        if message:
-            print(f"[ilq] {message} at update {step}; checkpoint saved. Continue with: python ilq_jax.py --resume {run_dir}")
-
-    try:
-        with deferred_ctrl_c() as stop:
+    run = start_run(args)  # every check that needs no model, before minutes of pretraining
+    args, n_learners = run.args, len(run.learners)
+    cfg = learner_config(args, run.hp, run.info)
+    seed_bytes = memory_check(cfg, args, run.info, len(run.data.rewards), n_learners)
+    # learner (m, s) starts as the single run of method m with --seed s would: init and update keys from s alone
+    seed_keys = jnp.stack([jax.random.PRNGKey(s) for s in run.seeds * len(run.methods)])
+    template = jax.eval_shape(jax.vmap(partial(init_train_state, cfg)), seed_keys)
+    state, progress = load_checkpoint(run.run_dir, template, run.methods) if args.resume else (None, None)
+    progress = progress or new_progress()
+    with deferred_signals() as stop:
+        frozen, pretrain_scalars = pretrained_models(run, stop)
+        state = jax.vmap(partial(init_train_state, cfg))(seed_keys) if state is None else state
+        run_keys = jnp.stack([jax.random.fold_in(k, 1) for k in seed_keys])
+        state, frozen, run_keys = shard_learners(state, frozen, run_keys, n_learners)
+        update = make_update_fn(cfg, batched=True, methods=run.methods, sample_chunk=args.sample_chunk)
+        # the key of update u depends on u alone, so calls of any length (and resumes) give the same learner
+        update_keys = jax.jit(jax.vmap(lambda rk, us: jax.vmap(partial(jax.random.fold_in, rk))(us), in_axes=(0, None)))
+        print(f"[ilq] {n_learners} learner(s) in one jitted call; train state {seed_bytes / 2**20:.1f} MiB per learner")
+        with Session(run, cfg, progress, pretrain_scalars, t_invocation) as session:
+            start = progress["updates"]
             while progress["updates"] < args.total_steps:
                 u0 = progress["updates"]
-                next_eval = min(args.total_steps, (u0 // args.eval_interval + 1) * args.eval_interval)
-                n = min(args.updates_per_call, next_eval - u0)
-                n = min(n, start_updates + args.stop_after - u0) if args.stop_after else n
+                n = call_length(args, u0, start)
                 t0 = time.time()
                 state, metrics = update(state, frozen, update_keys(run_keys, jnp.arange(u0, u0 + n)))
-                metrics = jax.device_get(metrics)  # (seeds, n) per metric: one host transfer per call
-                check_finite(metrics, u0 + 1, run_dir, seeds)
-                progress["updates"] = step = u0 + n
-                progress["train_time_s"] += time.time() - t0
-                for i, w in enumerate(writers):
-                    for name, values in metrics.items():
-                        w.scalar(name, float(np.mean(values[i])), step)
-                    w.scalar("charts/SPS", n / (time.time() - t0), step)
-                rate = step / max(progress["train_time_s"], 1e-9)  # updates/s of each learner (all run at once)
-                line = f"[ilq] update {step:8d}/{args.total_steps} | {rate:6.1f} updates/s"
-                line += f" per seed x {n_seeds}" if n_seeds > 1 else ""
-                if step == next_eval:
-                    seeds_now = evaluation_seeds(args.eval_seed, len(progress["eval_steps"]), n_eval, n_seeds)
-                    returns = evaluate(envs, policy, state.actor_params, seeds_now).reshape(n_seeds, n_eval)
-                    norm = info.normalize(returns)
-                    progress["eval_steps"].append(step)
-                    progress["returns"].append(returns.tolist())
-                    progress["normalized_scores"].append(None if norm is None else norm.mean(1).tolist())
-                    progress["q_data"].append(np.mean(metrics["losses/q_data"], 1).tolist())  # over-optimism (Fig. 10)
-                    for i, w in enumerate(writers):
-                        w.scalar("eval/episodic_return", returns[i].mean(), step)
-                        if norm is not None:
-                            w.scalar("eval/normalized_score", norm[i].mean(), step)
-                    checkpoint()
-                    line += f" | return {returns.mean():8.1f}"
-                    if norm is not None:
-                        line += f" | normalised {norm.mean():6.2f}"
-                        line += f" +- {norm.mean(1).std():.2f} over seeds" if n_seeds > 1 else ""
-                line += f" | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f}"
-                line += f" | alpha {float(np.mean(metrics['losses/alpha'])):.3f}"
-                if step == next_eval or time.time() - last_print >= PROGRESS_EVERY_S:  # a sign of life between evaluations
-                    print(f"{line} | time left {(args.total_steps - step) / rate:5.0f}s", flush=True)
-                    last_print = time.time()
-                if stop["requested"]:
-                    checkpoint("interrupted")
-                    raise KeyboardInterrupt
-                if args.stop_after and step - start_updates >= args.stop_after and step < args.total_steps:
-                    checkpoint("stopped (--stop-after)")
+                step = session.record(state, jax.device_get(metrics), n, time.time() - t0)  # checks, logs, evaluations
+                ending = ending_of(args, step, start, stop, time.time() - t_invocation)
+                session.collect_evaluations(wait=bool(ending) or step % args.checkpoint_interval == 0)
+                if ending or step % args.checkpoint_interval == 0:  # a checkpoint holds every evaluation up to it
+                    session.checkpoint(state)
+                if ending in ("interrupted", "stopped (--stop-after)"):
+                    print(f"[ilq] {ending} at update {step}; checkpoint saved. Continue with: {resume_command(run)}")
+                    if stop["signal"]:
+                        raise Interrupted(stop["signal"])
                     return {}
-    finally:
-        for w in writers:
+                if ending == "time box":
+                    print(f"[ilq] time box of {args.time_box_min} min reached at update {step} of {args.total_steps}")
+                    break
+    return write_summary(run, progress, progress["wall_time_s"], seed_bytes)
+
+
+def ending_of(args: Args, step: int, start: int, stop: dict, elapsed_s: float) -> Optional[str]:
+    """Why the run ends after this call, if it does."""
+    if stop["signal"]:
+        return "interrupted"
+    if step == args.total_steps:
+        return "done"
+    if args.time_box_min and elapsed_s > 60 * args.time_box_min and step % args.eval_interval == 0:
+        return "time box"
+    return "stopped (--stop-after)" if args.stop_after and step - start >= args.stop_after else None
+
+
+class Session:
+    """What a run writes while it trains: its folder (made now, locked), TensorBoard, evaluations, checkpoints, the
+    console; closed on any exit."""
+
+    def __init__(self, run: Run, cfg: ILQConfig, progress: dict, pretrain_scalars: list, t_invocation: float):
+        self.run, self.progress, self.t_invocation = run, progress, t_invocation
+        self.wall_before, self.last_print = progress["wall_time_s"], time.time()
+        self.lock = open_run_folder(run, pretrain_scalars)
+        self.writers = [TensorBoard(os.path.join(run.run_dir, d)) for d in learner_folders(run)]
+        self.evaluator = Evaluator(run.info, cfg, len(run.learners), run.args.eval_episodes, run.eval_workers)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.evaluator.close()
+        for w in self.writers:
             w.close()
-        envs.close()
-    return write_summary(args, info, hp, progress, seeds, run_dir, wall_before + time.time() - t_invocation, seed_bytes)
+        self.lock.close()
+
+    def record(self, state: TrainState, metrics: dict, n: int, seconds: float) -> int:
+        """After a call of n updates: stop on a non-finite value, log, hand a snapshot to the evaluator when due."""
+        args, progress = self.run.args, self.progress
+        check_finite(metrics, progress["updates"] + 1, self.run.run_dir, self.run.learners)
+        progress["updates"] = step = progress["updates"] + n
+        progress["train_time_s"] += seconds
+        log_updates(self.writers, metrics, n / seconds, step)
+        if step % args.eval_interval == 0 or step == args.total_steps:  # evaluate a snapshot, train on
+            index = len(progress["eval_steps"]) + len(self.evaluator.pending)
+            seeds = evaluation_seeds(args.eval_seed, index, args.eval_episodes, len(self.run.learners))
+            self.evaluator.submit(step, state.actor_params, seeds, np.mean(metrics["losses/q_data"], 1).tolist())
+        self.collect_evaluations(wait=False)
+        if time.time() - self.last_print >= PROGRESS_EVERY_S:  # a sign of life between evaluations
+            print(progress_line(args, step, progress, metrics, len(self.run.learners)), flush=True)
+            self.last_print = time.time()
+        return step
+
+    def collect_evaluations(self, wait: bool) -> None:
+        record_evaluations(self.evaluator.ready(wait), self.progress, self.writers, self.run)
+
+    def checkpoint(self, state: TrainState) -> None:
+        self.progress["wall_time_s"] = self.wall_before + time.time() - self.t_invocation
+        with errors_as(f"Could not write a checkpoint into {self.run.run_dir}", "Free disk space and --resume the run."):
+            save_checkpoint(self.run.run_dir, state, self.progress, self.run.methods)
 
 
-def write_summary(args: Args, info: DatasetInfo, hp: dict, progress: dict, seeds: list, run_dir: str, wall, state_bytes):
-    """summary.json of a finished run: per-seed and mean final scores (mean of the last 10 evaluations), the dataset's
-    own mean, the evaluation protocol, speed, wall time over every invocation, settings and versions."""
+def new_progress() -> dict:
+    return dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0, wall_time_s=0.0)
+
+
+def pretrained_models(run: Run, stop: dict):
+    """Algorithm 1, lines 2-3 (load_or_pretrain), stoppable between jitted calls: a model trained before an interrupt
+    stays cached. Returns the frozen inputs of the update and the pretraining scalars for TensorBoard."""
+    scalars = []
+
+    def log(tag, value, step):
+        if stop["signal"]:
+            raise Interrupted(stop["signal"])
+        scalars.append((tag, value, step))
+
+    dynamics, behavior = load_or_pretrain(run.args, run.data, run.info, log=log)
+    bank = None
+    if run.args.behavior_bank and any(METHODS[m][1] for m in run.methods):
+        bank = make_behavior_bank(behavior, run.data.observations, run.args.num_behavior_samples, run.args.pretrain_seed)
+    return Frozen(run.data, dynamics, behavior, bank), scalars
+
+
+def open_run_folder(run: Run, pretrain_scalars: list):
+    """The run folder, made once training is about to start (and locked): args.json and the pretraining curves."""
+    with errors_as(f"Could not write the run folder {run.run_dir}", "Free disk space or pick a writable folder."):
+        os.makedirs(run.run_dir, exist_ok=bool(run.args.resume))
+        lock = lock_run_folder(run.run_dir)
+        if not run.args.resume:
+            _atomic_write(os.path.join(run.run_dir, "args.json"), json.dumps(dataclasses.asdict(run.args), indent=2).encode())
+            log = TensorBoard(os.path.join(run.run_dir, "pretrain"))
+            for scalar in pretrain_scalars:
+                log.scalar(*scalar)
+            log.close()
+    return lock
+
+
+def resume_command(run: Run) -> str:
+    return f"python ilq_jax.py --resume {run.run_dir}"
+
+
+def learner_folders(run: Run) -> list:
+    """TensorBoard folder of each learner: seed_<s>, or <method>/seed_<s> when several methods train together."""
+    return [f"{m}/seed_{s}" if len(run.methods) > 1 else f"seed_{s}" for m in run.methods for s in run.seeds]
+
+
+def call_length(args: Args, done: int, start: int) -> int:
+    """Updates of the next call: up to --updates-per-call, ending at the next evaluation, checkpoint, the end of the
+    run or of --stop-after."""
+    ends = [args.total_steps, (done // args.eval_interval + 1) * args.eval_interval]
+    ends += [(done // args.checkpoint_interval + 1) * args.checkpoint_interval]
+    ends += [start + args.stop_after] if args.stop_after else []
+    return min([done + args.updates_per_call] + ends) - done
+
+
+def log_updates(writers: list, metrics: dict, updates_per_s: float, step: int) -> None:
+    for i, w in enumerate(writers):
+        for name, values in metrics.items():
+            if np.isfinite(values[i]).all():  # an ablation has no y_img - y_lmt (NaN)
+                w.scalar(name, float(np.mean(values[i])), step)
+        w.scalar("charts/SPS", updates_per_s, step)
+
+
+def record_evaluations(results: list, progress: dict, writers: list, run: Run) -> None:
+    """Finished evaluations into the progress record, TensorBoard and one console line each (per method: mean +- std
+    over seeds)."""
+    for step, returns, q_data in results:
+        norm = run.info.normalize(returns)
+        progress["eval_steps"].append(step)
+        progress["returns"].append(returns.tolist())
+        progress["normalized_scores"].append(None if norm is None else norm.mean(1).tolist())
+        progress["q_data"].append(q_data)  # the over-optimism diagnostic (Fig. 10)
+        for i, w in enumerate(writers):
+            w.scalar("eval/episodic_return", returns[i].mean(), step)
+            if norm is not None:
+                w.scalar("eval/normalized_score", norm[i].mean(), step)
+        values, n = (returns if norm is None else norm).mean(1), len(run.seeds)
+        parts = [f"{m} {values[g * n : (g + 1) * n].mean():7.2f}" for g, m in enumerate(run.methods)]
+        parts = [p + (f" +- {values[g * n : (g + 1) * n].std():.2f}" if n > 1 else "") for g, p in enumerate(parts)]
+        print(f"[ilq] evaluation at update {step:8d} | {'normalised' if norm is not None else 'return'} {' | '.join(parts)}")
+
+
+def progress_line(args: Args, step: int, progress: dict, metrics: dict, n_learners: int) -> str:
+    rate = step / max(progress["train_time_s"], 1e-9)
+    line = f"[ilq] update {step:8d}/{args.total_steps} | {rate:6.1f} updates/s"
+    line += f" per learner x {n_learners}" if n_learners > 1 else ""
+    line += f" | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f} | alpha {float(np.mean(metrics['losses/alpha'])):.3f}"
+    return line + f" | time left {(args.total_steps - step) / rate:5.0f}s"
+
+
+def write_summary(run: Run, progress: dict, wall: float, state_bytes: int) -> dict:
+    """summary.json of a finished run: per method and per seed the final score (mean of the last 10 evaluations), mean
+    and std over seeds, the dataset's own mean, the evaluation protocol, speed, wall time over every invocation,
+    settings and versions. A one-method run also has that method's numbers at the top level."""
+    args, info, n = run.args, run.info, len(run.seeds)
     ds_norm, env = info.normalize(info.episode_returns), env_name(info.eval_env)
     starts = f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = 0, 1, ... per evaluation, "
-    starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every seed"
+    starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every learner"
     evaluation = dict(env=env, episodes=args.eval_episodes, policy="deterministic tanh(mean)", start_seeds=starts)
     if isinstance(info.eval_env, EvalEnv):
         evaluation["env_note"] = info.eval_env.note
-    summary = dict(summarize(progress, seeds), num_seeds=len(seeds), eval_steps=progress["eval_steps"])
+    methods = {m: summarize(progress, run.seeds, g * n) for g, m in enumerate(run.methods)}
+    summary = dict(methods[run.methods[0]]) if len(run.methods) == 1 else {}
+    summary.update(methods=methods, num_seeds=n, eval_steps=progress["eval_steps"])
     summary.update(dataset_mean_normalized_return=None if ds_norm is None else float(ds_norm.mean()))
     summary.update(dataset_mean_return=float(info.episode_returns.mean()), evaluation=evaluation)
     summary.update(updates_per_second=progress["updates"] / progress["train_time_s"], train_time_s=progress["train_time_s"])
-    summary.update(wall_time_s=wall, train_state_bytes_per_seed=int(state_bytes))
+    summary.update(wall_time_s=wall, train_state_bytes_per_seed=int(state_bytes), learners=len(run.learners))
+    summary.update(updates=progress["updates"], ended_by_time_box=progress["updates"] < args.total_steps)
     dataset = dict(name=info.name, source=info.source, fingerprint=info.fingerprint, ref_min=info.ref_min)
     summary.update(dataset=dict(dataset, ref_max=info.ref_max), args=dataclasses.asdict(args))
-    summary.update(hyperparameters={k: v for k, v in hp.items() if k != "overridden"}, versions=package_versions())
+    summary.update(hyperparameters={k: v for k, v in run.hp.items() if k != "overridden"}, versions=package_versions())
     summary["devices"] = [str(d) for d in jax.devices()]
-    _atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-    if summary["final_normalized_score"] is not None:
-        spread = f" +- {summary['final_normalized_score_std']:.2f} over {len(seeds)} seeds" if len(seeds) > 1 else ""
-        print(
-            f"[ilq] final normalised score (mean of the last {min(10, len(progress['eval_steps']))} evaluations): "
-            f"{summary['final_normalized_score']:.2f}{spread} | dataset mean normalised return "
-            f"{summary['dataset_mean_normalized_return']:.2f} | {run_dir}/summary.json"
-        )
+    _atomic_write(os.path.join(run.run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    last = min(10, len(progress["eval_steps"]))
+    for m, s in methods.items():
+        if s["final_normalized_score"] is not None:
+            spread = f" +- {s['final_normalized_score_std']:.2f} over {n} seeds" if n > 1 else ""
+            print(
+                f"[ilq] {m}: final normalised score (mean of the last {last} evaluations) {s['final_normalized_score']:.2f}"
+                f"{spread} | dataset mean normalised return {summary['dataset_mean_normalized_return']:.2f}"
+            )
+    print(f"[ilq] results: {run.run_dir}/summary.json")
     return summary
 
 
 def run_cli(fn, *args) -> None:
-    """Run fn(*args) as a command: an ILQError prints one paragraph (exit code 2), Ctrl-C one line (exit code 130)."""
+    """Run fn(*args) as a command: an ILQError or an OS error (full disk, read-only folder) prints one paragraph (exit
+    code 2), an interrupt one line (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM)."""
     try:
         fn(*args)
     except ILQError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(
+            f"error: {e.strerror or e} ({e.filename or 'a file'}). Free disk space or use a writable folder.", file=sys.stderr
+        )
+        sys.exit(2)
+    except Interrupted as e:
+        print(f"[ilq] interrupted ({e}); exit code {128 + e.signum}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         print("[ilq] interrupted (Ctrl-C); exit code 130", file=sys.stderr)
         sys.exit(130)
 
 
+def parse_args(argv: list) -> Args:
+    """The command line as Args; with --resume only --stop-after may be given (even a flag equal to its default)."""
+    given = {a.split("=")[0] for a in argv if a.startswith("--")} - {"--resume", "--stop-after"}
+    if "--resume" in {a.split("=")[0] for a in argv} and given:
+        raise ILQError(f"--resume continues a run with its saved settings; drop {', '.join(sorted(given))}.")
+    return tyro.cli(Args, args=argv)
+
+
 def main(argv=None) -> None:
-    run_cli(train, tyro.cli(Args, args=argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run_cli(lambda: train(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
 def _counting_update_fn(monkeypatch, counter, interrupt_on_call=None):
     """Wrap ilq.make_update_fn: count the updates each call runs; optionally send Ctrl-C to ourselves."""
 
-    def make(cfg, batched=False):
-        fn = REAL_MAKE_UPDATE_FN(cfg, batched)
+    def make(cfg, batched=False, **kw):
+        fn = REAL_MAKE_UPDATE_FN(cfg, batched, **kw)
 
         def run(state, frozen, keys):
             counter.append(keys.shape[-2])
@@ -99,8 +99,8 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_runs_only_the_rest_bit_for_bit(
     resume_s = time.time() - t0
     assert sum(calls) == 20  # only the remaining updates ran
     assert resumed["seeds"] == full["seeds"]
-    assert (tmp_path / "runs" / "cut" / "checkpoint.msgpack").read_bytes() == (
-        tmp_path / "runs" / "full" / "checkpoint.msgpack"
+    assert (tmp_path / "runs" / "cut" / "checkpoint-ilq.msgpack").read_bytes() == (
+        tmp_path / "runs" / "full" / "checkpoint-ilq.msgpack"
     ).read_bytes()
     # the resumed run's wall time counts both invocations, and the finished run cannot be resumed again
     assert cut_wall > 0 and cut_wall + 0.5 * resume_s < resumed["wall_time_s"] <= cut_wall + resume_s + 0.5
@@ -151,10 +151,10 @@ def _variant(stopped_run, tmp_path, damage=None, remove=None):
 @pytest.mark.parametrize(
     "name,payload",
     [
-        ("checkpoint.msgpack", b"\x00garbage"),
+        ("checkpoint-ilq.msgpack", b"\x00garbage"),
         ("checkpoint.json", b"{not json"),
         ("args.json", b"[1, 2"),
-        ("checkpoint.msgpack", b""),
+        ("checkpoint-ilq.msgpack", b""),
     ],
 )
 def test_damaged_run_files_give_one_error_naming_the_file_and_nothing_is_deleted(stopped_run, tmp_path, name, payload):
@@ -166,8 +166,8 @@ def test_damaged_run_files_give_one_error_naming_the_file_and_nothing_is_deleted
 
 
 def test_resume_without_checkpoint_is_an_error_not_a_fresh_start(stopped_run, tmp_path):
-    run = _variant(stopped_run, tmp_path, remove="checkpoint.msgpack")
-    with pytest.raises(ilq.ILQError, match="checkpoint.msgpack is missing"):
+    run = _variant(stopped_run, tmp_path, remove="checkpoint-ilq.msgpack")
+    with pytest.raises(ilq.ILQError, match="checkpoint-ilq.msgpack is missing"):
         ilq.train(ilq.Args(resume=str(run)))
 
 

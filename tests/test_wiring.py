@@ -51,7 +51,7 @@ def capture(monkeypatch, tmp_path):
     are stand-ins (they carry no hyper-parameter); everything between the CLI and the update runs for real."""
     seen = {}
 
-    def recorder(cfg, batched=False):
+    def recorder(cfg, batched=False, **kw):
         seen["cfg"] = cfg
         raise Captured
 
@@ -86,7 +86,7 @@ def capture(monkeypatch, tmp_path):
     return seen
 
 
-def d4rl_file(path, obs_dim, act_dim, n=60):
+def d4rl_file(path, obs_dim, act_dim, n=300):
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
         f["observations"] = rng.normal(size=(n, obs_dim)).astype(np.float32)

@@ -1,0 +1,168 @@
+"""How many kernels, how long a chain of them and how many bytes one ILQ update costs, read from the compiled program.
+
+    python benchmarks/kernels.py                                   # this checkout's ilq_jax.py, paper sizes
+    python benchmarks/kernels.py --ilq /tmp/ilq_before.py --label before   # another version of the file
+    python benchmarks/kernels.py --out-md benchmarks/RESULTS.md    # (re)write the kernels section
+
+On a GPU, one ILQ learner is bound by the number of kernels it launches one after another and many learners by the
+bytes those kernels move (benchmarks/RESULTS.md); FLOPs are not the limit. Both can be read on a CPU-only machine from
+XLA's optimised program at the real shapes, as a proxy for XLA:GPU (which fuses similarly, not identically):
+
+- kernel-like ops: the instructions of the compiled program that launch work (fusions, matrix products, copies,
+  gathers, reductions, ...), every loop body counted as often as it runs (its known trip count);
+- dependency depth: the longest chain of kernel-like ops, each waiting for the one before;
+- bytes: XLA's cost analysis ("bytes accessed") of the same program.
+
+Every lax.scan is unrolled (XLA's cost analysis counts a loop body once), and one call runs --chunk updates (the
+behaviour samples of a chunk are drawn together), so the figures are per update. Two programs: one ILQ learner, and
+the paper's protocol batch of 3 methods x 5 seeds. A version of ilq_jax.py without --methods runs the 15 learners as
+three processes of 5 vmapped seeds (its kernels add up; its depth is that of the longest).
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_KERNELS = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
+    "opt-barrier", "add-dependency", "domain", "copy-start", "copy-done",
+}  # fmt: skip
+
+
+def load_ilq(path: str):
+    """ilq_jax from a given file (e.g. an older version: `git show REV:ilq_jax.py > /tmp/ilq_before.py`)."""
+    spec = importlib.util.spec_from_file_location("ilq_jax", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ilq_jax"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_hlo(text: str) -> dict:
+    """{computation: [(name, opcode, operands, called computations, trip count)]} of an HLO module's text."""
+    comps, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = comps.setdefault(("ENTRY " if line.startswith("ENTRY") else "") + head.group(1), [])
+            comps.setdefault(head.group(1), current)  # called by its plain name
+            continue
+        m = re.match(r"^\s+(?:ROOT )?%?([\w.\-]+) = [^=]*? ([a-z][\w\-]*)\((.*)$", line)
+        if current is None or not m:
+            continue
+        name, opcode, rest = m.groups()
+        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0] if "), " in rest else rest)
+        called = dict(re.findall(r"(body|condition|calls|to_apply)=%?([\w.\-]+)", rest))
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+        current.append((name, opcode, operands, called, int(trip.group(1)) if trip else 1))
+    return comps
+
+
+def count(comps: dict, comp: str, memo: dict) -> tuple:
+    """(kernel-like ops, dependency depth) of one computation, loops expanded by their trip count."""
+    if comp in memo:
+        return memo[comp]
+    kernels, depth = 0, {}
+    for name, opcode, operands, called, trip in comps[comp]:
+        start = max((depth.get(o, 0) for o in operands), default=0)
+        if opcode == "while":  # the body runs trip times (its condition is a scalar compare)
+            k, d = count(comps, called["body"], memo)
+            kernels, depth[name] = kernels + trip * k, start + trip * d
+        elif opcode == "call" and "to_apply" in called:
+            k, d = count(comps, called["to_apply"], memo)
+            kernels, depth[name] = kernels + k, start + d
+        elif opcode in NOT_KERNELS:
+            depth[name] = start
+        else:
+            kernels, depth[name] = kernels + 1, start + 1
+    memo[comp] = (kernels, max(depth.values(), default=0))
+    return memo[comp]
+
+
+def program_figures(compiled, updates: int) -> dict:
+    comps = parse_hlo(compiled.as_text())
+    kernels, depth = count(comps, next(c for c in comps if c.startswith("ENTRY ")), {})
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(kernels=kernels / updates, depth=depth / updates, bytes=cost.get("bytes accessed", float("nan")) / updates)
+
+
+def measure(ilq, methods, seeds: int, chunk: int, tiny: bool) -> dict:
+    """Per-update figures of the compiled batch of len(methods) x seeds learners (paper sizes unless tiny)."""
+    import jax
+    import speed
+
+    if tiny:
+        speed.SIZES.update(speed.TINY_SIZES)
+    cfg, frozen, key = speed.build(False)
+    n = len(methods) * seeds
+    state = jax.vmap(lambda k: ilq.init_train_state(cfg, k))(jax.random.split(key, n))
+    keys = jax.random.split(key, n * chunk).reshape(n, chunk, -1)
+    t0 = time.time()
+    with speed.unrolled_scans():
+        if "methods" in ilq.make_update_fn.__code__.co_varnames:
+            update = ilq.make_update_fn(cfg, batched=True, methods=methods, sample_chunk=chunk)
+            compiled = update.lower(state, frozen, keys).compile()
+            out = program_figures(compiled, chunk)
+        else:  # one process per method, each with its own vmapped seeds
+            per = []
+            for m in methods:
+                flags = dict(imagination=m != "no-imagination", limitation=m != "no-limitation")
+                update = ilq.make_update_fn(dataclasses.replace(cfg, **flags), batched=True)
+                sub = jax.tree_util.tree_map(lambda x: x[:seeds], state)
+                per.append(program_figures(update.lower(sub, frozen, keys[:seeds]).compile(), chunk))
+            out = dict(kernels=sum(p["kernels"] for p in per), depth=max(p["depth"] for p in per))
+            out["bytes"] = sum(p["bytes"] for p in per)
+    out["compile_s"] = time.time() - t0
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ilq", default=os.path.join(ROOT, "ilq_jax.py"), help="the ilq_jax.py to measure")
+    p.add_argument("--label", default="this checkout", help="name of that version in the table")
+    p.add_argument("--chunk", type=int, default=10, help="updates per compiled call (--sample-chunk)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (a rehearsal, not a measurement)")
+    p.add_argument("--out-md", default=None, help="append the rows to the kernels section of this Markdown file")
+    p.add_argument("--section", default="kernels")
+    a = p.parse_args(argv)
+    ilq = load_ilq(a.ilq)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    rows = []
+    for name, methods, seeds in (
+        ("1 ILQ learner", ("ilq",), 1),
+        ("3 methods x 5 seeds", ("ilq", "no-imagination", "no-limitation"), 5),
+    ):
+        r = measure(ilq, methods, seeds, a.chunk, a.tiny)
+        n = len(methods) * seeds
+        rows.append(
+            f"| {a.label} | {name} | {r['kernels']:.0f} | {r['depth']:.0f} | {r['bytes'] / 1e6:.0f} | "
+            f"{r['bytes'] / n / 1e6:.0f} | {r['compile_s']:.0f} |"
+        )
+        print(rows[-1], flush=True)
+    if a.out_md:
+        from results_md import command, git_commit, machine, write_section
+
+        header = [
+            f"Machine: {machine()}. Commit {git_commit()}. Command: `{command()}`. Paper sizes (hopper: batch 256, M = 10, "
+            f"K = 5, 3 x 256 networks, 7 x 4 x 200 dynamics), fresh behaviour samples, {a.chunk} updates per compiled "
+            "call, every scan unrolled; per update." + (" **Tiny sizes: a rehearsal.**" if a.tiny else ""),
+            "",
+            "| ilq_jax.py | learners | kernel-like ops | dependency depth | MB accessed | MB per learner | compile s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        old = open(a.out_md).read() if os.path.exists(a.out_md) else ""
+        block = re.search(rf"<!-- {a.section}:begin -->\n(.*?)<!-- {a.section}:end -->", old, re.S)
+        kept = [ln for ln in (block.group(1).splitlines() if block else []) if ln.startswith("| ") and "---" not in ln]
+        kept = [ln for ln in kept if not ln.startswith(f"| {a.label} |") and not ln.startswith("| ilq_jax.py |")]
+        write_section(a.out_md, a.section, "\n".join(header + kept + rows))
+        print(f"[kernels] wrote the {a.section} section of {a.out_md}")
+
+
+if __name__ == "__main__":
+    main()
