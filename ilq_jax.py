@@ -1318,6 +1318,9 @@ def load_minari(args: Args) -> tuple[dict, dict]:
     # D4RL's own data re-released by Minari take their D4RL task's row too
     d4rl = re.fullmatch(r"D4RL/(pointmaze|pen)/(umaze|medium|large|human|cloned)(-dense)?-v\d+", dataset_id)
     task = f"{'maze2d' if d4rl.group(1) == 'pointmaze' else 'pen'}-{d4rl.group(2)}{d4rl.group(3) or ''}" if d4rl else None
+    if local and env_name(eval_env) == D4RL_LOCOMOTION_V4.get(local.group(1)):  # made by make_datasets.py on D4RL's robot
+        robot = d4rl_eval_env(f"{local.group(1)}-{local.group(2)}")
+        eval_env = robot._replace(note=robot.note.split("; the data came")[0] + "; the data were recorded on this env")
     info = dict(name=dataset_id, source=source, task=f"{local.group(1)}-{local.group(2)}" if local else task)
     info.update(family=family_of(dataset_id), eval_env=eval_env)
     return arrays, dict(info, ref_min=meta.get("ref_min_score"), ref_max=meta.get("ref_max_score"))
