@@ -9,6 +9,7 @@ the usual Bellman target. Every action of the current policy is treated as out-o
     python ilq_jax.py                 # offline default: a generated random-policy Hopper dataset, ~5 min on 2 CPU cores
     python ilq_jax.py --env-id hopper-medium-replay --dataset-path hopper_medium_replay-v2.hdf5
     python ilq_jax.py --env-id walker2d-medium-replay --budget paper       # the paper's 1e6 updates
+    python ilq_jax.py --methods ilq,no-imagination,no-limitation --num-seeds 5   # the paper's protocol, one program
     python ilq_jax.py --help          # every flag; None means "the paper's value for this dataset"
 
 Part I (ILQ itself) imports only jax, flax, optax, chex and numpy and can be copied alone. Part II runs it: command
@@ -22,10 +23,13 @@ line, datasets (D4RL, Minari, generated), model cache, checkpoints, logging, the
     Eq. 17    in-sample target y_in                 ilb_targets
     Eq. 18    OOD target min{y_img, y_lmt} + delta  ilb_targets
     Eq. 19    imagined value y_img                  ilb_targets with dynamics_step, terminated
-    Eq. 20    limitation value y_lmt                ilb_targets with diffusion_sample (or make_behavior_bank)
+    Eq. 20    limitation value y_lmt                ilb_targets with diffusion_sample (presample_behavior for a chunk
+                                                    of updates, or make_behavior_bank)
     Eq. 21    actor ("vanilla SAC") and alpha       actor_alpha_update, sample_action
     Alg. 1    lines 2-3, pretraining                train_dynamics, train_diffusion
-    Alg. 1    lines 4-12, training                  ilq_update (one step), make_update_fn (many steps in one jit)
+    Alg. 1    lines 4-12, training                  ilq_update = minibatch_targets + learn (one step); make_update_fn
+                                                    (many steps of many (method, seed) learners in one jit)
+    Sec. 5.4  ablations                             METHODS: ILQ, w/o imagination, w/o limitation
 
 Where the paper is silent or ambiguous, this file chooses (each choice is repeated at its code):
 
@@ -1491,6 +1495,9 @@ def make_d4rl_pen() -> gym.Env:
     return gym.wrappers.TimeLimit(D4RLPen(), D4RL_PEN_STEPS)
 
 
+V2_MASS_FIELDS = ("body_mass", "body_inertia", "body_ipos", "body_iquat")  # what restore_v2_masses sets
+
+
 def restore_v2_masses(env: gym.Env) -> None:
     """Give a Gymnasium MuJoCo env the body masses, inertias and inertial frames that MuJoCo before 2.1.2 (mujoco-py,
     where D4RL's -v2 data were recorded) compiled from the same MJCF. MuJoCo 2.1.2's changelog (Bug fixes 7,
@@ -1519,7 +1526,7 @@ def restore_v2_masses(env: gym.Env) -> None:
     old, model = mujoco.MjModel.from_xml_string(ET.tostring(root, encoding="unicode")), env.unwrapped.model
     if (old.geom_type == mujoco.mjtGeom.mjGEOM_CAPSULE).any() or old.nbody != model.nbody:
         raise ILQError(f"Could not rebuild the pre-2.1.2 masses of {env.unwrapped.fullpath}: a capsule left or a body lost.")
-    for field in ("body_mass", "body_inertia", "body_ipos", "body_iquat"):
+    for field in V2_MASS_FIELDS:
         getattr(model, field)[:] = getattr(old, field)
     mujoco.mj_setConst(model, env.unwrapped.data)
 

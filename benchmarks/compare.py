@@ -31,7 +31,7 @@ from results_md import command, git_commit, machine, write_section  # noqa: E402
 
 import ilq_jax as ilq  # noqa: E402
 
-ILQ_METHODS = {"ILQ": {}, "ILQ w/o imagination": dict(imagination=False), "ILQ w/o limitation": dict(limitation=False)}
+ILQ_METHODS = {"ILQ": "ilq", "ILQ w/o imagination": "no-imagination", "ILQ w/o limitation": "no-limitation"}
 PEERS = ("TD3+BC", "IQL", "CQL")
 
 
@@ -39,27 +39,31 @@ def slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in s)
 
 
-def run_ilq(a, method: str, seed: int, run_dir: str) -> dict:
-    if os.path.exists(os.path.join(run_dir, "args.json")):  # an interrupted run: continue it
-        args = ilq.Args(resume=run_dir)
+def run_ilq(a, methods: list, run_dir: str) -> dict:
+    """The ILQ variants x --seeds as one program (ilq_jax.py --methods ... --num-seeds N); an interrupted one continues.
+    Returns {method: [per seed: eval_steps, scores, q_data, updates_per_second, wall_time_s]}."""
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        s = json.load(open(os.path.join(run_dir, "summary.json")))
+    elif os.path.exists(os.path.join(run_dir, "args.json")):
+        s = ilq.train(ilq.Args(resume=run_dir))
     else:
         args = ilq.Args(
             env_id=a.dataset,
-            seed=seed,
+            seed=1,
+            num_seeds=a.seeds,
+            methods=",".join(ILQ_METHODS[m] for m in methods),
             run_name=os.path.basename(run_dir),
             total_steps=a.updates,
             eval_interval=a.eval_interval,
             budget=a.pretrain_budget,
             behavior_bank=a.behavior_bank,
-            **ILQ_METHODS[method],
         )
-    s = ilq.train(args)
-    return dict(
-        eval_steps=s["eval_steps"],
-        scores=s["seeds"][0]["normalized_scores"],
-        q_data=s["seeds"][0]["q_data"],
-        updates_per_second=s["updates_per_second"],
-    )
+        s = ilq.train(args)
+    per = dict(eval_steps=s["eval_steps"], updates_per_second=s["updates_per_second"], wall_time_s=s["wall_time_s"])
+    return {
+        m: [dict(per, scores=x["normalized_scores"], q_data=x["q_data"]) for x in s["methods"][ILQ_METHODS[m]]["seeds"]]
+        for m in methods
+    }
 
 
 def run_bc(a, seed: int, data: ilq.Transitions, info: ilq.DatasetInfo) -> dict:
@@ -161,9 +165,15 @@ def main(argv=None):
     print(ilq.describe_dataset(data, info), flush=True)
     data_npz = os.path.join("runs", f"compare__{slug(a.dataset)}__data.npz")
     os.makedirs(os.path.dirname(data_npz), exist_ok=True)
+    model_fields = {}  # the evaluation robot's restored -v2 masses, for the peers' own (Gymnasium) env
+    if isinstance(info.eval_env, ilq.EvalEnv) and "-v2 masses" in info.eval_env.note:
+        env = info.eval_env.make()
+        model_fields = {f"model_{k}": np.array(getattr(env.unwrapped.model, k)) for k in ilq.V2_MASS_FIELDS}
+        env.close()
     np.savez(
         data_npz,
         **{k: np.asarray(v) for k, v in data._asdict().items()},
+        **model_fields,
         eval_env=str(info.eval_env if isinstance(info.eval_env, str) else info.eval_env.id),
         ref_min=info.ref_min,
         ref_max=info.ref_max,
@@ -171,8 +181,11 @@ def main(argv=None):
     q_ref = best_discounted_return(a.dataset, 0.99)
     tag = f"{'quick__' if a.quick else ''}{a.updates}"
 
-    results = {}
-    for method in methods:
+    results, ilq_methods = {}, [m for m in methods if m in ILQ_METHODS]
+    if ilq_methods:  # one program: every (variant, seed) learner in one jitted scan
+        print(f"[compare] {', '.join(ilq_methods)} x {a.seeds} seeds in one program: {a.updates} updates", flush=True)
+        results.update(run_ilq(a, ilq_methods, os.path.join("runs", f"compare__{slug(a.dataset)}__{tag}__ILQ-variants")))
+    for method in [m for m in methods if m not in ILQ_METHODS]:
         for seed in range(1, a.seeds + 1):
             run_dir = os.path.join("runs", f"compare__{slug(a.dataset)}__{tag}__{slug(method)}__{seed}")
             done_file = os.path.join(run_dir, "compare.json")
@@ -181,9 +194,7 @@ def main(argv=None):
                 continue
             print(f"[compare] {method}, seed {seed}: {a.updates} updates", flush=True)
             t0 = time.time()
-            if method in ILQ_METHODS:
-                r = run_ilq(a, method, seed, run_dir)
-            elif method == "BC":
+            if method == "BC":
                 os.makedirs(run_dir, exist_ok=True)
                 r = run_bc(a, seed, data, info)
             else:
@@ -206,7 +217,9 @@ def main(argv=None):
             f"| {method} | {len(runs)} | {np.mean(last):.1f} ± {np.std(last):.1f} | "
             + (f"{np.mean(qs):.1f}" if qs else "–")
             + f" | {np.mean([r['updates_per_second'] for r in runs]):.1f} | "
-            f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} min |"
+            f"{np.mean([r['wall_time_s'] for r in runs]) / 60:.1f} min"
+            + (" (all ILQ variants and seeds in one program)" if method in ILQ_METHODS else "")
+            + " |"
         )
     ds_norm = info.normalize(info.episode_returns)
     versions = ilq.package_versions()

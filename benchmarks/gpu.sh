@@ -7,10 +7,11 @@
 # It needs the bundle made beforehand by benchmarks/gpu_bundle.sh (wheels, dataset, pretrained models; default
 # .gpu-bundle/, or $ILQ_GPU_BUNDLE) and a Python 3.12 with a CUDA build of JAX, flax, optax, chex, numpy, h5py,
 # matplotlib and tensorboard ($PYTHON, default python3). What it lacks is installed from the bundle's wheels into
-# a temporary folder (no network). It writes into OUTDIR: speed.md / speed.json (updates/s for 1-1000 updates per
-# call, fresh samples and --behavior-bank, 1 and 8 vmapped seeds), learn.md and curves.png (ILQ and its two
-# ablations, 5 vmapped seeds each, on the bundle's dataset), runs.tar.gz (their logs, summaries and TensorBoard
-# files) and log.txt. $ILQ_GPU_DEADLINE_S (default 480) bounds the measurements after the install.
+# a temporary folder (no network). It writes into OUTDIR: speed.md / speed.json (updates/s for 1 and 1000 updates per
+# call, fresh samples and --behavior-bank, 1 and 8 vmapped seeds, the protocol batch of 3 methods x 5 seeds),
+# protocol.md, curves.png and summary.json (benchmarks/protocol.py: ILQ and its two ablations x 5 seeds as one
+# program on the bundle's dataset, time-boxed), runs.tar.gz (its logs and TensorBoard files) and log.txt.
+# $ILQ_GPU_DEADLINE_S (default 480) bounds the measurements after the install.
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/gpu.sh OUTDIR [--rehearse]}
 REHEARSE=$([ "${2:-}" = "--rehearse" ] && echo 1 || echo 0)

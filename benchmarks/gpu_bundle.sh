@@ -5,13 +5,24 @@
 #
 #     python benchmarks/make_datasets.py               # once: ilq-local/hopper/medium-replay-v0 (~13 min)
 #     bash benchmarks/gpu_bundle.sh                    # -> .gpu-bundle/ (paper-budget pretraining, ~12 min)
+#     bash benchmarks/gpu_bundle.sh DIR --dataset ilq-local/walker2d/medium-replay-v0   # another local dataset
 #     bash benchmarks/gpu_bundle.sh DIR --rehearse     # tiny generated dataset and models (CI's rehearsal)
 #
 # The bundle must stay under 60 MB; this script prints what it holds and fails when it is larger.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${1:-.gpu-bundle}
-REHEARSE=$([ "${2:-}" = "--rehearse" ] && echo 1 || echo 0)
+REHEARSE=0
+DATASET=ilq-local/hopper/medium-replay-v0
+shift || true
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rehearse) REHEARSE=1 ;;
+    --dataset) DATASET=${2:?--dataset needs a Minari id}; shift ;;
+    *) echo "error: unknown argument $1 (usage: gpu_bundle.sh [DIR] [--dataset ID] [--rehearse])" >&2; exit 2 ;;
+  esac
+  shift
+done
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/wheels" "$BUNDLE/minari"
 BUNDLE=$(cd "$BUNDLE" && pwd)
@@ -31,7 +42,6 @@ if [ "$REHEARSE" = 1 ]; then
   EXTRA=(--random-dataset-steps 2000)
   PRETRAIN=(--dynamics-epochs 1 --diffusion-steps 50 --dynamics-hidden 32)
 else
-  DATASET=ilq-local/hopper/medium-replay-v0
   EXTRA=()
   PRETRAIN=(--budget paper)
   SRC="${ILQ_MINARI_SOURCE:-${HOME}/.minari/datasets}/$DATASET"

@@ -361,7 +361,7 @@ def main(argv=None):
         )
         return
     if a.quick:
-        a.max_steps, a.learning_starts, a.eval_every, a.medium_steps, a.eval_episodes = 4_000, 1_000, 1_000, 2_000, 2
+        a.max_steps, a.learning_starts, a.eval_every, a.medium_steps, a.eval_episodes = 2_000, 1_000, 1_000, 1_000, 2
     make_medium_datasets(a)
 
 

@@ -70,8 +70,17 @@ def episodes_to_mdp(d) -> "d3rlpy.dataset.MDPDataset":
     )
 
 
-def evaluate(algo, env_id: str, episodes: int, seed: int) -> np.ndarray:
+def evaluate(algo, env_id: str, episodes: int, seed: int, model_fields: dict) -> np.ndarray:
+    """Episodes of the greedy policy on env_id; model_fields (e.g. ilq_jax's restored -v2 body masses, saved by
+    compare.py) are copied into its MuJoCo model first, so the peers are evaluated on ILQ's robot."""
     env = gym.make(env_id)
+    if model_fields:
+        import mujoco
+
+        model = env.unwrapped.model
+        for name, value in model_fields.items():
+            getattr(model, name)[:] = value
+        mujoco.mj_setConst(model, env.unwrapped.data)
     returns = []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
@@ -97,6 +106,7 @@ def main():
     a = p.parse_args()
     d = np.load(a.data)
     ref_min, ref_max, env_id = float(d["ref_min"]), float(d["ref_max"]), str(d["eval_env"])
+    model_fields = {k[len("model_") :]: d[k] for k in d.files if k.startswith("model_")}
     dataset = episodes_to_mdp(d)
     algo = make_algo(a.algo, a.seed)
     rng = np.random.default_rng(a.seed)
@@ -114,7 +124,7 @@ def main():
             logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
         )
         t_train += time.time() - t0
-        returns = evaluate(algo, env_id, a.eval_episodes, 10_000)
+        returns = evaluate(algo, env_id, a.eval_episodes, 10_000, model_fields)
         out["eval_steps"].append(done)
         out["scores"].append(float(np.mean(100 * (returns - ref_min) / (ref_max - ref_min))))
         out["q_data"].append(float(np.mean(algo.predict_value(d["observations"][probe], d["actions"][probe]))))

@@ -128,19 +128,24 @@ def build(bank: bool, seed: int = 0):
 _FLOPS = {}
 
 
-def fused(bank: bool, calls, repeats: int, seeds: int = 1) -> dict:
-    """updates/s of train()'s compiled update: `seeds` learners vmapped in one jitted lax.scan of `per_call` updates."""
+PROTOCOL = ("ilq", "no-imagination", "no-limitation")
+
+
+def fused(bank: bool, calls, repeats: int, seeds: int = 1, methods=None) -> dict:
+    """updates/s of train()'s compiled update: `seeds` learners vmapped in one jitted lax.scan of `per_call` updates;
+    with methods, seeds learners of each (the protocol batch), behaviour samples drawn 10 updates at a time."""
     cfg, frozen, key = build(bank)
-    update = ilq.make_update_fn(cfg, batched=True)
+    update = ilq.make_update_fn(cfg, batched=True, methods=methods, sample_chunk=10 if methods else 1)
+    learners = seeds * len(methods or [None])
     if bank not in _FLOPS:  # the work of one update does not depend on how many run per call or in parallel
         _FLOPS[bank] = counted_flops(partial(ilq.ilq_update, cfg), ilq.init_train_state(cfg, key), frozen, key)
     flops = _FLOPS[bank]
-    name = f"{'bank ' if bank else 'fresh'} x{seeds} seed{'s' if seeds > 1 else ''}"
+    name = f"{'bank ' if bank else 'fresh'} x{seeds} seed{'s' if seeds > 1 else ''}" + (" x 3 methods" if methods else "")
     print(f"[speed] {name} one update: {flops / 1e9:.3f} GFLOP (XLA, scans unrolled)", flush=True)
     out = {}
     for per_call in calls:
-        state = jax.vmap(partial(ilq.init_train_state, cfg))(jax.random.split(key, seeds))
-        keys = jax.random.split(key, seeds * per_call).reshape(seeds, per_call, -1)
+        state = jax.vmap(partial(ilq.init_train_state, cfg))(jax.random.split(key, learners))
+        keys = jax.random.split(key, learners * per_call).reshape(learners, per_call, -1)
         t0 = time.perf_counter()
         compiled = update.lower(state, frozen, keys).compile()
         compile_s = time.perf_counter() - t0
@@ -150,18 +155,18 @@ def fused(bank: bool, calls, repeats: int, seeds: int = 1) -> dict:
             holder["state"], metrics = compiled(holder["state"], frozen, keys)
             jax.block_until_ready(metrics)
 
-        if per_call * seeds < 100 or repeats < 3:
+        if per_call * learners < 100 or repeats < 3:
             run()  # warm-up (for long calls the median of 3+ repeats already leaves a slow first call out)
         t = median_time(
             run,
-            repeats if per_call * seeds >= 100 else 5 * repeats,
-            min_time=(0.2 if SIZES["matmul"] else 2.0) if per_call * seeds < 100 else 0.0,
+            repeats if per_call * learners >= 100 else 5 * repeats,
+            min_time=(0.2 if SIZES["matmul"] else 2.0) if per_call * learners < 100 else 0.0,
         )
         out[per_call] = dict(
-            updates_per_s=seeds * per_call / t, per_seed=per_call / t, compile_s=compile_s, flops=flops, seeds=seeds
+            updates_per_s=learners * per_call / t, per_seed=per_call / t, compile_s=compile_s, flops=flops, seeds=learners
         )
         print(
-            f"[speed] {name} {per_call:5d} updates/call: {seeds * per_call / t:8.1f} updates/s in all, "
+            f"[speed] {name} {per_call:5d} updates/call: {learners * per_call / t:8.1f} updates/s in all, "
             f"{per_call / t:8.1f} per seed (compile {compile_s:.1f}s)",
             flush=True,
         )
@@ -247,6 +252,7 @@ def main(argv=None):
     p.add_argument("--seeds", default="1,2,4,8", help="learners vmapped in one call, for the seeds table")
     p.add_argument("--seed-calls", type=int, default=100, help="updates per host call in the seeds table")
     p.add_argument("--skip-parts", action="store_true", help="leave out the per-part timings")
+    p.add_argument("--protocol-seeds", type=int, default=0, help="also: 3 methods x this many seeds in one program")
     p.add_argument(
         "--peers-python",
         default=os.path.join(ROOT, ".venv-peers", "bin", "python"),
@@ -276,6 +282,9 @@ def main(argv=None):
     by_seeds = {
         bank: {n: fused(bank, [a.seed_calls], a.repeats, n)[a.seed_calls] for n in seed_counts} for bank in (False, True)
     }
+    protocol = {}
+    for bank in (False, True) if a.protocol_seeds else ():  # the paper's protocol batch: 3 methods x N seeds
+        protocol[bank] = fused(bank, [a.seed_calls], a.repeats, a.protocol_seeds, PROTOCOL)[a.seed_calls]
     part_times = {} if a.skip_parts else parts(a.repeats)
     peer = peers(a.peers_python, a.peer_steps, a.repeats)
     load_end = os.getloadavg()
@@ -329,6 +338,12 @@ def main(argv=None):
                 f"| {names[bank]} | {n} | {r['updates_per_s']:.1f} | {r['per_seed']:.1f} | {slowdown:.2f} | "
                 f"{100 * r['flops'] * r['updates_per_s'] / peak['flops_per_s']:.0f} % |"
             )
+    for bank, r in protocol.items():
+        lines.append(
+            f"| {names[bank]} | 3 methods x {a.protocol_seeds} seeds (`--methods ilq,no-imagination,no-limitation`) | "
+            f"{r['updates_per_s']:.1f} | {r['per_seed']:.1f} | | "
+            f"{100 * r['flops'] * r['updates_per_s'] / peak['flops_per_s']:.0f} % (ILQ's FLOPs per learner) |"
+        )
     if part_times:
         lines += [
             "",
