@@ -44,7 +44,8 @@ def main(argv=None):
         sizes = ["--repeats", "3", "--calls", "1,1000", "--seeds", "1,8", "--seed-calls", "1000"]
         speed.main([*sizes, "--protocol-seeds", str(a.seeds), *common])
     speed_s = time.time() - t0
-    minutes = (a.deadline_s - speed_s - 45) / 60  # the protocol's own box, less writing the outputs
+    # the protocol's own box, less writing the outputs (a rehearsal is never boxed: its budget is tiny)
+    minutes = 60.0 if a.rehearse else max(1.0, (a.deadline_s - speed_s - 45) / 60)
     print(f"[gpu] speed table done in {speed_s:.0f}s; protocol on {bundle['dataset']} in {minutes:.1f} min", flush=True)
 
     work = tempfile.mkdtemp(prefix="ilq-gpu-")  # the run's checkpoints stay here, not in --out
