@@ -86,13 +86,6 @@ import optax
 # Part I — ILQ
 # ======================================================================================================================
 
-PROGRESS_EVERY_S = 30.0  # pretraining and training print a progress line at least this often
-
-
-def rate_and_time_left(done: int, total: int, t0: float, unit: str) -> str:
-    rate = done / max(time.time() - t0, 1e-9)
-    return f"{rate:7.1f} {unit}/s | time left {(total - done) / max(rate, 1e-9):5.0f}s"
-
 
 class Transitions(NamedTuple):
     """A dataset or minibatch on the device (float32). `terminals` is Eq. 17's done mask: true terminations only."""
@@ -102,17 +95,6 @@ class Transitions(NamedTuple):
     rewards: jax.Array
     next_observations: jax.Array
     terminals: jax.Array
-
-
-def flatten_obs(obs) -> np.ndarray:
-    """Flatten (nested, batched) Dict observations along the last axis: `observation` first, then the other keys
-    sorted; `achieved_goal` is dropped when `observation` exists (PointMaze: observation(4) || desired_goal(2))."""
-    if not isinstance(obs, dict):
-        return np.asarray(obs, dtype=np.float32)
-    keys = sorted(obs)
-    if "observation" in keys:
-        keys = ["observation"] + [k for k in keys if k not in ("observation", "achieved_goal")]
-    return np.concatenate([flatten_obs(obs[k]) for k in keys], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- networks
@@ -225,7 +207,7 @@ class NoiseNet(nn.Module):
         half = self.t_dim // 2
         emb = t.astype(jnp.float32)[:, None] * jnp.exp(-math.log(10000.0) * jnp.arange(half) / (half - 1))[None]
         emb = nn.Dense(self.t_dim)(mish(nn.Dense(2 * self.t_dim)(jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], -1))))
-        h = jnp.concatenate([x, jnp.broadcast_to(emb, (x.shape[0], self.t_dim)), obs], -1)
+        h = jnp.concatenate([x, jnp.broadcast_to(emb, (x.shape[0], self.t_dim)).astype(x.dtype), obs], -1)
         for _ in range(3):
             h = mish(nn.Dense(self.hidden)(h))
         return nn.Dense(self.act_dim)(h)
@@ -233,7 +215,7 @@ class NoiseNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- Eq. 5: dynamics
 DYNAMICS_WEIGHT_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)  # MOPO, per layer (4 hidden layers, then the output)
-DYNAMICS_BATCHES_PER_CALL = 500  # minibatches per jitted call in train_dynamics (a progress line can follow each)
+DYNAMICS_BATCHES_PER_CALL = 500  # minibatches per jitted call in train_dynamics (a progress report can follow each)
 
 
 @flax.struct.dataclass
@@ -261,6 +243,9 @@ def init_dynamics(obs_dim, act_dim, family, members=7, elites=5, hidden=200, lay
     return DynamicsModel(params, jnp.zeros(d), jnp.ones(d), jnp.arange(elites), obs_dim, members, hidden, layers, family)
 
 
+D4RL_PEN_DROP_Z, PEN_OBJ_Z = 0.075, 26  # D4RL pen-v0/v1: the episode ends when obs[26] (the pen's z) < 0.075
+
+
 def terminated(family: str, next_obs):
     """Termination of imagined transitions (the paper has none; MOPO's hand-written functions). A non-finite state is
     always terminal, so it can never feed a bootstrap."""
@@ -272,18 +257,32 @@ def terminated(family: str, next_obs):
         healthy = (height > 0.8) & (height < 2.0) & (angle > -1.0) & (angle < 1.0)
     elif family == "halfcheetah":  # never falls; only a blown-up imagined state ends
         healthy = jnp.all(jnp.abs(next_obs) < 100, -1)
-    elif family == "pen":  # obs[24:27] is the pen's position (after 24 hand joints); dropped when z < 0.075
-        healthy = next_obs[..., 26] >= 0.075
+    elif family == "pen":  # obs[24:27] is the pen's position (after 24 hand joints); dropped when its z is too low
+        healthy = next_obs[..., PEN_OBJ_Z] >= D4RL_PEN_DROP_Z
     else:  # maze2d / pointmaze and unknown envs: never terminal
         healthy = jnp.ones(next_obs.shape[:-1], bool)
     return ~(finite & healthy)
+
+
+def apply_frozen(net: nn.Module, params, *inputs):
+    """A frozen model's forward pass in the precision of its weights (float32, or bfloat16 after low_precision),
+    float32 out."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    out = net.apply(params, *(x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in inputs))
+    return jax.tree_util.tree_map(lambda y: y.astype(jnp.float32), out)
+
+
+def low_precision(model):
+    """The same frozen model (DynamicsModel or BehaviorModel) with bfloat16 weights: its activations are then stored
+    in bfloat16 too (half the bytes); the learners' parameters, Adam, targets and losses stay float32."""
+    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
 
 
 def dynamics_step(dyn: DynamicsModel, obs, act, key):
     """One imagined step (s_hat', r_hat) ~ T_psi(.|s, a): a random elite per transition, a sample of its Gaussian.
     Returns next_obs, reward, MOPO's penalty max_i ||sigma_i(s, a)||_2 over all members, done."""
     n = obs.shape[0]
-    mean, logvar = dyn.net.apply(dyn.params, (jnp.concatenate([obs, act], -1) - dyn.input_mean) / dyn.input_std)
+    mean, logvar = apply_frozen(dyn.net, dyn.params, (jnp.concatenate([obs, act], -1) - dyn.input_mean) / dyn.input_std)
     std = jnp.exp(0.5 * logvar)
     k_member, k_noise = jax.random.split(key)
     member = dyn.elites[jax.random.randint(k_member, (n,), 0, dyn.elites.shape[0])]
@@ -305,10 +304,11 @@ def dynamics_loss(net: DynamicsEnsemble, params, x, y):
 
 
 def train_dynamics(
-    data, family, *, members=7, elites=5, hidden=200, layers=4, epochs=40, lr=1e-3, seed=0, batch_size=256, log=None
+    data, family, *, members=7, elites=5, hidden=200, layers=4, epochs=40, lr=1e-3, seed=0, batch_size=256, report=None
 ) -> tuple[DynamicsModel, dict]:
     """Algorithm 1, line 2 (Eq. 5) by MOPO's recipe for a fixed number of epochs (Table 3): each member fits its own
-    bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE."""
+    bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE.
+    report(event, values), if given, hears of the progress: "dynamics batch" within an epoch, "dynamics epoch"."""
     if elites > members or len(DYNAMICS_WEIGHT_DECAY) != layers + 1:
         raise ValueError(f"need elites <= members and {len(DYNAMICS_WEIGHT_DECAY) - 1} layers (MOPO's weight decays)")
     obs, act = np.asarray(data.observations), np.asarray(data.actions)
@@ -344,31 +344,21 @@ def train_dynamics(
 
     holdout_mse = jax.jit(lambda p, xs, ys, h: jnp.mean((model.net.apply(p, xs[h])[0] - ys[h]) ** 2, (1, 2)))
     params, opt_state, key = model.params, opt.init(model.params), jax.random.PRNGKey(seed + 1)
-    t0 = last_print = time.time()
+    t0, report = time.time(), report or (lambda event, values: None)
     for ep in range(1, epochs + 1):
         key, sub = jax.random.split(key)
         batches, loss_sum = shuffle(sub, boot), 0.0
-        for i in range(0, n_batches, DYNAMICS_BATCHES_PER_CALL):
+        for i in range(0, n_batches, DYNAMICS_BATCHES_PER_CALL):  # a report can follow each call
             params, opt_state, chunk_loss = fit(params, opt_state, batches[i : i + DYNAMICS_BATCHES_PER_CALL], xs, ys)
-            loss_sum, done = loss_sum + chunk_loss, (ep - 1) * n_batches + min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
-            if time.time() - last_print >= PROGRESS_EVERY_S and done < ep * n_batches:
-                line = rate_and_time_left(done, epochs * n_batches, t0, "batches")
-                print(f"[dynamics] epoch {ep:3d}/{epochs} | batch {done - (ep - 1) * n_batches}/{n_batches} | {line}")
-                last_print = time.time()
+            loss_sum, batch = loss_sum + chunk_loss, min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
+            if batch < n_batches:
+                report(
+                    "dynamics batch", dict(epoch=ep, epochs=epochs, batch=batch, batches=n_batches, seconds=time.time() - t0)
+                )
         mse = np.asarray(holdout_mse(params, xs, ys, hold))
         elite_idx, train_loss = np.sort(np.argsort(mse)[:elites]), float(loss_sum) / n_batches
-        print(
-            f"[dynamics] epoch {ep:3d}/{epochs} | train loss {train_loss:9.4f} | holdout MSE per member "
-            f"{np.array2string(mse, precision=4, separator=' ')} | elites {elite_idx.tolist()} | "
-            f"{rate_and_time_left(ep, epochs, t0, 'epochs')}",
-            flush=True,
-        )
-        last_print = time.time()
-        if log:
-            log("dynamics/train_loss", train_loss, ep)
-            log("dynamics/holdout_mse_elites", float(mse[elite_idx].mean()), ep)
-            for i, m in enumerate(mse):
-                log(f"dynamics/holdout_mse_member_{i}", float(m), ep)
+        values = dict(epoch=ep, epochs=epochs, train_loss=train_loss, holdout_mse=mse, elites=elite_idx)
+        report("dynamics epoch", dict(values, seconds=time.time() - t0))
     model = model.replace(params=params, elites=jnp.asarray(elite_idx, jnp.int32))
     metrics = dict(train_loss=train_loss, holdout_mse=mse.tolist(), holdout_mse_elites=float(mse[elite_idx].mean()))
     return model, dict(metrics, elites=elite_idx.tolist(), wall_time_s=time.time() - t0)
@@ -428,7 +418,7 @@ def diffusion_sample(beh: BehaviorModel, obs, key, num_samples: int):
 
     def reverse_step(x, inp):
         t, k = inp
-        eps = beh.net.apply(beh.params, x, t[None], obs_rep)  # the step's time embedding once, not once per row
+        eps = apply_frozen(beh.net, beh.params, x, t[None], obs_rep)  # the time embedding once per step, not per row
         x0 = jnp.clip(sch["sqrt_recip_ac"][t] * x - sch["sqrt_recipm1_ac"][t] * eps, -1.0, 1.0)
         mean = sch["post_coef_x0"][t] * x0 + sch["post_coef_xt"][t] * x
         noise = jnp.where(t > 0, 1.0, 0.0) * jax.random.normal(k, x.shape)
@@ -440,9 +430,10 @@ def diffusion_sample(beh: BehaviorModel, obs, key, num_samples: int):
 
 
 def train_diffusion(
-    data: Transitions, *, k=5, hidden=256, steps=300_000, lr=3e-4, seed=0, batch_size=256, steps_per_call=1000, log=None
+    data: Transitions, *, k=5, hidden=256, steps=300_000, lr=3e-4, seed=0, batch_size=256, steps_per_call=1000, report=None
 ) -> tuple[BehaviorModel, dict]:
-    """Algorithm 1, line 3: behaviour cloning with the diffusion loss (Eq. 8), minibatches sampled inside jit."""
+    """Algorithm 1, line 3: behaviour cloning with the diffusion loss (Eq. 8), minibatches sampled inside jit.
+    report(event, values), if given, hears "diffusion" after every call of steps_per_call steps."""
     beh = init_behavior(data.observations.shape[1], data.actions.shape[1], k, hidden, seed)
     key, opt = jax.random.PRNGKey(seed), optax.adam(lr)
 
@@ -461,18 +452,13 @@ def train_diffusion(
         return beh, opt_state, losses.mean()
 
     opt_state, done, t0 = opt.init(beh.params), 0, time.time()
-    last_print = t0
     while done < steps:
         n = min(steps_per_call, steps - done)
         key, sub = jax.random.split(key)
         beh, opt_state, loss = run(beh, opt_state, sub, n, data)
         done += n
-        if done == steps or time.time() - last_print >= PROGRESS_EVERY_S:
-            line = rate_and_time_left(done, steps, t0, "steps")
-            print(f"[diffusion] step {done:7d}/{steps} | loss {float(loss):.4f} | {line}", flush=True)
-            last_print = time.time()
-        if log:
-            log("diffusion/loss", float(loss), done)
+        if report:
+            report("diffusion", dict(step=done, steps=steps, loss=float(loss), seconds=time.time() - t0))
     return beh, dict(final_loss=float(loss), wall_time_s=time.time() - t0)
 
 
@@ -514,6 +500,34 @@ class ILQConfig:
 
     def optimizer(self, lr: float):
         return optax.adam(optax.cosine_decay_schedule(lr, self.total_steps) if self.cosine_lr else lr)
+
+
+PAPER_HPARAMS = {  # Tables 3-6 and A.2: task -> (eta, delta, reward-penalty coefficient, critic lr, actor lr)
+    "halfcheetah-random": (0.95, 2.0, 0.0, 5e-4, 3e-4),
+    "hopper-random": (0.90, 1.0, 1.0, 3e-4, 1e-4),
+    "walker2d-random": (0.70, 1.0, 0.0, 5e-4, 3e-4),
+    "halfcheetah-medium": (0.95, 1.0, 0.0, 5e-4, 3e-4),
+    "hopper-medium": (0.95, -2.0, 2.0, 5e-4, 3e-4),
+    "walker2d-medium": (0.90, 0.5, 1.0, 5e-4, 3e-4),
+    "halfcheetah-medium-replay": (0.95, 2.0, 0.0, 5e-4, 3e-4),
+    "hopper-medium-replay": (0.80, -0.5, 1.0, 3e-4, 1e-4),
+    "walker2d-medium-replay": (0.90, 1.0, 2.0, 3e-4, 1e-4),
+    "halfcheetah-medium-expert": (0.60, 1.0, 0.0, 5e-4, 3e-4),
+    "hopper-medium-expert": (0.40, -0.5, 0.0, 5e-4, 3e-4),
+    "walker2d-medium-expert": (0.80, 1.0, 0.0, 5e-4, 3e-4),
+    "maze2d-umaze": (0.95, -0.5, 0.0, 5e-4, 3e-4),
+    "maze2d-umaze-dense": (0.95, 0.0, 0.0, 5e-4, 3e-4),
+    "maze2d-medium": (0.95, 0.0, 0.0, 5e-4, 3e-4),
+    "maze2d-medium-dense": (0.95, 0.0, 0.0, 5e-4, 3e-4),
+    "maze2d-large": (0.95, 0.0, 0.0, 5e-4, 3e-4),
+    "maze2d-large-dense": (0.95, 0.0, 0.0, 5e-4, 3e-4),
+    "pen-human": (0.80, -1.0, 0.0, 3e-4, 1e-4),
+    "pen-cloned": (0.80, 0.0, 0.0, 3e-4, 1e-4),
+}
+# Datasets the paper does not list: eta ~0.9 "a typically safe choice", delta = 0 "a solid choice" (Sec. 5.3), the
+# learning rates of "all others" (Table 3). Where the text and the tables disagree, the tables win.
+DEFAULT_HPARAMS = (0.90, 0.0, 0.0, 5e-4, 3e-4)
+ADROIT_TASKS = ("pen-human", "pen-cloned")  # entropy off and a cosine learning-rate schedule (Table 3)
 
 
 @flax.struct.dataclass
@@ -775,11 +789,20 @@ def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_c
 def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int, chunk: int = 8192):
     """M behaviour actions per dataset state, sampled once and kept fixed (faster on CPU; the paper samples afresh)."""
     sample = jax.jit(partial(diffusion_sample, behavior), static_argnums=2)
-    key, t0 = jax.random.PRNGKey(seed), time.time()
+    key = jax.random.PRNGKey(seed)
     parts = [sample(observations[i : i + chunk], jax.random.fold_in(key, i), m) for i in range(0, len(observations), chunk)]
-    bank = jnp.concatenate(parts)
-    print(f"[models] behaviour bank: {bank.shape[0]} states x {m} actions in {time.time() - t0:.1f}s")
-    return bank
+    return jnp.concatenate(parts)
+
+
+def flatten_obs(obs) -> np.ndarray:
+    """Flatten (nested, batched) Dict observations along the last axis: `observation` first, then the other keys
+    sorted; `achieved_goal` is dropped when `observation` exists (PointMaze: observation(4) || desired_goal(2))."""
+    if not isinstance(obs, dict):
+        return np.asarray(obs, dtype=np.float32)
+    keys = sorted(obs)
+    if "observation" in keys:
+        keys = ["observation"] + [k for k in keys if k not in ("observation", "achieved_goal")]
+    return np.concatenate([flatten_obs(obs[k]) for k in keys], axis=-1)
 
 
 def evaluate(envs, policy, params, seed) -> np.ndarray:
@@ -824,6 +847,7 @@ import gymnasium as gym
 import tyro
 
 RANDOM_DATASET_STEPS, RANDOM_DATASET_SEED = 50_000, 0  # the default generated dataset
+PROGRESS_EVERY_S = 30.0  # pretraining and training print a progress line at least this often
 FlagOrPaper = tyro.conf.DisallowNone[Optional[bool]]  # --flag / --no-flag; left out (None): the paper's value
 
 
@@ -845,7 +869,9 @@ class Args:
     env_id: str = "ilq-local/hopper/random-v0"
     dataset_path: Optional[str] = None  # D4RL HDF5 file for a D4RL name (None: the D4RL cache folder, else a download)
     download: bool = True  # --no-download: never download a dataset that is not on disk
-    eval_env_id: Optional[str] = None  # Gymnasium env for evaluation (None: the dataset's own, e.g. Hopper-v5 for hopper)
+    # Gymnasium env for evaluation (None: where the data were recorded: D4RL's hopper names on Hopper-v4 with the -v2
+    # masses, maze2d/pen on D4RL-faithful wrappers, Minari data on their recorded env, ilq-local/*/random-v0 on -v5)
+    eval_env_id: Optional[str] = None
     run_name: Optional[str] = None  # run folder under runs/ (None: <dataset>__<exp-name>__<seed>__<unix time>)
     # continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after may be added
     # (None: a new run)
@@ -883,6 +909,9 @@ class Args:
     imagination: bool = True  # --no-imagination: OOD target = y_lmt + delta (the ablation of Sec. 5.4)
     limitation: bool = True  # --no-limitation: OOD target = y_img + delta (the ablation of Sec. 5.4)
     behavior_bank: bool = False  # M behaviour actions per state sampled once (faster on CPU), not in every update (the paper)
+    # the frozen dynamics and diffusion models in bfloat16 (fewer bytes on a GPU; the targets move slightly, see
+    # benchmarks/RESULTS.md); the learners stay float32 (off: the paper's float32 everywhere)
+    bf16_models: bool = False
     target_entropy_bonus: bool = False  # -alpha log pi in the critic targets as in SAC/MCQ (the paper's Eq. 17/19 have none)
     fixed_alpha: float = 0.0  # alpha when entropy tuning is off (Adroit's "Entropy: False"): 0 = none (default), >0 fixed
     hidden_dim: int = 256  # width of the actor and critic layers (the paper's 256)
@@ -1021,11 +1050,11 @@ D4RL_REF_SCORES = {  # d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE (v1/v2 reuse 
     "pen": (96.262799, 3076.8331017826877),
 }
 D4RL_SIZES = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6), "maze2d": (4, 2), "pen": (45, 24)}
-D4RL_LOCOMOTION = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+GENERATED_DATA_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}  # random-v0
 D4RL_MAZE = {"umaze": "PointMaze_UMaze-v3", "medium": "PointMaze_Medium-v3", "large": "PointMaze_Large-v3"}
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
 D4RL_NAMES = (
-    [f"{e}-{k}" for e in D4RL_LOCOMOTION for k in ("random", "medium", "medium-replay", "medium-expert", "expert")]
+    [f"{e}-{k}" for e in GENERATED_DATA_ENVS for k in ("random", "medium", "medium-replay", "medium-expert", "expert")]
     + [f"maze2d-{m}{d}" for m in D4RL_MAZE for d in ("", "-dense")]
     + ["pen-human", "pen-cloned"]
 )
@@ -1292,7 +1321,7 @@ def load_minari(args: Args) -> tuple[dict, dict]:
             dataset = None
     if dataset is None and generated:
         robot = local.group(1)
-        make_random_dataset(dataset_id, D4RL_LOCOMOTION[robot], steps, ref_scores=D4RL_REF_SCORES[robot])
+        make_random_dataset(dataset_id, GENERATED_DATA_ENVS[robot], steps, ref_scores=D4RL_REF_SCORES[robot])
         with errors_as(*damaged):
             dataset = minari.load_dataset(dataset_id, download=False)
     elif dataset is None:
@@ -1303,7 +1332,7 @@ def load_minari(args: Args) -> tuple[dict, dict]:
     made = {k: meta.get(f"ilq_{k}") for k in ("steps", "seed", "env")}
     if generated and made["steps"] is None:  # made by an earlier ilq_jax.py, always with seed 0: size and env on record
         made = dict(steps=meta.get("total_steps"), seed=RANDOM_DATASET_SEED, env=getattr(dataset.env_spec, "id", None))
-    wanted = dict(steps=steps, seed=RANDOM_DATASET_SEED, env=D4RL_LOCOMOTION[local.group(1)]) if generated else made
+    wanted = dict(steps=steps, seed=RANDOM_DATASET_SEED, env=GENERATED_DATA_ENVS[local.group(1)]) if generated else made
     if made != wanted:
         raise ILQError(
             f"The local dataset '{dataset_id}' was not made with this run's settings: it records {made}, this run asks "
@@ -1335,7 +1364,7 @@ def load_dataset(args: Args) -> tuple[Transitions, DatasetInfo]:
     if args.env_id in gym.registry or re.fullmatch(r"[A-Z]\w*-v\d+", args.env_id):
         fam = family_of(args.env_id)
         names = [n for n in D4RL_NAMES if family_of(n) == fam][:3]
-        names += [f"{LOCAL_NAMESPACE}/{fam}/random-v0"] if fam in D4RL_LOCOMOTION else []
+        names += [f"{LOCAL_NAMESPACE}/{fam}/random-v0"] if fam in GENERATED_DATA_ENVS else []
         raise ILQError(
             f"--env-id '{args.env_id}' is a Gymnasium environment, but --env-id names a DATASET (a D4RL name, a Minari "
             f"id or {LOCAL_NAMESPACE}/<robot>/random-v0). The evaluation environment follows from the dataset, or is set "
@@ -1375,7 +1404,7 @@ D4RL_MAZE2D = {  # D4RL's layouts ('#' wall, 'O' empty, 'G' goal), rows top to b
         "#OO#O#OOOOO#", "##O#O#O#O###", "#OO#OOO#OGO#", "############")),
 }  # fmt: skip
 D4RL_QPOS_OFFSET = 0.2  # D4RL's particle body sits at (1.2, 1.2) and cell (r, c) is centred at (r + 1, c + 1)
-D4RL_PEN_DROP_Z, D4RL_PEN_STEPS, PEN_OBJ_Z = 0.075, 100, 26  # pen-v0/v1: done when obs[26] (the pen's z) < 0.075
+D4RL_PEN_STEPS = 100  # pen-v0/v1's time limit (its drop rule: D4RL_PEN_DROP_Z, with the termination functions)
 
 
 class EvalEnv(NamedTuple):
@@ -1554,8 +1583,8 @@ def d4rl_eval_env(task: str) -> EvalEnv:
         note = f"D4RL's {task}-v1 (frame, [qpos, qvel] observation, goal cell, reward, start distribution, {steps} steps) "
         note += f"on Gymnasium-Robotics' {gym_id}-v3 physics ({mujoco}; D4RL: mujoco-py, walls 0.2 lower, same contacts)"
         return EvalEnv(f"D4RL-{task}", partial(make_d4rl_maze2d, maze, dense), note)
-    note = f"AdroitHandPen-v1 with D4RL's episode end (pen z < 0.075) and {D4RL_PEN_STEPS} steps; data: D4RL's PenEnvV0 "
-    note += f"on mujoco-py, same MJCF, observation and reward ({mujoco})"
+    note = f"AdroitHandPen-v1 with D4RL's episode end (pen z < {D4RL_PEN_DROP_Z}) and {D4RL_PEN_STEPS} steps; data: D4RL's "
+    note += f"PenEnvV0 on mujoco-py, same MJCF, observation and reward ({mujoco})"
     return EvalEnv(f"D4RL-{task}", make_d4rl_pen, note)
 
 
@@ -1605,34 +1634,6 @@ def describe_dataset(data: Transitions, info: DatasetInfo) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- hyper-parameters
-PAPER_HPARAMS = {  # Tables 3-6 and A.2: task -> (eta, delta, reward-penalty coefficient, critic lr, actor lr)
-    "halfcheetah-random": (0.95, 2.0, 0.0, 5e-4, 3e-4),
-    "hopper-random": (0.90, 1.0, 1.0, 3e-4, 1e-4),
-    "walker2d-random": (0.70, 1.0, 0.0, 5e-4, 3e-4),
-    "halfcheetah-medium": (0.95, 1.0, 0.0, 5e-4, 3e-4),
-    "hopper-medium": (0.95, -2.0, 2.0, 5e-4, 3e-4),
-    "walker2d-medium": (0.90, 0.5, 1.0, 5e-4, 3e-4),
-    "halfcheetah-medium-replay": (0.95, 2.0, 0.0, 5e-4, 3e-4),
-    "hopper-medium-replay": (0.80, -0.5, 1.0, 3e-4, 1e-4),
-    "walker2d-medium-replay": (0.90, 1.0, 2.0, 3e-4, 1e-4),
-    "halfcheetah-medium-expert": (0.60, 1.0, 0.0, 5e-4, 3e-4),
-    "hopper-medium-expert": (0.40, -0.5, 0.0, 5e-4, 3e-4),
-    "walker2d-medium-expert": (0.80, 1.0, 0.0, 5e-4, 3e-4),
-    "maze2d-umaze": (0.95, -0.5, 0.0, 5e-4, 3e-4),
-    "maze2d-umaze-dense": (0.95, 0.0, 0.0, 5e-4, 3e-4),
-    "maze2d-medium": (0.95, 0.0, 0.0, 5e-4, 3e-4),
-    "maze2d-medium-dense": (0.95, 0.0, 0.0, 5e-4, 3e-4),
-    "maze2d-large": (0.95, 0.0, 0.0, 5e-4, 3e-4),
-    "maze2d-large-dense": (0.95, 0.0, 0.0, 5e-4, 3e-4),
-    "pen-human": (0.80, -1.0, 0.0, 3e-4, 1e-4),
-    "pen-cloned": (0.80, 0.0, 0.0, 3e-4, 1e-4),
-}
-# Datasets the paper does not list: eta ~0.9 "a typically safe choice", delta = 0 "a solid choice" (Sec. 5.3), the
-# learning rates of "all others" (Table 3). Where the text and the tables disagree, the tables win.
-DEFAULT_HPARAMS = (0.90, 0.0, 0.0, 5e-4, 3e-4)
-ADROIT_TASKS = ("pen-human", "pen-cloned")  # entropy off and a cosine learning-rate schedule (Table 3)
-
-
 def effective_hparams(args: Args, info: DatasetInfo) -> dict:
     row, adroit = PAPER_HPARAMS.get(info.task, DEFAULT_HPARAMS), info.task in ADROIT_TASKS
     paper = dict(zip(("eta", "delta", "penalty_coef", "critic_lr", "actor_lr"), row), entropy=not adroit, cosine_lr=adroit)
@@ -1720,7 +1721,47 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
     return model, side
 
 
-def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, log=None, force: bool = False):
+def rate_and_time_left(done: int, total: int, seconds: float, unit: str) -> str:
+    rate = done / max(seconds, 1e-9)
+    return f"{rate:7.1f} {unit}/s | time left {(total - done) / max(rate, 1e-9):5.0f}s"
+
+
+class PretrainProgress:
+    """Part I's pretraining reports as console lines (every epoch and the last diffusion call, and at least every
+    PROGRESS_EVERY_S in between) and, given `scalar(tag, value, step)`, TensorBoard scalars. `check()`, if given, runs
+    first: a pending Ctrl-C or SIGTERM stops pretraining there, between two jitted calls."""
+
+    def __init__(self, scalar=None, check=None):
+        self.scalar, self.check, self.last = scalar, check, time.time()
+
+    def __call__(self, event: str, v: dict) -> None:
+        if self.check:
+            self.check()
+        due, line, scalars = time.time() - self.last >= PROGRESS_EVERY_S, None, {}
+        if event == "dynamics batch" and due:
+            done, total = (v["epoch"] - 1) * v["batches"] + v["batch"], v["epochs"] * v["batches"]
+            line = f"[dynamics] epoch {v['epoch']:3d}/{v['epochs']} | batch {v['batch']}/{v['batches']} | "
+            line += rate_and_time_left(done, total, v["seconds"], "batches")
+        elif event == "dynamics epoch":
+            mse, ep = v["holdout_mse"], v["epoch"]
+            line = f"[dynamics] epoch {ep:3d}/{v['epochs']} | train loss {v['train_loss']:9.4f} | holdout MSE per member "
+            line += f"{np.array2string(mse, precision=4, separator=' ')} | elites {v['elites'].tolist()} | "
+            line += rate_and_time_left(ep, v["epochs"], v["seconds"], "epochs")
+            scalars = {"dynamics/train_loss": v["train_loss"], "dynamics/holdout_mse_elites": mse[v["elites"]].mean()}
+            scalars.update({f"dynamics/holdout_mse_member_{i}": m for i, m in enumerate(mse)})
+        elif event == "diffusion":
+            if due or v["step"] == v["steps"]:
+                line = f"[diffusion] step {v['step']:7d}/{v['steps']} | loss {v['loss']:.4f} | "
+                line += rate_and_time_left(v["step"], v["steps"], v["seconds"], "steps")
+            scalars = {"diffusion/loss": v["loss"]}
+        for tag, value in scalars.items() if self.scalar else ():
+            self.scalar(tag, float(value), v.get("epoch", v.get("step")))
+        if line:
+            print(line, flush=True)
+            self.last = time.time()
+
+
+def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, report=None, force: bool = False):
     """Algorithm 1, lines 2-3: the frozen dynamics and behaviour models: from --dynamics-path / --behavior-path, from the
     cache when a model trained at least as long as asked is there, or trained now (and cached)."""
     models, jobs = {}, {"dynamics": (args.dynamics_path, args.dynamics_epochs)}
@@ -1744,10 +1785,10 @@ def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, log=None,
         print(f"[models] {kind}: training ({wanted} {unit}) -> {path}")
         config = model_settings(args, kind)
         if kind == "dynamics":  # the sidecar repeats what a reader needs without loading the msgpack
-            model, metrics = train_dynamics(data, info.family, epochs=wanted, log=log, **config)
+            model, metrics = train_dynamics(data, info.family, epochs=wanted, report=report or PretrainProgress(), **config)
             state = {k: np.asarray(getattr(model, k)).tolist() for k in ("input_mean", "input_std", "elites")}
         else:
-            model, metrics = train_diffusion(data, steps=wanted, log=log, **config)
+            model, metrics = train_diffusion(data, steps=wanted, report=report or PretrainProgress(), **config)
             state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()})
         dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
         side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
@@ -2262,15 +2303,19 @@ def pretrained_models(run: Run, stop: dict):
     stays cached. Returns the frozen inputs of the update and the pretraining scalars for TensorBoard."""
     scalars = []
 
-    def log(tag, value, step):
+    def check():
         if stop["signal"]:
             raise Interrupted(stop["signal"])
-        scalars.append((tag, value, step))
 
-    dynamics, behavior = load_or_pretrain(run.args, run.data, run.info, log=log)
+    report = PretrainProgress(lambda *scalar: scalars.append(scalar), check)
+    dynamics, behavior = load_or_pretrain(run.args, run.data, run.info, report=report)
+    if run.args.bf16_models:
+        dynamics, behavior = low_precision(dynamics), low_precision(behavior)
     bank = None
     if run.args.behavior_bank and any(METHODS[m][1] for m in run.methods):
+        t0 = time.time()
         bank = make_behavior_bank(behavior, run.data.observations, run.args.num_behavior_samples, run.args.pretrain_seed)
+        print(f"[models] behaviour bank: {bank.shape[0]} states x {bank.shape[1]} actions in {time.time() - t0:.1f}s")
     return Frozen(run.data, dynamics, behavior, bank), scalars
 
 

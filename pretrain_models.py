@@ -12,7 +12,6 @@ is cached (--force retrains). Progress goes to the console and to TensorBoard un
 
 import dataclasses
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -61,10 +60,10 @@ def pretrain(p: PretrainArgs) -> None:
         f"{args.dynamics_elites} elites), diffusion {args.diffusion_steps} steps (K={args.diffusion_k}); cache "
         f"{os.path.expanduser(args.model_dir)}"
     )
-    log_dir = os.path.join("runs", f"pretrain__{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.env_id)}__{int(time.time())}")
+    log_dir = os.path.join("runs", f"pretrain__{ilq_jax.slug(args.env_id)}__{int(time.time())}")
     tb, t0 = ilq_jax.TensorBoard(log_dir), time.time()
     try:
-        ilq_jax.load_or_pretrain(args, data, info, log=tb.scalar, force=p.force)
+        ilq_jax.load_or_pretrain(args, data, info, report=ilq_jax.PretrainProgress(tb.scalar), force=p.force)
     finally:
         tb.close()
     print(f"[models] done in {time.time() - t0:.1f}s; TensorBoard logs in {log_dir}")

@@ -35,10 +35,6 @@ ILQ_METHODS = {"ILQ": "ilq", "ILQ w/o imagination": "no-imagination", "ILQ w/o l
 PEERS = ("TD3+BC", "IQL", "CQL")
 
 
-def slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in s)
-
-
 def run_ilq(a, methods: list, run_dir: str) -> dict:
     """The ILQ variants x --seeds as one program (ilq_jax.py --methods ... --num-seeds N); an interrupted one continues.
     Returns {method: [per seed: eval_steps, scores, q_data, updates_per_second, wall_time_s]}."""
@@ -163,7 +159,7 @@ def main(argv=None):
 
     data, info = ilq.load_dataset(ilq.Args(env_id=a.dataset, download=False))
     print(ilq.describe_dataset(data, info), flush=True)
-    data_npz = os.path.join("runs", f"compare__{slug(a.dataset)}__data.npz")
+    data_npz = os.path.join("runs", f"compare__{ilq.slug(a.dataset)}__data.npz")
     os.makedirs(os.path.dirname(data_npz), exist_ok=True)
     model_fields = {}  # the evaluation robot's restored -v2 masses, for the peers' own (Gymnasium) env
     if isinstance(info.eval_env, ilq.EvalEnv) and "-v2 masses" in info.eval_env.note:
@@ -184,10 +180,10 @@ def main(argv=None):
     results, ilq_methods = {}, [m for m in methods if m in ILQ_METHODS]
     if ilq_methods:  # one program: every (variant, seed) learner in one jitted scan
         print(f"[compare] {', '.join(ilq_methods)} x {a.seeds} seeds in one program: {a.updates} updates", flush=True)
-        results.update(run_ilq(a, ilq_methods, os.path.join("runs", f"compare__{slug(a.dataset)}__{tag}__ILQ-variants")))
+        results.update(run_ilq(a, ilq_methods, os.path.join("runs", f"compare__{ilq.slug(a.dataset)}__{tag}__ILQ-variants")))
     for method in [m for m in methods if m not in ILQ_METHODS]:
         for seed in range(1, a.seeds + 1):
-            run_dir = os.path.join("runs", f"compare__{slug(a.dataset)}__{tag}__{slug(method)}__{seed}")
+            run_dir = os.path.join("runs", f"compare__{ilq.slug(a.dataset)}__{tag}__{ilq.slug(method)}__{seed}")
             done_file = os.path.join(run_dir, "compare.json")
             if os.path.exists(done_file):
                 results.setdefault(method, []).append(json.load(open(done_file)))
@@ -238,14 +234,14 @@ def main(argv=None):
     table = header + "\n\n" + "\n".join(rows)
     print(table)
 
-    fig_path = a.figure or os.path.join(ROOT, "benchmarks", "figures", f"compare_{slug(a.dataset)}_{tag}.png")
+    fig_path = a.figure or os.path.join(ROOT, "benchmarks", "figures", f"compare_{ilq.slug(a.dataset)}_{tag}.png")
     plot(results, q_ref, a.dataset, fig_path)
     print(f"[compare] figure: {fig_path}")
     if a.out_md:  # one section per dataset and budget, rewritten in place by a later run
         figure = os.path.relpath(fig_path, os.path.dirname(os.path.abspath(a.out_md)))
         write_section(
             a.out_md,
-            f"learning-{slug(a.dataset)}-{tag}",
+            f"learning-{ilq.slug(a.dataset)}-{tag}",
             f"## Learning: `{a.dataset}`\n\n{table}\n\n![learning curves]({figure})",
         )
 

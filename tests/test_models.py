@@ -755,13 +755,13 @@ def test_pretraining_prints_progress_between_calls_with_time_left(monkeypatch, c
     monkeypatch.setattr(ilq, "PROGRESS_EVERY_S", 0.0)  # every jitted call is 30 s long, as far as the trainers know
     monkeypatch.setattr(ilq, "DYNAMICS_BATCHES_PER_CALL", 2)
     data = linear_gaussian(1500)  # 1200 training transitions: 9 minibatches of 128, 5 calls per epoch
-    ilq.train_dynamics(data, "hopper", members=2, elites=1, hidden=8, epochs=2, batch_size=128)
+    ilq.train_dynamics(data, "hopper", members=2, elites=1, hidden=8, epochs=2, batch_size=128, report=ilq.PretrainProgress())
     out = capsys.readouterr().out
     inside = [line for line in out.splitlines() if "| batch " in line]
     assert len(inside) == 2 * 4, out  # after each call but an epoch's last, which prints the epoch line
     assert inside[0].startswith("[dynamics] epoch   1/2 | batch 2/9 |") and "batches/s | time left" in inside[0]
     assert out.count("epochs/s | time left") == 2
-    ilq.train_diffusion(data, hidden=16, steps=40, steps_per_call=10, batch_size=32)
+    ilq.train_diffusion(data, hidden=16, steps=40, steps_per_call=10, batch_size=32, report=ilq.PretrainProgress())
     out += capsys.readouterr().out
     steps = [line for line in out.splitlines() if line.startswith("[diffusion]")]
     assert [line.split("|")[0].split()[-1] for line in steps] == ["10/40", "20/40", "30/40", "40/40"]

@@ -156,3 +156,21 @@ def test_learners_split_over_two_devices_are_the_same_learners():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "SAME" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
     assert "learners split over 2 devices (2 each)" in out.stdout
+
+
+def test_bf16_models_move_the_targets_a_little_and_nothing_else():
+    """--bf16-models: the frozen models' weights (and so their activations) in bfloat16; the in-sample target does not
+    touch them and is unchanged, the imagined and limitation values move by a few percent at most, all float32."""
+    cfg, frozen = paper_sized()
+    low = ilq.Frozen(frozen.data, ilq.low_precision(frozen.dynamics), ilq.low_precision(frozen.behavior))
+    assert {p.dtype for p in jax.tree_util.tree_leaves((low.dynamics.params, low.behavior.params))} == {jnp.bfloat16}
+    state = ilq.init_train_state(cfg, jax.random.PRNGKey(1))
+    batch = jax.tree_util.tree_map(lambda x: x[:256], frozen.data)
+    targets = jax.jit(lambda fr, k: ilq.ilb_targets(cfg, state, fr, batch, None, k))
+    f32, bf16 = targets(frozen, jax.random.PRNGKey(3)), targets(low, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(f32.y_in, bf16.y_in)
+    for name in ("y_img", "y_lmt", "y_ood"):
+        x, y = np.asarray(getattr(f32, name)), np.asarray(getattr(bf16, name))
+        assert getattr(bf16, name).dtype == jnp.float32
+        scale = np.abs(x).mean() + x.std()
+        assert 0 < np.abs(x - y).max() <= 0.05 * scale, (name, np.abs(x - y).max(), scale)

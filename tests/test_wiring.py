@@ -59,7 +59,7 @@ def capture(monkeypatch, tmp_path):
         def close(self):
             pass
 
-    def models(args, data, info, log=None, force=False):
+    def models(args, data, info, report=None, force=False):
         obs, act = info.obs_dim, info.act_dim
         net = ilq.DynamicsEnsemble(obs + 1, 2, 8, 2)
         dyn = ilq.DynamicsModel(
