@@ -1,0 +1,195 @@
+"""Fault traps (issue 20): every way a run, a signal, a dataset file, a download or a pretrained model can go wrong
+ends in one clear error or a clean exit, and leaves nothing half-made behind."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+from test_data import write_d4rl
+from test_learner import TINY, _tiny_args
+
+import ilq_jax as ilq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _files(folder) -> dict:
+    """{relative path: bytes} of every file under folder."""
+    out = {}
+    for d, _, names in os.walk(folder):
+        for name in names:
+            out[os.path.relpath(os.path.join(d, name), folder)] = open(os.path.join(d, name), "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after 20 of 40 updates (--stop-after), with its checkpoint."""
+    tmp = tmp_path_factory.mktemp("faults")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        assert ilq.train(_tiny_args(tmp, run_name="half", stop_after=20)) == {}
+    finally:
+        os.chdir(cwd)
+    return tmp / "runs" / "half"
+
+
+def _copy(stopped_run, tmp_path):
+    shutil.copytree(stopped_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Settings and run folders
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_dataset_path_with_a_non_d4rl_env_id_is_refused():
+    with pytest.raises(ilq.ILQError, match=r"--dataset-path \(x\.hdf5\) is read only for a D4RL name") as e:
+        ilq.resolve_args(ilq.Args(dataset_path="x.hdf5"))
+    assert "--env-id 'ilq-local/hopper/random-v0' is none" in str(e.value)
+
+
+def test_a_torn_checkpoint_is_refused_naming_both_files_and_their_updates(stopped_run, tmp_path):
+    run = _copy(stopped_run, tmp_path)
+    progress = json.loads((run / "checkpoint.json").read_text())
+    assert progress["updates"] == 20
+    (run / "checkpoint.json").write_text(json.dumps(dict(progress, updates=30)))  # cut between the two writes
+    before = _files(run)
+    with pytest.raises(
+        ilq.ILQError, match=r"checkpoint-ilq\.msgpack holds update 20 but checkpoint\.json says update 30: .*cut"
+    ):
+        ilq.train(ilq.Args(resume=str(run)))
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda saved: saved.pop("gamma"), "missing --gamma"),
+        (lambda saved: saved.update(total_steps="40"), "mistyped --total-steps = '40'"),
+    ],
+)
+def test_args_json_with_a_missing_or_mistyped_key_is_refused_naming_it(stopped_run, tmp_path, edit, named):
+    run = _copy(stopped_run, tmp_path)
+    saved = json.loads((run / "args.json").read_text())
+    edit(saved)
+    (run / "args.json").write_text(json.dumps(saved))
+    before = _files(run)
+    with pytest.raises(ilq.ILQError, match=r"args\.json does not hold this version's settings \((.*)\)") as e:
+        ilq.train(ilq.Args(resume=str(run)))
+    assert named in str(e.value)
+    assert _files(run) == before
+
+
+def test_a_second_process_on_a_locked_run_folder_is_refused(stopped_run, tmp_path):
+    run = _copy(stopped_run, tmp_path)
+    lock = ilq.lock_run_folder(str(run))  # another ilq_jax.py holds the folder
+    try:
+        before = _files(run)
+        with pytest.raises(ilq.ILQError, match="is in use by another ilq_jax.py process"):
+            ilq.train(ilq.Args(resume=str(run)))
+        assert _files(run) == before
+    finally:
+        lock.close()
+
+
+def test_a_huge_num_seeds_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def never(*a, **k):
+        raise AssertionError("pretraining started")
+
+    monkeypatch.setattr(ilq, "load_or_pretrain", never)
+    with pytest.raises(ilq.ILQError, match=r"100000 learner\(s\) need about [\d.]+ GiB .* GiB available"):
+        ilq.train(_tiny_args(tmp_path, run_name="huge", num_seeds=100_000))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
+
+
+def test_a_dataset_smaller_than_a_minibatch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_d4rl(tmp_path / "ten.hdf5", n=10)  # hopper sizes (11, 3), next_observations: 10 usable transitions
+    args = _tiny_args(tmp_path, env_id="hopper-medium-v2", dataset_path=str(tmp_path / "ten.hdf5"), run_name="ten")
+    with pytest.raises(ilq.ILQError, match=r"has 10 usable transitions, fewer than a minibatch \(32\)"):
+        ilq.train(args)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Signals, in a real process
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _signal_on(tmp_path, argv, marker, signum, timeout=600):
+    """`python ilq_jax.py ARGV` in tmp_path, sent signum once marker appears in its output; (exit code, output)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "ilq_jax.py"), *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+        seen.set()  # the output ended without the marker
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        seen.wait(timeout)
+        if proc.poll() is None and any(marker in line for line in lines):
+            proc.send_signal(signum)
+        code = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(30)
+    out = "".join(lines)
+    assert marker in out, out[-3000:]
+    return code, out
+
+
+def test_sigterm_checkpoints_exits_143_and_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = [*TINY, "--total-steps", "400", "--updates-per-call", "10", "--eval-interval", "200"]
+    flags += ["--model-dir", str(tmp_path / "models")]
+    full = ilq.train(ilq.parse_args([*flags, "--run-name", "full"]))
+    assert full["eval_steps"] == [200, 400]
+    code, out = _signal_on(tmp_path, [*flags, "--run-name", "cut"], "[ilq] 1 learner(s)", signal.SIGTERM)
+    assert code == 143, out[-3000:]
+    assert re.search(r"\[ilq\] interrupted at update \d+; checkpoint saved", out) and "Traceback" not in out
+    assert "[ilq] interrupted (SIGTERM); exit code 143" in out
+    cut = tmp_path / "runs" / "cut"
+    assert 0 < json.load(open(cut / "checkpoint.json"))["updates"] < 400 and not (cut / "summary.json").exists()
+    ilq.main(["--resume", str(cut)])
+    resumed = json.load(open(cut / "summary.json"))
+    assert resumed["seeds"] == full["seeds"]
+    full_state = (tmp_path / "runs" / "full" / "checkpoint-ilq.msgpack").read_bytes()
+    assert (cut / "checkpoint-ilq.msgpack").read_bytes() == full_state
+
+
+def test_ctrl_c_during_pretraining_three_times_exits_130_and_keeps_only_the_trained_dynamics(tmp_path):
+    argv = [*TINY, "--diffusion-steps", "20000", "--run-name", "pre", "--model-dir", str(tmp_path / "models")]
+    for attempt in range(3):
+        code, out = _signal_on(tmp_path, argv, "[models] behavior: training", signal.SIGINT)
+        assert code == 130, f"attempt {attempt}: exit code {code}\n{out[-3000:]}"
+        assert "[ilq] interrupted (SIGINT); exit code 130" in out and "Traceback" not in out
+        assert not (tmp_path / "runs").exists()  # no run folder before training starts
+        cached = sorted(os.path.basename(f) for f in _files(tmp_path / "models"))
+        assert [f.split("-")[0] for f in cached] == ["dynamics", "dynamics"], cached  # its .msgpack and .json
+        assert ("[models] dynamics: loaded" in out) == (attempt > 0)
