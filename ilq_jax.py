@@ -1742,6 +1742,19 @@ def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, log=None,
         else:
             model, metrics = train_diffusion(data, steps=wanted, log=log, **config)
             state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()})
+        numbers = [np.asarray(v, np.float64) for v in metrics.values()] + jax.tree_util.tree_leaves(model)
+        if not all(np.isfinite(x).all() for x in numbers):  # a diverged model is never cached
+            lr = "dynamics_lr" if kind == "dynamics" else "diffusion_lr"
+            loss = (
+                f"train loss {metrics['train_loss']}, holdout MSE of elites {metrics['holdout_mse_elites']}"
+                if kind == "dynamics"
+                else f"final loss {metrics['final_loss']}"
+            )
+            default = next(f.default for f in dataclasses.fields(Args) if f.name == lr)
+            raise ILQError(
+                f"The {kind} model's training diverged ({loss}: not finite); it was not cached. Lower {flag(lr)} "
+                f"({getattr(args, lr)}; the paper's is {default}) and run again."
+            )
         dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
         side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
         side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))

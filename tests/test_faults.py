@@ -13,6 +13,7 @@ import threading
 import pytest
 from test_data import write_d4rl
 from test_learner import TINY, _tiny_args
+from test_models import tiny_problem
 
 import ilq_jax as ilq
 
@@ -193,3 +194,21 @@ def test_ctrl_c_during_pretraining_three_times_exits_130_and_keeps_only_the_trai
         cached = sorted(os.path.basename(f) for f in _files(tmp_path / "models"))
         assert [f.split("-")[0] for f in cached] == ["dynamics", "dynamics"], cached  # its .msgpack and .json
         assert ("[models] dynamics: loaded" in out) == (attempt > 0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pretrained models
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, lr", [("dynamics", "dynamics_lr"), ("behavior", "diffusion_lr")])
+def test_a_diverged_model_is_refused_and_never_cached(tmp_path, kind, lr):
+    data, info, args = tiny_problem(tmp_path / "models", **{lr: 1e30})
+    with pytest.raises(
+        ilq.ILQError, match=rf"The {kind} model's training diverged \(.*(nan|inf).*\).*--{lr.replace('_', '-')}"
+    ):
+        ilq.load_or_pretrain(args, data, info)
+    cached = [os.path.basename(f) for f in _files(tmp_path / "models")] if (tmp_path / "models").exists() else []
+    assert not [f for f in cached if f.startswith(kind)], cached
+    if kind == "behavior":  # the dynamics model trained well and stays cached
+        assert sorted(f.split("-")[0] for f in cached) == ["dynamics", "dynamics"], cached
