@@ -1656,11 +1656,17 @@ def package_versions() -> dict:
 
 
 def _atomic_write(path: str, payload: bytes) -> None:
+    """path holds the old bytes or the new ones, never a part; a failed write (a full disk) leaves no temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def model_settings(args: Args, kind: str) -> dict:

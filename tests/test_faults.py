@@ -212,3 +212,16 @@ def test_a_diverged_model_is_refused_and_never_cached(tmp_path, kind, lr):
     assert not [f for f in cached if f.startswith(kind)], cached
     if kind == "behavior":  # the dynamics model trained well and stays cached
         assert sorted(f.split("-")[0] for f in cached) == ["dynamics", "dynamics"], cached
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint.json"
+    target.write_bytes(b"old")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ilq.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ilq._atomic_write(str(target), b"new")
+    assert os.listdir(tmp_path) == ["checkpoint.json"] and target.read_bytes() == b"old"
