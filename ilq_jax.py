@@ -1100,15 +1100,34 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
     import h5py
 
     keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+    if os.path.isdir(path):
+        raise ILQError(f"'{path}' is a directory, not an HDF5 file: give the path of the D4RL HDF5 file itself.")
+    try:  # a file that cannot be opened is not called truncated or corrupt
+        open(path, "rb").close()
+    except OSError as e:
+        raise ILQError(
+            f"'{path}' cannot be read: {(e.strerror or str(e)).lower()}. Make it readable by this user, or pass a "
+            "readable copy with --dataset-path."
+        ) from None
     with errors_as(f"Could not read '{path}' as HDF5", f"The file is truncated or corrupt. {advice}"):
         with h5py.File(path, "r") as f:
             raw = {k: np.asarray(f[k]) for k in keys if k in f}
             label = f.attrs.get("ilq_local_description")  # a file benchmarks/make_datasets.py made (not D4RL data)
+    if label is not None:  # made here, never downloaded: remade, not downloaded again
+        advice = "It was made locally (not D4RL data): make it again with `python benchmarks/make_datasets.py`."
     if missing := [k for k in keys[:4] if k not in raw]:
         raise ILQError(
             f"'{path}' is not a D4RL-format HDF5 file: it lacks {missing}. Expected: {', '.join(keys)} (the last two "
             "optional)."
         )
+    per_row = {k: v.shape for k, v in raw.items() if k in ("rewards", "terminals", "timeouts")}
+    if bad := {k: s for k, s in per_row.items() if len(s) == 0 or s[1:] not in ((), (1,))}:
+        raise ILQError(
+            f"'{path}' is not a usable D4RL-format file: {', '.join(f'`{k}` has shape {s}' for k, s in bad.items())}, "
+            f"but rewards, terminals and timeouts hold one value per transition (shape (N,)). {advice}"
+        )
+    if scalars := [k for k, v in raw.items() if v.ndim == 0]:
+        raise ILQError(f"'{path}' is not a usable D4RL-format file: {scalars} are single values, not arrays. {advice}")
     n = len(raw["observations"])
     if any(len(v) != n for v in raw.values()):
         raise ILQError(f"'{path}' is inconsistent: its arrays have lengths { {k: len(v) for k, v in raw.items()} }. {advice}")
@@ -1129,6 +1148,12 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
         next_obs = np.where(terminals[:, None], obs, np.concatenate([obs[1:], obs[-1:]]))
         keep = terminals | ~timeouts
         keep[-1] = terminals[-1]
+        if not keep.any():
+            raise ILQError(
+                f"'{path}' holds no usable transitions: all its {n} rows were dropped because their successors are "
+                "unknown (the file has no next_observations, and every row is a timeout or the last row, not a "
+                "termination). Use a file with next_observations, or one whose episodes are longer than one step."
+            )
     rewards = raw["rewards"].reshape(-1)
     arrays = dict(observations=obs[keep], actions=raw["actions"][keep].astype(np.float32), next_observations=next_obs[keep])
     arrays.update(rewards=rewards[keep].astype(np.float32), terminals=terminals[keep].astype(np.float32))
