@@ -808,7 +808,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import sys
 import typing
@@ -1162,7 +1161,8 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
 
 
 def download_d4rl(url: str, dest: str) -> None:
-    """The real D4RL download, to a .part file first: a broken or interrupted download leaves nothing behind."""
+    """The real D4RL download, to a .part file first, in chunks with a progress line at least every PROGRESS_EVERY_S:
+    a broken, short (fewer bytes than its Content-Length) or interrupted download leaves nothing behind."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     part = dest + ".part"
     print(f"[data] downloading {url} -> {dest}")
@@ -1170,7 +1170,23 @@ def download_d4rl(url: str, dest: str) -> None:
     try:
         with errors_as(f"Could not download {url}", advice):
             with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-                shutil.copyfileobj(r, f, length=1 << 20)
+                length = str(getattr(r, "headers", {}).get("Content-Length") or "")
+                total, done, t0 = int(length) if length.isdigit() else None, 0, time.time()
+                last_print = t0
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if time.time() - last_print >= PROGRESS_EVERY_S:
+                        rate = done / max(time.time() - t0, 1e-9)
+                        line = f"[data] downloaded {done / 2**20:.1f} MiB"
+                        if total:
+                            line += f" of {total / 2**20:.1f} MiB ({100 * done / total:.0f} %)"
+                        line += f" | {rate / 2**20:.2f} MiB/s"
+                        print(line + (f" | time left {(total - done) / max(rate, 1e-9):.0f}s" if total else ""), flush=True)
+                        last_print = time.time()
+            if total is not None and done != total:
+                raise ConnectionError(f"the connection ended after {done} of the {total} bytes announced")
+            print(f"[data] downloaded {done / 2**20:.1f} MiB in {time.time() - t0:.0f}s")
             os.replace(part, dest)
     finally:
         if os.path.exists(part):

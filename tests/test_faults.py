@@ -1,6 +1,8 @@
 """Fault traps (issue 20): every way a run, a signal, a dataset file, a download or a pretrained model can go wrong
 ends in one clear error or a clean exit, and leaves nothing half-made behind."""
 
+import contextlib
+import http.server
 import json
 import os
 import re
@@ -282,3 +284,86 @@ def test_a_damaged_locally_made_file_is_never_to_be_downloaded_again(tmp_path, m
     with pytest.raises(ilq.ILQError, match="is inconsistent") as e:
         _load(download=False)
     assert "download" not in str(e.value).lower() and "benchmarks/make_datasets.py" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The D4RL download, from a real HTTP server on 127.0.0.1
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve(files: dict, max_requests: int = 3):
+    """An HTTP server on 127.0.0.1 (a free port) in a thread: {path: (body, the Content-Length it announces)}, at most
+    max_requests requests answered; stopped on exit. Yields (base URL, the paths requested)."""
+    requested = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            if len(requested) > max_requests or self.path not in files:
+                self.send_error(503 if len(requested) > max_requests else 404)
+                return
+            body, length = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)  # then the connection closes (HTTP/1.0), short of `length` if body is
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.1), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def _local_d4rl(monkeypatch, tmp_path, base):
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ilq, "D4RL_URL", base)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+
+
+PATH = "/gym_mujoco_v2/hopper_medium-v2.hdf5"  # d4rl_source("hopper-medium", "v2") under D4RL_URL
+
+
+def test_the_d4rl_download_shows_progress_and_loads(tmp_path, monkeypatch, capsys):
+    assert ilq.d4rl_source("hopper-medium", "v2")[1] == os.path.basename(PATH)
+    write_d4rl(tmp_path / "src.hdf5", n=25_000)  # about 2.7 MiB: three chunks
+    blob = (tmp_path / "src.hdf5").read_bytes()
+    monkeypatch.setattr(ilq, "PROGRESS_EVERY_S", 0.0)
+    with serve({PATH: (blob, len(blob))}) as (base, requested):
+        _local_d4rl(monkeypatch, tmp_path, base)
+        data, info = ilq.load_dataset(ilq.Args(env_id="hopper-medium-v2"))
+    assert requested == [PATH]
+    dest = tmp_path / "d4rl" / os.path.basename(PATH)
+    assert os.listdir(tmp_path / "d4rl") == [dest.name] and dest.read_bytes() == blob  # no .part left
+    assert data.observations.shape == (25_000, 11) and info.source == f"D4RL HDF5 {dest}"
+    total = f"{len(blob) / 2**20:.1f} MiB"
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[data] downloaded")]
+    assert len(lines) == 4, lines  # one a chunk, then the end
+    for line, done in zip(lines, ("1.0", "2.0", total.split()[0])):
+        assert re.fullmatch(rf"\[data\] downloaded {done} MiB of {total} \(\d+ %\) \| [\d.]+ MiB/s \| time left \d+s", line)
+    assert re.fullmatch(rf"\[data\] downloaded {total} in \d+s", lines[-1])
+
+
+def test_a_download_cut_short_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    write_d4rl(tmp_path / "src.hdf5", n=2_000)
+    blob = (tmp_path / "src.hdf5").read_bytes()
+    with serve({PATH: (blob[: len(blob) // 2], len(blob))}) as (base, requested):  # the server closes mid-file
+        _local_d4rl(monkeypatch, tmp_path, base)
+        with pytest.raises(
+            ilq.ILQError,
+            match=rf"Could not download http://127\.0\.0\.1:\d+{PATH} \(ConnectionError: the connection ended after "
+            rf"{len(blob) // 2} of the {len(blob)} bytes announced\)\. .*--dataset-path",
+        ):
+            ilq.load_dataset(ilq.Args(env_id="hopper-medium-v2"))
+    assert requested == [PATH]
+    assert os.listdir(tmp_path / "d4rl") == []  # neither the .part nor the final file
