@@ -835,7 +835,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import sys
 import typing
@@ -1133,15 +1132,34 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
     import h5py
 
     keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+    if os.path.isdir(path):
+        raise ILQError(f"'{path}' is a directory, not an HDF5 file: give the path of the D4RL HDF5 file itself.")
+    try:  # a file that cannot be opened is not called truncated or corrupt
+        open(path, "rb").close()
+    except OSError as e:
+        raise ILQError(
+            f"'{path}' cannot be read: {(e.strerror or str(e)).lower()}. Make it readable by this user, or pass a "
+            "readable copy with --dataset-path."
+        ) from None
     with errors_as(f"Could not read '{path}' as HDF5", f"The file is truncated or corrupt. {advice}"):
         with h5py.File(path, "r") as f:
             raw = {k: np.asarray(f[k]) for k in keys if k in f}
             label = f.attrs.get("ilq_local_description")  # a file benchmarks/make_datasets.py made (not D4RL data)
+    if label is not None:  # made here, never downloaded: remade, not downloaded again
+        advice = "It was made locally (not D4RL data): make it again with `python benchmarks/make_datasets.py`."
     if missing := [k for k in keys[:4] if k not in raw]:
         raise ILQError(
             f"'{path}' is not a D4RL-format HDF5 file: it lacks {missing}. Expected: {', '.join(keys)} (the last two "
             "optional)."
         )
+    per_row = {k: v.shape for k, v in raw.items() if k in ("rewards", "terminals", "timeouts")}
+    if bad := {k: s for k, s in per_row.items() if len(s) == 0 or s[1:] not in ((), (1,))}:
+        raise ILQError(
+            f"'{path}' is not a usable D4RL-format file: {', '.join(f'`{k}` has shape {s}' for k, s in bad.items())}, "
+            f"but rewards, terminals and timeouts hold one value per transition (shape (N,)). {advice}"
+        )
+    if scalars := [k for k, v in raw.items() if v.ndim == 0]:
+        raise ILQError(f"'{path}' is not a usable D4RL-format file: {scalars} are single values, not arrays. {advice}")
     n = len(raw["observations"])
     if any(len(v) != n for v in raw.values()):
         raise ILQError(f"'{path}' is inconsistent: its arrays have lengths { {k: len(v) for k, v in raw.items()} }. {advice}")
@@ -1162,6 +1180,12 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
         next_obs = np.where(terminals[:, None], obs, np.concatenate([obs[1:], obs[-1:]]))
         keep = terminals | ~timeouts
         keep[-1] = terminals[-1]
+        if not keep.any():
+            raise ILQError(
+                f"'{path}' holds no usable transitions: all its {n} rows were dropped because their successors are "
+                "unknown (the file has no next_observations, and every row is a timeout or the last row, not a "
+                "termination). Use a file with next_observations, or one whose episodes are longer than one step."
+            )
     rewards = raw["rewards"].reshape(-1)
     arrays = dict(observations=obs[keep], actions=raw["actions"][keep].astype(np.float32), next_observations=next_obs[keep])
     arrays.update(rewards=rewards[keep].astype(np.float32), terminals=terminals[keep].astype(np.float32))
@@ -1170,7 +1194,8 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
 
 
 def download_d4rl(url: str, dest: str) -> None:
-    """The real D4RL download, to a .part file first: a broken or interrupted download leaves nothing behind."""
+    """The real D4RL download, to a .part file first, in chunks with a progress line at least every PROGRESS_EVERY_S:
+    a broken, short (fewer bytes than its Content-Length) or interrupted download leaves nothing behind."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     part = dest + ".part"
     print(f"[data] downloading {url} -> {dest}")
@@ -1178,7 +1203,23 @@ def download_d4rl(url: str, dest: str) -> None:
     try:
         with errors_as(f"Could not download {url}", advice):
             with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-                shutil.copyfileobj(r, f, length=1 << 20)
+                length = str(getattr(r, "headers", {}).get("Content-Length") or "")
+                total, done, t0 = int(length) if length.isdigit() else None, 0, time.time()
+                last_print = t0
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if time.time() - last_print >= PROGRESS_EVERY_S:
+                        rate = done / max(time.time() - t0, 1e-9)
+                        line = f"[data] downloaded {done / 2**20:.1f} MiB"
+                        if total:
+                            line += f" of {total / 2**20:.1f} MiB ({100 * done / total:.0f} %)"
+                        line += f" | {rate / 2**20:.2f} MiB/s"
+                        print(line + (f" | time left {(total - done) / max(rate, 1e-9):.0f}s" if total else ""), flush=True)
+                        last_print = time.time()
+            if total is not None and done != total:
+                raise ConnectionError(f"the connection ended after {done} of the {total} bytes announced")
+            print(f"[data] downloaded {done / 2**20:.1f} MiB in {time.time() - t0:.0f}s")
             os.replace(part, dest)
     finally:
         if os.path.exists(part):
@@ -1664,11 +1705,17 @@ def package_versions() -> dict:
 
 
 def _atomic_write(path: str, payload: bytes) -> None:
+    """path holds the old bytes or the new ones, never a part; a failed write (a full disk) leaves no temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def model_settings(args: Args, kind: str) -> dict:
@@ -1790,6 +1837,19 @@ def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, report=No
         else:
             model, metrics = train_diffusion(data, steps=wanted, report=report or PretrainProgress(), **config)
             state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()})
+        numbers = [np.asarray(v, np.float64) for v in metrics.values()] + jax.tree_util.tree_leaves(model)
+        if not all(np.isfinite(x).all() for x in numbers):  # a diverged model is never cached
+            lr = "dynamics_lr" if kind == "dynamics" else "diffusion_lr"
+            loss = (
+                f"train loss {metrics['train_loss']}, holdout MSE of elites {metrics['holdout_mse_elites']}"
+                if kind == "dynamics"
+                else f"final loss {metrics['final_loss']}"
+            )
+            default = next(f.default for f in dataclasses.fields(Args) if f.name == lr)
+            raise ILQError(
+                f"The {kind} model's training diverged ({loss}: not finite); it was not cached. Lower {flag(lr)} "
+                f"({getattr(args, lr)}; the paper's is {default}) and run again."
+            )
         dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
         side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
         side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
