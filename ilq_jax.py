@@ -267,7 +267,7 @@ def terminated(family: str, next_obs):
 def apply_frozen(net: nn.Module, params, *inputs):
     """A frozen model's forward pass in the precision of its weights (float32, or bfloat16 after low_precision),
     float32 out."""
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    dtype = next((p.dtype for p in jax.tree_util.tree_leaves(params)), jnp.float32)
     out = net.apply(params, *(x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in inputs))
     return jax.tree_util.tree_map(lambda y: y.astype(jnp.float32), out)
 
