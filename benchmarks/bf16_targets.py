@@ -40,11 +40,10 @@ def deviations(cfg, state, frozen, frozen_bf16, keys) -> dict:
         a_beh = ilq.diffusion_sample(fr.behavior, batch.observations, k_beh, cfg.num_behavior_samples)
         return dict(s_img=s_img, a_beh=a_beh, y_img=t.y_img, y_lmt=t.y_lmt, y_ood=t.y_ood)
 
-    f32 = jax.jit(lambda k: parts(frozen, k))
-    bf16 = jax.jit(lambda k: parts(frozen_bf16, k))
+    run = jax.jit(parts)  # the models as arguments (device arrays), as in training
     out = {}
     for key in keys:
-        a, b = f32(key), bf16(key)
+        a, b = run(frozen, key), run(frozen_bf16, key)
         for name in a:
             out.setdefault(name, ([], []))
             out[name][0].append(np.asarray(a[name]).ravel())

@@ -171,6 +171,8 @@ def main(argv=None):
         from results_md import command, git_commit, machine, write_section
 
         header = [
+            "## Kernels and bytes per update (XLA's compiled program on CPU, a proxy for XLA:GPU)",
+            "",
             f"Machine: {machine()}. Commit {git_commit()}. Command: `{command()}`. Paper sizes (hopper: batch 256, M = 10, "
             f"K = 5, 3 x 256 networks, 7 x 4 x 200 dynamics), fresh behaviour samples, {a.chunk} updates per compiled "
             "call, every scan unrolled; per update." + (" **Tiny sizes: a rehearsal.**" if a.tiny else ""),

@@ -18,6 +18,7 @@ import d3rlpy
 import gymnasium as gym
 import numpy as np
 import structlog
+import torch
 
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # d3rlpy's info logs
 
@@ -104,6 +105,7 @@ def main():
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    torch.set_num_threads(1)  # a learning run beside others on a small machine: spinning OpenMP threads starve each other
     d = np.load(a.data)
     ref_min, ref_max, env_id = float(d["ref_min"]), float(d["ref_max"]), str(d["eval_env"])
     model_fields = {k[len("model_") :]: d[k] for k in d.files if k.startswith("model_")}
