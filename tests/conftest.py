@@ -28,3 +28,23 @@ def run_training_cli(tmp_path, run_name, *argv, timeout=900):
                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out, json.load(open(os.path.join(tmp_path, "runs", run_name, "summary.json")))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after 20 of 40 updates (--stop-after), with its checkpoint (one per test module)."""
+    from test_learner import _tiny_args
+
+    import ilq_jax as ilq
+
+    tmp = tmp_path_factory.mktemp("stopped")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        assert ilq.train(_tiny_args(tmp, run_name="half", stop_after=20)) == {}
+    finally:
+        os.chdir(cwd)
+    return tmp / "runs" / "half"

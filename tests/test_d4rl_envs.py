@@ -388,15 +388,21 @@ def test_locomotion_rules_stay_v4s(family):
         e.close()
 
 
-def test_eval_env_id_v4_is_the_shipped_robot(tmp_path):
+def random_d4rl_file(path, obs_dim: int, act_dim: int, n: int = 50):
+    """A small D4RL-layout file of random transitions (sizes of the named robot)."""
     import h5py
 
-    path = tmp_path / "hopper.hdf5"
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
-        for k, shape in (("observations", (50, 11)), ("next_observations", (50, 11)), ("actions", (50, 3))):
+        for k, shape in (("observations", (n, obs_dim)), ("next_observations", (n, obs_dim)), ("actions", (n, act_dim))):
             f[k] = rng.uniform(-1, 1, size=shape).astype(np.float32)
-        f["rewards"], f["terminals"] = rng.normal(size=50).astype(np.float32), np.zeros(50, bool)
+        f["rewards"], f["terminals"] = rng.normal(size=n).astype(np.float32), np.zeros(n, bool)
+    return path
+
+
+def test_eval_env_id_v4_is_the_shipped_robot(tmp_path):
+
+    path = random_d4rl_file(tmp_path / "hopper.hdf5", 11, 3)
     args = ilq.Args(env_id="hopper-medium", dataset_path=str(path), download=False, eval_env_id="Hopper-v4")
     _, info = ilq.load_dataset(args)
     assert info.eval_env == "Hopper-v4"
@@ -627,14 +633,8 @@ def test_pipeline_end_to_end_on_locally_made_d4rl_format_data(task, make, tmp_pa
 
 
 def test_d4rl_locomotion_names_are_evaluated_on_v4_not_v5(tmp_path):
-    import h5py
 
-    path = tmp_path / "walker.hdf5"
-    rng = np.random.default_rng(0)
-    with h5py.File(path, "w") as f:
-        for k, shape in (("observations", (50, 17)), ("next_observations", (50, 17)), ("actions", (50, 6))):
-            f[k] = rng.uniform(-1, 1, size=shape).astype(np.float32)
-        f["rewards"], f["terminals"] = rng.normal(size=50).astype(np.float32), np.zeros(50, bool)
+    path = random_d4rl_file(tmp_path / "walker.hdf5", 17, 6)
     _, info = ilq.load_dataset(ilq.Args(env_id="walker2d-medium-replay", dataset_path=str(path), download=False))
     assert info.eval_env.id == "Walker2d-v4" and "clipped to [-1, 1]" in info.eval_env.note
     envs = ilq.make_env(info, 2)

@@ -33,19 +33,6 @@ def _files(folder) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory):
-    """A run stopped after 20 of 40 updates (--stop-after), with its checkpoint."""
-    tmp = tmp_path_factory.mktemp("faults")
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
-        assert ilq.train(_tiny_args(tmp, run_name="half", stop_after=20)) == {}
-    finally:
-        os.chdir(cwd)
-    return tmp / "runs" / "half"
-
-
 def _copy(stopped_run, tmp_path):
     shutil.copytree(stopped_run, tmp_path / "run")
     return tmp_path / "run"

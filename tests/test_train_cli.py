@@ -124,19 +124,6 @@ def test_ctrl_c_during_pretraining_exits_130_and_keeps_finished_models(tmp_path,
     assert any(f.startswith("dynamics-") and f.endswith(".msgpack") for f in kept)
 
 
-@pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory):
-    """A run stopped after 20 of 40 updates (--stop-after), with its checkpoint."""
-    tmp = tmp_path_factory.mktemp("stopped")
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
-        assert ilq.train(_tiny_args(tmp, run_name="half", stop_after=20)) == {}
-    finally:
-        os.chdir(cwd)
-    return tmp / "runs" / "half"
-
-
 def _variant(stopped_run, tmp_path, damage=None, remove=None):
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
