@@ -266,6 +266,7 @@ def main(argv=None):
         "with --quick nothing is written unless this is given)",
     )
     p.add_argument("--section", default="speed", help="name of the RESULTS.md section to write")
+    p.add_argument("--title", default="Speed", help="the section's heading")
     p.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="1 repeat, calls 1 and 10, seeds 1 and 2, 20 peer steps")
     p.add_argument("--tiny", action="store_true", help="tiny networks and data (a rehearsal: not the paper's sizes)")
@@ -395,7 +396,7 @@ def main(argv=None):
                 f,
             )
     if out_md:
-        write_section(out_md, a.section, ("## Speed\n\n" if a.section == "speed" else "") + text)
+        write_section(out_md, a.section, f"## {a.title}\n\n" + text)
         print(f"[speed] wrote the {a.section} section of {out_md}")
     return dict(results=results, by_seeds=by_seeds, peak=peak, text=text)
 
