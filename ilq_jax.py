@@ -72,7 +72,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import chex
 import flax
@@ -215,7 +215,7 @@ class NoiseNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- Eq. 5: dynamics
 DYNAMICS_WEIGHT_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)  # MOPO, per layer (4 hidden layers, then the output)
-DYNAMICS_BATCHES_PER_CALL = 500  # minibatches per jitted call in train_dynamics (a progress report can follow each)
+DYNAMICS_BATCHES_PER_CALL = 500  # minibatches per jitted call of train_dynamics (an epoch of a large dataset is minutes)
 
 
 @flax.struct.dataclass
@@ -308,7 +308,8 @@ def train_dynamics(
 ) -> tuple[DynamicsModel, dict]:
     """Algorithm 1, line 2 (Eq. 5) by MOPO's recipe for a fixed number of epochs (Table 3): each member fits its own
     bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE.
-    report(event, values), if given, hears of the progress: "dynamics batch" within an epoch, "dynamics epoch"."""
+    report(event, values), if given, hears "dynamics batch" after every jitted call of DYNAMICS_BATCHES_PER_CALL
+    minibatches but an epoch's last, and "dynamics epoch"."""
     if elites > members or len(DYNAMICS_WEIGHT_DECAY) != layers + 1:
         raise ValueError(f"need elites <= members and {len(DYNAMICS_WEIGHT_DECAY) - 1} layers (MOPO's weight decays)")
     obs, act = np.asarray(data.observations), np.asarray(data.actions)
@@ -794,36 +795,6 @@ def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int,
     return jnp.concatenate(parts)
 
 
-def flatten_obs(obs) -> np.ndarray:
-    """Flatten (nested, batched) Dict observations along the last axis: `observation` first, then the other keys
-    sorted; `achieved_goal` is dropped when `observation` exists (PointMaze: observation(4) || desired_goal(2))."""
-    if not isinstance(obs, dict):
-        return np.asarray(obs, dtype=np.float32)
-    keys = sorted(obs)
-    if "observation" in keys:
-        keys = ["observation"] + [k for k in keys if k not in ("observation", "achieved_goal")]
-    return np.concatenate([flatten_obs(obs[k]) for k in keys], axis=-1)
-
-
-def evaluate(envs, policy, params, seed) -> np.ndarray:
-    """One episode per vectorised env with the deterministic action tanh(mean); returns (num_envs,) returns.
-    seed: an int (env i starts from seed + i) or a list with one seed per env."""
-    obs, _ = envs.reset(seed=seed)
-    low, high = envs.single_action_space.low, envs.single_action_space.high
-    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, bool)
-    while not done.all():
-        obs, reward, term, trunc, _ = envs.step(np.clip(np.asarray(policy(params, jnp.asarray(flatten_obs(obs)))), low, high))
-        returns += np.where(done, 0.0, reward)
-        done |= term | trunc
-    return returns
-
-
-def evaluation_seeds(eval_seed: int, index: int, episodes: int, num_seeds: int) -> list:
-    """Fresh start states at every evaluation: episode e of evaluation `index` (0, 1, ...) starts from
-    eval_seed + index * episodes + e, the same states for every learner seed of the batch."""
-    return [eval_seed + index * episodes + e for _ in range(num_seeds) for e in range(episodes)]
-
-
 # ======================================================================================================================
 # Part II — running it: command line, datasets, model cache, hyper-parameters, checkpoints, logging, the training loop
 # ======================================================================================================================
@@ -831,6 +802,7 @@ def evaluation_seeds(eval_seed: int, index: int, episodes: int, num_seeds: int) 
 import contextlib
 import difflib
 import hashlib
+import inspect
 import json
 import os
 import queue
@@ -851,26 +823,16 @@ FlagOrPaper = tyro.conf.DisallowNone[Optional[bool]]  # --flag / --no-flag; left
 
 
 @dataclass
-class Args:
-    """Train ILQ (Imagination-Limited Q-Learning, IJCAI 2025) on an offline dataset and evaluate it. A flag whose
-    default is None takes the paper's value for the dataset (Tables 3-6) or the --budget's value, as its help says;
-    the effective values are printed at start. Boolean flags come as --flag / --no-flag."""
+class RunFlags:
+    """The run: its name and seeds, the methods trained together, its length, stopping and resuming."""
 
+    GROUP: ClassVar[str] = "run"  # its box in --help
     exp_name: str = "ilq"  # name of this experiment (part of the run name)
     seed: int = 1  # seed of the ILQ learner (networks, minibatches, OOD actions)
     num_seeds: int = 1  # independent learners trained together in one process (jax.vmap): seeds --seed ... --seed + N - 1
     # methods trained together, each with --num-seeds seeds, in one jitted scan: comma-separated from ilq, no-imagination,
     # no-limitation (Sec. 5.4's ablations); None: one method, ilq or what --no-imagination / --no-limitation make it
     methods: Optional[str] = None
-    # the DATASET (the evaluation env is --eval-env-id): a D4RL name (hopper-medium-replay), a Minari id
-    # (mujoco/hopper/medium-v0) or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy dataset this file
-    # generates offline (the default)
-    env_id: str = "ilq-local/hopper/random-v0"
-    dataset_path: Optional[str] = None  # D4RL HDF5 file for a D4RL name (None: the D4RL cache folder, else a download)
-    download: bool = True  # --no-download: never download a dataset that is not on disk
-    # Gymnasium env for evaluation (None: where the data were recorded: D4RL's hopper names on Hopper-v4 with the -v2
-    # masses, maze2d/pen on D4RL-faithful wrappers, Minari data on their recorded env, ilq-local/*/random-v0 on -v5)
-    eval_env_id: Optional[str] = None
     run_name: Optional[str] = None  # run folder under runs/ (None: <dataset>__<exp-name>__<seed>__<unix time>)
     # continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after may be added
     # (None: a new run)
@@ -887,12 +849,27 @@ class Args:
     sample_chunk: int = 10  # updates whose fresh behaviour samples are drawn together in one diffusion chain (same values)
     # updates between checkpoints (None: from --budget, cpu 500, paper 50000); an interrupt always checkpoints
     checkpoint_interval: Optional[int] = None
-    eval_interval: Optional[int] = None  # updates between evaluations (None: from --budget, cpu 500, paper 5000)
-    eval_episodes: int = 10  # episodes per evaluation (deterministic policy, fresh start states at every evaluation)
-    eval_seed: int = 10_000  # first start-state seed of the evaluation episodes (separate from the training seed)
-    # worker processes that evaluate snapshots while training goes on (0: in the training loop; None: 1 when JAX runs
-    # on an accelerator, else 0); the results are the same either way
-    eval_workers: Optional[int] = None
+
+
+@dataclass
+class DataFlags:
+    """The dataset: what the models and the learners are trained on (pretrain_models.py takes the same flags)."""
+
+    GROUP: ClassVar[str] = "data"  # its box in --help
+    # the DATASET (the evaluation env follows from it): a D4RL name (hopper-medium-replay), a Minari id
+    # (mujoco/hopper/medium-v0) or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy dataset this file
+    # generates offline (the default)
+    env_id: str = "ilq-local/hopper/random-v0"
+    dataset_path: Optional[str] = None  # D4RL HDF5 file for a D4RL name (None: the D4RL cache folder, else a download)
+    download: bool = True  # --no-download: never download a dataset that is not on disk
+    random_dataset_steps: int = RANDOM_DATASET_STEPS  # size of a generated ilq-local/*/random-v0; other sizes get their own id
+
+
+@dataclass
+class ILQFlags:
+    """ILQ's settings: None takes the paper's value for the dataset (Tables 3-6)."""
+
+    GROUP: ClassVar[str] = "ilq"  # its box in --help
     batch_size: int = 256  # minibatch size B (the paper's 256)
     eta: Optional[float] = None  # eta of Eq. 16, the weight of the in-sample loss (None: the paper's value for this dataset)
     delta: Optional[float] = None  # delta of Eq. 18, added after the min (None: the paper's value for this dataset)
@@ -915,8 +892,14 @@ class Args:
     fixed_alpha: float = 0.0  # alpha when entropy tuning is off (Adroit's "Entropy: False"): 0 = none (default), >0 fixed
     hidden_dim: int = 256  # width of the actor and critic layers (the paper's 256)
     num_hidden: int = 3  # hidden layers of the actor and critic (the paper's 3)
-    dynamics_path: Optional[str] = None  # dynamics model to use (.msgpack beside its .json; None: the cache, else train one)
-    behavior_path: Optional[str] = None  # diffusion model to use (.msgpack beside its .json; None: the cache, else train one)
+
+
+@dataclass
+class ModelFlags:
+    """The frozen models (Algorithm 1, lines 2-3): their settings, training lengths and cache (shared with
+    pretrain_models.py)."""
+
+    GROUP: ClassVar[str] = "models"  # its box in --help
     model_dir: str = "~/.cache/ilq-jax/models"  # cache of pretrained models, keyed by dataset fingerprint and model settings
     pretrain_seed: int = 0  # seed of model pretraining (shared by all learner seeds)
     dynamics_members: int = 7  # dynamics ensemble members (MOPO's 7)
@@ -928,7 +911,37 @@ class Args:
     diffusion_steps: Optional[int] = None  # diffusion training steps (None: from --budget, cpu 2e4, paper 3e5)
     diffusion_k: int = 5  # K, the number of diffusion steps (Diffusion-QL's 5, VP schedule)
     diffusion_lr: float = 3e-4  # diffusion learning rate (the paper's 3e-4)
-    random_dataset_steps: int = RANDOM_DATASET_STEPS  # size of a generated ilq-local/*/random-v0; other sizes get their own id
+
+
+@dataclass
+class ModelFileFlags(ModelFlags):
+    """The frozen models (Algorithm 1, lines 2-3): given files, else the cache, else trained now; their settings."""
+
+    dynamics_path: Optional[str] = None  # dynamics model to use (.msgpack beside its .json; None: the cache, else train one)
+    behavior_path: Optional[str] = None  # diffusion model to use (.msgpack beside its .json; None: the cache, else train one)
+
+
+@dataclass
+class EvaluationFlags:
+    """Evaluation: where, how often, how many episodes, in which processes."""
+
+    GROUP: ClassVar[str] = "evaluation"  # its box in --help
+    # Gymnasium env for evaluation (None: where the data were recorded: D4RL's hopper names on Hopper-v4 with the -v2
+    # masses, maze2d/pen on D4RL-faithful wrappers, Minari data on their recorded env, ilq-local/*/random-v0 on -v5)
+    eval_env_id: Optional[str] = None
+    eval_interval: Optional[int] = None  # updates between evaluations (None: from --budget, cpu 500, paper 5000)
+    eval_episodes: int = 10  # episodes per evaluation (deterministic policy, fresh start states at every evaluation)
+    eval_seed: int = 10_000  # first start-state seed of the evaluation episodes (separate from the training seed)
+    # worker processes that evaluate snapshots while training goes on (0: in the training loop; None: 1 when JAX runs
+    # on an accelerator, else 0); the results are the same either way
+    eval_workers: Optional[int] = None
+
+
+@dataclass
+class Args(RunFlags, DataFlags, ILQFlags, ModelFileFlags, EvaluationFlags):
+    """Train ILQ (Imagination-Limited Q-Learning, IJCAI 2025) on an offline dataset and evaluate it. A flag whose
+    default is None takes the paper's value for the dataset (Tables 3-6) or the --budget's value, as its help says;
+    the effective values are printed at start. Boolean flags come as --flag / --no-flag."""
 
 
 BUDGETS = {  # the paper's Table 3, and one whose default run takes about 5 minutes on 2 CPU cores
@@ -1020,7 +1033,7 @@ class DatasetInfo:
     source: str  # where the data came from, in words
     task: Optional[str]  # D4RL-style task name for the paper's hyper-parameters, e.g. "hopper-medium"
     family: str  # termination-function family: hopper | walker2d | halfcheetah | maze2d | pen | none
-    eval_env: Any  # Gymnasium id, EnvSpec, or EvalEnv (D4RL names: where their data were recorded)
+    eval_env: EvalEnv  # where its policies are evaluated (D4RL names: where their data were recorded)
     ref_min: Optional[float]
     ref_max: Optional[float]
     obs_dim: int
@@ -1369,7 +1382,8 @@ def load_minari(args: Args) -> tuple[dict, dict]:
         dataset = download_minari(args, dataset_id, root)
     with errors_as(*damaged):  # h5py reports a truncated or corrupt data file only when the episodes are read
         arrays, meta = minari_arrays(dataset), dataset.storage.metadata
-        eval_env = getattr(dataset.spec, "eval_env_spec", None) or dataset.env_spec
+        spec = getattr(dataset.spec, "eval_env_spec", None) or dataset.env_spec
+    eval_env = gym_env(spec)
     made = {k: meta.get(f"ilq_{k}") for k in ("steps", "seed", "env")}
     if generated and made["steps"] is None:  # made by an earlier ilq_jax.py, always with seed 0: size and env on record
         made = dict(steps=meta.get("total_steps"), seed=RANDOM_DATASET_SEED, env=getattr(dataset.env_spec, "id", None))
@@ -1392,7 +1406,7 @@ def load_minari(args: Args) -> tuple[dict, dict]:
     # D4RL's own data re-released by Minari take their D4RL task's row too
     d4rl = re.fullmatch(r"D4RL/(pointmaze|pen)/(umaze|medium|large|human|cloned)(-dense)?-v\d+", dataset_id)
     task = f"{'maze2d' if d4rl.group(1) == 'pointmaze' else 'pen'}-{d4rl.group(2)}{d4rl.group(3) or ''}" if d4rl else None
-    if local and env_name(eval_env) == D4RL_LOCOMOTION_V4.get(local.group(1)):  # made by make_datasets.py on D4RL's robot
+    if local and eval_env.id == D4RL_LOCOMOTION_V4.get(local.group(1)):  # made by make_datasets.py on D4RL's robot
         robot = d4rl_eval_env(f"{local.group(1)}-{local.group(2)}")
         eval_env = robot._replace(note=robot.note.split("; the data came")[0] + "; the data were recorded on this env")
     info = dict(name=dataset_id, source=source, task=f"{local.group(1)}-{local.group(2)}" if local else task)
@@ -1425,7 +1439,7 @@ def load_dataset(args: Args) -> tuple[Transitions, DatasetInfo]:
     obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
     info = DatasetInfo(**meta, obs_dim=obs_dim, act_dim=act_dim, episode_returns=returns, fingerprint=_fingerprint(arrays))
     if args.eval_env_id:
-        info.eval_env, info.eval_env_given = args.eval_env_id, True
+        info.eval_env, info.eval_env_given = gym_env(args.eval_env_id), True
     return Transitions(**{k: jnp.asarray(arrays[k], jnp.float32) for k in Transitions._fields}), info
 
 
@@ -1449,11 +1463,16 @@ D4RL_PEN_STEPS = 100  # pen-v0/v1's time limit (its drop rule: D4RL_PEN_DROP_Z, 
 
 
 class EvalEnv(NamedTuple):
-    """An evaluation env that is not a registered id: its name, a maker of one env, and how it differs from the data's."""
+    """An evaluation env: its name, a maker of one env, and how it differs from the data's env ("" if it does not)."""
 
     id: str
     make: Any
-    note: str
+    note: str = ""
+
+
+def gym_env(spec) -> EvalEnv:
+    """A registered Gymnasium env (an id or an EnvSpec) as an EvalEnv."""
+    return EvalEnv(spec if isinstance(spec, str) else spec.id, partial(gym.make, spec))
 
 
 def _robotics() -> None:
@@ -1631,12 +1650,11 @@ def d4rl_eval_env(task: str) -> EvalEnv:
 
 def make_env(info: DatasetInfo, num_envs: int = 1):
     """A vectorised evaluation env, checked against the dataset's observation and action sizes."""
-    spec, sid = info.eval_env, env_name(info.eval_env)
+    sid = info.eval_env.id
     if any(k in sid for k in ("PointMaze", "AdroitHand")):
         _robotics()
-    make = spec.make if isinstance(spec, EvalEnv) else partial(gym.make, spec)
     with errors_as(f"Could not create the evaluation env {sid}", "Pass a working one with --eval-env-id."):
-        envs = gym.vector.SyncVectorEnv([make for _ in range(num_envs)])
+        envs = gym.vector.SyncVectorEnv([info.eval_env.make for _ in range(num_envs)])
     obs_dim = flatten_obs(envs.single_observation_space.sample()).shape[-1]
     act_dim = int(np.prod(envs.single_action_space.shape))
     if (obs_dim, act_dim) != (info.obs_dim, info.act_dim):
@@ -1654,13 +1672,9 @@ def make_env(info: DatasetInfo, num_envs: int = 1):
     return envs
 
 
-def env_name(spec) -> str:
-    return spec if isinstance(spec, str) else spec.id
-
-
 def describe_dataset(data: Transitions, info: DatasetInfo) -> str:
     r, norm = info.episode_returns, info.normalize(info.episode_returns)
-    env = env_name(info.eval_env) + (f" ({info.eval_env.note})" if isinstance(info.eval_env, EvalEnv) else "")
+    env = info.eval_env.id + (f" ({info.eval_env.note})" if info.eval_env.note else "")
     refs = "no reference scores: raw returns only"
     if norm is not None:
         refs = (
@@ -1808,57 +1822,54 @@ class PretrainProgress:
             self.last = time.time()
 
 
+MODEL_KINDS = {  # kind -> its --*-path flag, the flag and unit of its training length, the metric a reader checks
+    "dynamics": ("dynamics_path", "dynamics_epochs", "epochs", "holdout_mse_elites"),
+    "behavior": ("behavior_path", "diffusion_steps", "steps", "final_loss"),
+}
+
+
 def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, report=None, force: bool = False):
-    """Algorithm 1, lines 2-3: the frozen dynamics and behaviour models: from --dynamics-path / --behavior-path, from the
-    cache when a model trained at least as long as asked is there, or trained now (and cached)."""
-    models, jobs = {}, {"dynamics": (args.dynamics_path, args.dynamics_epochs)}
-    for kind, (given, wanted) in dict(jobs, behavior=(args.behavior_path, args.diffusion_steps)).items():
-        path, unit, side = given or artifact_path(args, info, kind), "epochs" if kind == "dynamics" else "steps", None
-        if given or (os.path.exists(path) and not force):
-            try:
-                models[kind], side = load_artifact(path, kind, info, given=bool(given))
-            except ILQError:
-                if given:
-                    raise  # a damaged cache entry is retrained
-        if side is not None and (given or side["trained"] >= wanted):
-            m = side["metrics"]
-            quality = (
-                f"holdout MSE of elites {m['holdout_mse_elites']:.4f}"
-                if kind == "dynamics"
-                else f"final loss {m['final_loss']:.4f}"
-            )
-            print(f"[models] {kind}: loaded {path} (trained {side['trained']} {unit}; {quality})")
-            continue
-        print(f"[models] {kind}: training ({wanted} {unit}) -> {path}")
-        config = model_settings(args, kind)
-        if kind == "dynamics":  # the sidecar repeats what a reader needs without loading the msgpack
-            model, metrics = train_dynamics(data, info.family, epochs=wanted, report=report or PretrainProgress(), **config)
-            state = {k: np.asarray(getattr(model, k)).tolist() for k in ("input_mean", "input_std", "elites")}
-        else:
-            model, metrics = train_diffusion(data, steps=wanted, report=report or PretrainProgress(), **config)
-            state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()})
-        numbers = [np.asarray(v, np.float64) for v in metrics.values()] + jax.tree_util.tree_leaves(model)
-        if not all(np.isfinite(x).all() for x in numbers):  # a diverged model is never cached
-            lr = "dynamics_lr" if kind == "dynamics" else "diffusion_lr"
-            loss = (
-                f"train loss {metrics['train_loss']}, holdout MSE of elites {metrics['holdout_mse_elites']}"
-                if kind == "dynamics"
-                else f"final loss {metrics['final_loss']}"
-            )
-            default = next(f.default for f in dataclasses.fields(Args) if f.name == lr)
-            raise ILQError(
-                f"The {kind} model's training diverged ({loss}: not finite); it was not cached. Lower {flag(lr)} "
-                f"({getattr(args, lr)}; the paper's is {default}) and run again."
-            )
-        dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
-        side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
-        side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
-        _atomic_write(path, flax.serialization.to_bytes(model))
-        _atomic_write(
-            os.path.splitext(path)[0] + ".json", json.dumps(dict(side, versions=package_versions()), indent=2).encode()
+    """Algorithm 1, lines 2-3: the frozen dynamics and behaviour models (load_or_train of each)."""
+    return tuple(load_or_train(kind, args, data, info, report or PretrainProgress(), force) for kind in MODEL_KINDS)
+
+
+def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, report, force: bool = False):
+    """One frozen model: from its --*-path, from the cache when a model trained at least as long as asked is there
+    (a damaged cache entry is retrained), or trained now and cached. A diverged model is never cached."""
+    path_flag, length_flag, unit, metric = MODEL_KINDS[kind]
+    given, wanted = getattr(args, path_flag), getattr(args, length_flag)
+    path, side = given or artifact_path(args, info, kind), None
+    if given or (os.path.exists(path) and not force):
+        try:
+            model, side = load_artifact(path, kind, info, given=bool(given))
+        except ILQError:
+            if given:
+                raise
+    if side is not None and (given or side["trained"] >= wanted):
+        print(f"[models] {kind}: loaded {path} (trained {side['trained']} {unit}; {metric} {side['metrics'][metric]:.4f})")
+        return model
+    print(f"[models] {kind}: training ({wanted} {unit}) -> {path}")
+    config = model_settings(args, kind)
+    if kind == "dynamics":  # the sidecar repeats what a reader needs without loading the msgpack
+        model, metrics = train_dynamics(data, info.family, epochs=wanted, report=report, **config)
+        state = {k: np.asarray(getattr(model, k)).tolist() for k in ("input_mean", "input_std", "elites")}
+    else:
+        model, metrics = train_diffusion(data, steps=wanted, report=report, **config)
+        state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()})
+    numbers = [np.asarray(v, np.float64) for v in metrics.values()] + jax.tree_util.tree_leaves(model)
+    if not all(np.isfinite(x).all() for x in numbers):
+        lr = "dynamics_lr" if kind == "dynamics" else "diffusion_lr"
+        loss = ", ".join(f"{k} {metrics[k]}" for k in ("train_loss", metric) if k in metrics)
+        raise ILQError(
+            f"The {kind} model's training diverged ({loss}: not finite); it was not cached. Lower {flag(lr)} "
+            f"({getattr(args, lr)}; the paper's is {ModelFlags.__dataclass_fields__[lr].default}) and run again."
         )
-        models[kind] = model
-    return models["dynamics"], models["behavior"]
+    dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
+    side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
+    side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    _atomic_write(path, flax.serialization.to_bytes(model))
+    _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(dict(side, versions=package_versions()), indent=2).encode())
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- runs: files, logs
@@ -2017,6 +2028,36 @@ def summarize(progress: dict, seeds: list, first: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
+def flatten_obs(obs) -> np.ndarray:
+    """Flatten (nested, batched) Dict observations along the last axis: `observation` first, then the other keys
+    sorted; `achieved_goal` is dropped when `observation` exists (PointMaze: observation(4) || desired_goal(2))."""
+    if not isinstance(obs, dict):
+        return np.asarray(obs, dtype=np.float32)
+    keys = sorted(obs)
+    if "observation" in keys:
+        keys = ["observation"] + [k for k in keys if k not in ("observation", "achieved_goal")]
+    return np.concatenate([flatten_obs(obs[k]) for k in keys], axis=-1)
+
+
+def evaluate(envs, policy, params, seed) -> np.ndarray:
+    """One episode per vectorised env with the deterministic action tanh(mean); returns (num_envs,) returns.
+    seed: an int (env i starts from seed + i) or a list with one seed per env."""
+    obs, _ = envs.reset(seed=seed)
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, bool)
+    while not done.all():
+        obs, reward, term, trunc, _ = envs.step(np.clip(np.asarray(policy(params, jnp.asarray(flatten_obs(obs)))), low, high))
+        returns += np.where(done, 0.0, reward)
+        done |= term | trunc
+    return returns
+
+
+def evaluation_seeds(eval_seed: int, index: int, episodes: int, num_seeds: int) -> list:
+    """Fresh start states at every evaluation: episode e of evaluation `index` (0, 1, ...) starts from
+    eval_seed + index * episodes + e, the same states for every learner seed of the batch."""
+    return [eval_seed + index * episodes + e for _ in range(num_seeds) for e in range(episodes)]
+
+
 def learners_policy(cfg: ILQConfig, n_learners: int, episodes: int):
     """The deterministic policies of n learners at once: obs (n * episodes, obs) -> actions, learner-major."""
     act = jax.vmap(partial(deterministic_action, cfg.actor))
@@ -2451,11 +2492,11 @@ def write_summary(run: Run, progress: dict, wall: float, state_bytes: int) -> di
     and std over seeds, the dataset's own mean, the evaluation protocol, speed, wall time over every invocation,
     settings and versions. A one-method run also has that method's numbers at the top level."""
     args, info, n = run.args, run.info, len(run.seeds)
-    ds_norm, env = info.normalize(info.episode_returns), env_name(info.eval_env)
+    ds_norm, env = info.normalize(info.episode_returns), info.eval_env.id
     starts = f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = 0, 1, ... per evaluation, "
     starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every learner"
     evaluation = dict(env=env, episodes=args.eval_episodes, policy="deterministic tanh(mean)", start_seeds=starts)
-    if isinstance(info.eval_env, EvalEnv):
+    if info.eval_env.note:
         evaluation["env_note"] = info.eval_env.note
     methods = {m: summarize(progress, run.seeds, g * n) for g, m in enumerate(run.methods)}
     summary = dict(methods[run.methods[0]]) if len(run.methods) == 1 else {}
@@ -2503,12 +2544,22 @@ def run_cli(fn, *args) -> None:
         sys.exit(130)
 
 
+def parse_flags(cls, argv: list, description: Optional[str] = None):
+    """The command line as a flags dataclass made of flag groups (its bases, each with its GROUP): --help shows one
+    box per group, and the flags keep their plain names (--env-id, not --data.env-id)."""
+    groups = [(base.GROUP, base) for base in cls.__bases__]
+    nested = dataclasses.make_dataclass(cls.__name__, [(g, b, dataclasses.field(default_factory=b)) for g, b in groups])
+    description = inspect.cleandoc(description or cls.__doc__)
+    parsed = tyro.cli(nested, args=argv, description=description, config=(tyro.conf.OmitArgPrefixes,))
+    return cls(**{k: v for g, _ in groups for k, v in vars(getattr(parsed, g)).items()})
+
+
 def parse_args(argv: list) -> Args:
     """The command line as Args; with --resume only --stop-after may be given (even a flag equal to its default)."""
     given = {a.split("=")[0] for a in argv if a.startswith("--")} - {"--resume", "--stop-after"}
     if "--resume" in {a.split("=")[0] for a in argv} and given:
         raise ILQError(f"--resume continues a run with its saved settings; drop {', '.join(sorted(given))}.")
-    return tyro.cli(Args, args=argv)
+    return parse_flags(Args, argv)
 
 
 def main(argv=None) -> None:

@@ -14,38 +14,23 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
-
-import tyro
+from typing import Literal
 
 import ilq_jax
 
 
 @dataclass
-class PretrainArgs:
-    """pretrain_models.py's flags: which dataset, the two models' settings, the budget, the cache (the module docstring
-    is the --help description)."""
+class PretrainFlags(ilq_jax.ModelFlags):
+    """The two models (Algorithm 1, lines 2-3): their settings, the budget, the cache that ilq_jax.py reads."""
 
-    # the dataset: a D4RL name (hopper-medium-replay), a Minari id, or ilq-local/<robot>/random-v0 (generated here)
-    env_id: str = "ilq-local/hopper/random-v0"
-    dataset_path: Optional[str] = None  # D4RL-format HDF5 file for a D4RL name (None: the D4RL cache folder, else a download)
-    download: bool = True  # --no-download: never download a dataset that is not on disk
-    # size of a generated ilq-local/*/random-v0 dataset (as in ilq_jax.py)
-    random_dataset_steps: int = ilq_jax.RANDOM_DATASET_STEPS
     # paper: 3e5 diffusion steps and 40 dynamics epochs (Table 3); cpu: ilq_jax.py's reduced budget (2e4 and 10)
     budget: Literal["cpu", "paper"] = "paper"
-    dynamics_epochs: Optional[int] = None  # dynamics training epochs (None: from --budget)
-    diffusion_steps: Optional[int] = None  # diffusion training steps (None: from --budget)
-    dynamics_members: int = 7  # dynamics ensemble members (MOPO's 7)
-    dynamics_elites: int = 5  # elite members, chosen by holdout MSE (MOPO's 5)
-    dynamics_hidden: int = 200  # width of the dynamics layers (the paper's 200)
-    dynamics_layers: int = 4  # hidden layers of the dynamics networks (the paper's 4)
-    dynamics_lr: float = 1e-3  # dynamics learning rate (the paper's 1e-3)
-    diffusion_k: int = 5  # K, the number of diffusion steps (Diffusion-QL's 5)
-    diffusion_lr: float = 3e-4  # diffusion learning rate (the paper's 3e-4)
-    pretrain_seed: int = 0  # seed of model pretraining
-    model_dir: str = "~/.cache/ilq-jax/models"  # cache of pretrained models (ilq_jax.py's --model-dir)
     force: bool = False  # retrain and overwrite cached models
+
+
+@dataclass
+class PretrainArgs(ilq_jax.DataFlags, PretrainFlags):
+    """pretrain_models.py's flags: ilq_jax.py's own data and model flags, the budget, --force."""
 
 
 def pretrain(p: PretrainArgs) -> None:
@@ -70,7 +55,7 @@ def pretrain(p: PretrainArgs) -> None:
 
 
 def main(argv=None) -> None:
-    ilq_jax.run_cli(pretrain, tyro.cli(PretrainArgs, args=argv, description=__doc__))
+    ilq_jax.run_cli(lambda: pretrain(ilq_jax.parse_flags(PretrainArgs, argv, __doc__)))
 
 
 if __name__ == "__main__":

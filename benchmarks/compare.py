@@ -162,7 +162,7 @@ def main(argv=None):
     data_npz = os.path.join("runs", f"compare__{ilq.slug(a.dataset)}__data.npz")
     os.makedirs(os.path.dirname(data_npz), exist_ok=True)
     model_fields = {}  # the evaluation robot's restored -v2 masses, for the peers' own (Gymnasium) env
-    if isinstance(info.eval_env, ilq.EvalEnv) and "-v2 masses" in info.eval_env.note:
+    if "-v2 masses" in info.eval_env.note:
         env = info.eval_env.make()
         model_fields = {f"model_{k}": np.array(getattr(env.unwrapped.model, k)) for k in ilq.V2_MASS_FIELDS}
         env.close()
@@ -170,7 +170,7 @@ def main(argv=None):
         data_npz,
         **{k: np.asarray(v) for k, v in data._asdict().items()},
         **model_fields,
-        eval_env=str(info.eval_env if isinstance(info.eval_env, str) else info.eval_env.id),
+        eval_env=info.eval_env.id,
         ref_min=info.ref_min,
         ref_max=info.ref_max,
     )

@@ -36,7 +36,16 @@ def main(argv=None):
     t0 = time.time()
     bundle = json.load(open(os.path.join(a.bundle, "bundle.json")))
     out = os.path.abspath(a.out)
-    common = ["--peers-python", "/nonexistent", "--skip-parts", "--section", "speed-gpu", "--title", "Speed on the GPU", "--out-md"]
+    common = [
+        "--peers-python",
+        "/nonexistent",
+        "--skip-parts",
+        "--section",
+        "speed-gpu",
+        "--title",
+        "Speed on the GPU",
+        "--out-md",
+    ]
     common += [os.path.join(out, "speed.md"), "--json", os.path.join(out, "speed.json")]
     if a.rehearse:
         speed.main(["--quick", "--tiny", "--protocol-seeds", "2", *common])

@@ -405,7 +405,7 @@ def test_eval_env_id_v4_is_the_shipped_robot(tmp_path):
     path = random_d4rl_file(tmp_path / "hopper.hdf5", 11, 3)
     args = ilq.Args(env_id="hopper-medium", dataset_path=str(path), download=False, eval_env_id="Hopper-v4")
     _, info = ilq.load_dataset(args)
-    assert info.eval_env == "Hopper-v4"
+    assert info.eval_env.id == "Hopper-v4"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         envs = ilq.make_env(info, 1)

@@ -237,7 +237,7 @@ def test_random_dataset_is_generated_once_labelled_as_local_and_has_reference_sc
     assert "not D4RL" in info.source and info.task == "hopper-random"
     assert info.name == "ilq-local/hopper/random-2000steps-v0"  # stored under an id that names its size
     assert (info.ref_min, info.ref_max) == ilq.D4RL_REF_SCORES["hopper"]
-    assert str(info.eval_env.id if not isinstance(info.eval_env, str) else info.eval_env) == "Hopper-v5"
+    assert info.eval_env.id == "Hopper-v5"
     meta = minari.load_dataset("ilq-local/hopper/random-2000steps-v0").storage.metadata
     assert "NOT a D4RL dataset" in meta["description"]
     assert meta["ref_min_score"] == ilq.D4RL_REF_SCORES["hopper"][0]
@@ -354,7 +354,7 @@ def test_d4rl_file_with_next_observations(tmp_path):
     data, info = load("hopper-medium-replay-v2", dataset_path=str(tmp_path / "h.hdf5"))
     np.testing.assert_array_equal(np.asarray(data.next_observations), raw["next_observations"])
     np.testing.assert_array_equal(np.asarray(data.terminals), raw["terminals"].astype(np.float32))  # timeouts: 0
-    assert ilq.env_name(info.eval_env) == "Hopper-v4" and info.task == "hopper-medium-replay"
+    assert info.eval_env.id == "Hopper-v4" and info.task == "hopper-medium-replay"
     assert (info.ref_min, info.ref_max) == (-20.272305, 3234.3)
     assert (info.obs_dim, info.act_dim) == (11, 3)
     np.testing.assert_array_equal(info.episode_returns, [0 + 1 + 2 + 3, 4 + 5 + 6 + 7 + 8, 9 + 10 + 11])
@@ -382,7 +382,7 @@ def test_d4rl_file_is_found_in_the_d4rl_cache_folder():
         actions=np.zeros((12, 6), np.float32),
     )
     data, info = load("walker2d-medium")
-    assert ilq.env_name(info.eval_env) == "Walker2d-v4" and data.observations.shape == (12, 17)
+    assert info.eval_env.id == "Walker2d-v4" and data.observations.shape == (12, 17)
 
 
 def test_hopper_medium_replay_is_found_under_its_d4rl_file_name(monkeypatch, tmp_path):
@@ -392,7 +392,7 @@ def test_hopper_medium_replay_is_found_under_its_d4rl_file_name(monkeypatch, tmp
         data, info = load(name, download=False)
         np.testing.assert_array_equal(np.asarray(data.observations), raw["observations"])
         assert info.source == f"D4RL HDF5 {tmp_path / 'hopper_medium_replay-v2.hdf5'}"
-        assert info.task == "hopper-medium-replay" and info.family == "hopper" and ilq.env_name(info.eval_env) == "Hopper-v4"
+        assert info.task == "hopper-medium-replay" and info.family == "hopper" and info.eval_env.id == "Hopper-v4"
     assert "reference scores min -20.2723 / max 3234.3" in ilq.describe_dataset(data, info)
     with pytest.raises(ilq.ILQError, match="hopper_medium_replay-v1.hdf5"):  # another version is another file
         load("hopper-medium-replay-v1", download=False)
@@ -438,7 +438,7 @@ def test_d4rl_metadata_per_family(tmp_path, name, eval_env, ref):
         actions=np.zeros((12, act_dim), np.float32),
     )
     _, info = load(name, dataset_path=str(tmp_path / "x.hdf5"))
-    assert ilq.env_name(info.eval_env) == eval_env and (info.ref_min, info.ref_max) == ref
+    assert info.eval_env.id == eval_env and (info.ref_min, info.ref_max) == ref
     assert info.task == ilq.parse_d4rl_name(name)[0] and info.family == ilq.family_of(name)
 
 
@@ -655,13 +655,13 @@ def test_another_robots_data_under_a_d4rl_name_is_called_a_data_mismatch(tmp_pat
         load("hopper-medium-replay", dataset_path=str(tmp_path / "walker.hdf5"))
     assert "--eval-env-id" not in str(e.value)
     _, info = load("walker2d-medium-replay", dataset_path=str(tmp_path / "walker.hdf5"))  # the right name works
-    assert ilq.env_name(info.eval_env) == "Walker2d-v4"
+    assert info.eval_env.id == "Walker2d-v4"
 
 
 def test_an_evaluation_env_that_does_not_fit_the_data_points_to_eval_env_id(tmp_path):
     write_d4rl(tmp_path / "h.hdf5")
     _, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"), eval_env_id="Walker2d-v5")
-    assert info.eval_env == "Walker2d-v5"  # the override is honoured, then checked
+    assert info.eval_env.id == "Walker2d-v5"  # the override is honoured, then checked
     with pytest.raises(ilq.ILQError, match="Walker2d-v5 has observation size 17 .* has 11 and 3.*with --eval-env-id"):
         ilq.make_env(info)
     _, info = load("hopper-medium", dataset_path=str(tmp_path / "h.hdf5"))

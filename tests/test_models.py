@@ -493,7 +493,7 @@ def tiny_problem(model_dir, **kw):
         source="test",
         task=None,
         family="hopper",
-        eval_env="none",
+        eval_env=ilq.EvalEnv("none", None),
         ref_min=None,
         ref_max=None,
         obs_dim=OBS,

@@ -39,11 +39,10 @@ def test_each_method_seed_learner_of_the_batch_is_the_single_run_of_that_method_
         init, frozen, jnp.tile(keys, (3, 1, 1))
     )
     for g, (method, method_cfg) in enumerate(zip(ALL, ilq.method_configs(cfg, ALL))):
+        single_run = ilq.make_update_fn(method_cfg)  # compiled once per method
         for i, s in enumerate(seeds):
             learner = g * len(seeds) + i
-            single, m_single = ilq.make_update_fn(method_cfg)(
-                ilq.init_train_state(cfg, jax.random.PRNGKey(s)), frozen, keys[i]
-            )
+            single, m_single = single_run(ilq.init_train_state(cfg, jax.random.PRNGKey(s)), frozen, keys[i])
             assert_trees_close(jax.tree_util.tree_map(lambda x: x[learner], batched), single)
             for k in m_single:
                 np.testing.assert_allclose(m_batched[k][learner], m_single[k], rtol=2e-4, atol=2e-4, err_msg=f"{method} {k}")

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tyro
 from conftest import run_training_cli
 from test_learner import TINY, _tiny_args, setup
 
 import ilq_jax as ilq
+import pretrain_models
 
 REAL_MAKE_UPDATE_FN = ilq.make_update_fn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +174,7 @@ def _help(script):
         [sys.executable, os.path.join(ROOT, script), "--help"],
         capture_output=True,
         text=True,
-        env=dict(os.environ, COLUMNS="200"),
+        env=dict(os.environ, COLUMNS="120"),  # one column of boxes (a wider terminal puts them side by side)
         timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -221,9 +221,10 @@ def test_every_flag_of_ilq_jax_is_documented_none_is_explained_and_booleans_are_
 
 
 def test_boolean_flags_parse_in_the_one_style():
-    args = tyro.cli(ilq.Args, args=["--no-entropy", "--cosine-lr", "--no-imagination", "--behavior-bank"])
+    args = ilq.parse_args(["--no-entropy", "--cosine-lr", "--no-imagination", "--behavior-bank"])
     assert (args.entropy, args.cosine_lr, args.imagination, args.behavior_bank) == (False, True, False, True)
-    assert tyro.cli(ilq.Args, args=[]).entropy is None  # left out: the paper's value for the dataset
+    assert ilq.parse_args([]).entropy is None  # left out: the paper's value for the dataset
+    assert ilq.parse_args([]) == ilq.Args()  # the grouped command line gives the flat Args, defaults unchanged
 
 
 def test_pretrain_models_help_shows_only_its_own_flags_and_what_it_does():
@@ -252,3 +253,22 @@ def test_pretrain_models_help_shows_only_its_own_flags_and_what_it_does():
     for block in options.values():
         assert len(_description(block).split()) >= 3, block
     assert "Pretrain ILQ's two frozen models once" in text and "(Algorithm 1, lines 2-3)" in text
+
+
+def test_help_is_grouped_and_both_scripts_share_one_definition_of_the_data_and_model_flags():
+    """--help shows one box per flag group, each flag in its group's box; pretrain_models.py's data and model flags
+    are ilq_jax's own fields (the same classes), not copies."""
+    text = _help("ilq_jax.py")
+    boxes = re.split(r"╭─ (\w+) options", text)
+    box_of = {flag: boxes[i] for i in range(1, len(boxes), 2) for flag in re.findall(r"│ (--[a-z][\w-]*)", boxes[i + 1])}
+    for base in ilq.Args.__bases__:
+        for f in dataclasses.fields(base):
+            assert box_of["--" + f.name.replace("_", "-")] == base.GROUP, f.name
+    assert {b.GROUP for b in ilq.Args.__bases__} == {"run", "data", "ilq", "models", "evaluation"}
+    assert issubclass(pretrain_models.PretrainArgs, ilq.DataFlags) and issubclass(pretrain_models.PretrainArgs, ilq.ModelFlags)
+    shared = [f.name for f in dataclasses.fields(ilq.DataFlags) + dataclasses.fields(ilq.ModelFlags)]
+    pretrain = {f.name: f for f in dataclasses.fields(pretrain_models.PretrainArgs)}
+    args = {f.name: f for f in dataclasses.fields(ilq.Args)}
+    assert all(pretrain[n].default == args[n].default and pretrain[n].type == args[n].type for n in shared)
+    parsed = ilq.parse_flags(pretrain_models.PretrainArgs, ["--dynamics-members", "9", "--env-id", "x"], "")
+    assert (parsed.dynamics_members, parsed.env_id, parsed.budget, parsed.force) == (9, "x", "paper", False)
