@@ -48,7 +48,22 @@ def main(argv=None):
     ]
     common += [os.path.join(out, "speed.md"), "--json", os.path.join(out, "speed.json")]
     if a.rehearse:
-        speed.main(["--quick", "--tiny", "--protocol-seeds", "2", *common])
+        speed.main(
+            [
+                "--repeats",
+                "1",
+                "--calls",
+                "10",
+                "--seeds",
+                "1",
+                "--seed-calls",
+                "10",
+                "--tiny",
+                "--protocol-seeds",
+                "2",
+                *common,
+            ]
+        )
     else:
         sizes = ["--repeats", "3", "--calls", "1,1000", "--seeds", "1,8", "--seed-calls", "1000"]
         speed.main([*sizes, "--protocol-seeds", str(a.seeds), *common])

@@ -150,7 +150,8 @@ print("SAME")
 
 
 def test_learners_split_over_two_devices_are_the_same_learners():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     code = SHARDED.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "SAME" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
