@@ -14,9 +14,12 @@ os.environ["MINARI_DATASETS_PATH"] = os.path.join(_CACHE, "minari")
 os.environ["D4RL_DATASET_DIR"] = os.path.join(_CACHE, "d4rl")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One compilation cache for the session, shared by the test process and every CLI it starts: the many tiny runs
+# One compilation cache for the test run, shared by the test processes and every CLI they start: the many tiny runs
 # compile the same programs, and a cached program is the same program (same numbers), compiled once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax-compilation"))
+# (With pytest-xdist, all workers of one run share it: PYTEST_XDIST_TESTRUNUID is the run's.)
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_COMPILED = os.path.join(tempfile.gettempdir(), f"ilq-tests-jax-{_RUN}") if _RUN else os.path.join(_CACHE, "jax-compilation")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILED)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The tests' programs are tiny and compiled hundreds of times: LLVM's optimisation of the CPU code costs more than it

@@ -266,14 +266,15 @@ def test_injected_nan_is_caught_with_the_update_step(tmp_path):
 
 def test_paper_hyperparameters_apply_by_task_and_flags_override():
     info = ilq.DatasetInfo(
-        "hopper-medium-replay", "", "hopper-medium-replay", "hopper", "Hopper-v5", 0, 1, 11, 3, np.zeros(1), ""
+        "hopper-medium-replay", "", "hopper-medium-replay", "hopper", ilq.gym_env("Hopper-v5"), 0, 1, 11, 3, np.zeros(1), ""
     )
     hp = ilq.effective_hparams(ilq.Args(), info)
     assert (hp["eta"], hp["delta"], hp["penalty_coef"], hp["critic_lr"], hp["actor_lr"]) == (0.8, -0.5, 1.0, 3e-4, 1e-4)
     hp = ilq.effective_hparams(ilq.Args(delta=0.0, eta=0.5), info)
     assert (hp["eta"], hp["delta"]) == (0.5, 0.0) and set(hp["overridden"]) == {"eta", "delta"}
     pen = ilq.effective_hparams(
-        ilq.Args(), ilq.DatasetInfo("pen-human", "", "pen-human", "pen", "", 0, 1, 45, 24, np.zeros(1), "")
+        ilq.Args(),
+        ilq.DatasetInfo("pen-human", "", "pen-human", "pen", ilq.d4rl_eval_env("pen-human"), 0, 1, 45, 24, np.zeros(1), ""),
     )
     assert pen["entropy"] is False and pen["cosine_lr"] is True
 

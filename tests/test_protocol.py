@@ -110,7 +110,7 @@ def test_two_methods_in_one_run_with_a_worker_evaluator_and_a_resume_equal_the_s
 
 def test_evaluation_in_a_worker_process_equals_evaluation_in_the_loop():
     cfg, _, _, _ = setup()
-    info = ilq.DatasetInfo("x", "test", None, "hopper", "Hopper-v5", None, None, 11, 3, np.zeros(1), "f")
+    info = ilq.DatasetInfo("x", "test", None, "hopper", ilq.gym_env("Hopper-v5"), None, None, 11, 3, np.zeros(1), "f")
     cfg = ilq.ILQConfig(**{**cfg.__dict__, "obs_dim": 11, "act_dim": 3})
     params = jax.vmap(lambda k: ilq.init_train_state(cfg, k).actor_params)(jnp.stack([jax.random.PRNGKey(s) for s in (1, 2)]))
     results = []
