@@ -59,9 +59,3 @@ def stopped_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return tmp / "runs" / "half"
-
-
-def pytest_collection_modifyitems(items):
-    """The longest test (the GPU command's CPU rehearsal, about 2 min) first: with pytest-xdist it then runs beside
-    the others instead of alone at the end."""
-    items.sort(key=lambda item: item.module.__name__ != "test_gpu_command")
