@@ -24,7 +24,7 @@ line, datasets (D4RL, Minari, generated), model cache, checkpoints, logging, the
     Eq. 18    OOD target min{y_img, y_lmt} + delta  ilb_targets
     Eq. 19    imagined value y_img                  ilb_targets with dynamics_step, terminated
     Eq. 20    limitation value y_lmt                ilb_targets with diffusion_sample (presample_behavior for a chunk
-                                                    of updates, or make_behavior_bank)
+                                                    of updates; Part II's --behavior-bank: make_behavior_bank)
     Eq. 21    actor ("vanilla SAC") and alpha       actor_alpha_update, sample_action
     Alg. 1    lines 2-3, pretraining                train_dynamics, train_diffusion
     Alg. 1    lines 4-12, training                  ilq_update = minibatch_targets + learn (one step); make_update_fn
@@ -170,9 +170,9 @@ class DynamicsEnsemble(nn.Module):
     over [s' - s, r], its log-variance softly bounded by learned limits."""
 
     out_dim: int
-    members: int = 7
-    hidden: int = 200
-    layers: int = 4
+    members: int
+    hidden: int
+    layers: int
 
     @nn.compact
     def __call__(self, x):  # standardised (N, in) or (E, N, in) -> mean, logvar, each (E, N, out)
@@ -236,10 +236,12 @@ class DynamicsModel:
 
 
 def init_dynamics(obs_dim, act_dim, family, members=7, elites=5, hidden=200, layers=4, seed=0) -> DynamicsModel:
-    """An untrained ensemble (identity scaler, elites 0..elites-1): train_dynamics' start, the cache's template."""
-    net = DynamicsEnsemble(obs_dim + 1, members, hidden, layers)
-    params = net.init(jax.random.PRNGKey(seed), jnp.zeros((1, obs_dim + act_dim)))
+    """An untrained ensemble (identity scaler, elites 0..elites-1): train_dynamics' start, the cache's template. The
+    sizes are MOPO's (and the paper's 4x200)."""
+    if elites > members or len(DYNAMICS_WEIGHT_DECAY) != layers + 1:
+        raise ValueError(f"need elites <= members and {len(DYNAMICS_WEIGHT_DECAY) - 1} layers (MOPO's weight decays)")
     d = obs_dim + act_dim
+    params = DynamicsEnsemble(obs_dim + 1, members, hidden, layers).init(jax.random.PRNGKey(seed), jnp.zeros((1, d)))
     return DynamicsModel(params, jnp.zeros(d), jnp.ones(d), jnp.arange(elites), obs_dim, members, hidden, layers, family)
 
 
@@ -265,17 +267,11 @@ def terminated(family: str, next_obs):
 
 
 def apply_frozen(net: nn.Module, params, *inputs):
-    """A frozen model's forward pass in the precision of its weights (float32, or bfloat16 after low_precision),
+    """A frozen model's forward pass in the precision of its weights (float32, or bfloat16: Part II's --bf16-models),
     float32 out."""
     dtype = next((p.dtype for p in jax.tree_util.tree_leaves(params)), jnp.float32)
     out = net.apply(params, *(x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in inputs))
     return jax.tree_util.tree_map(lambda y: y.astype(jnp.float32), out)
-
-
-def low_precision(model):
-    """The same frozen model (DynamicsModel or BehaviorModel) with bfloat16 weights: its activations are then stored
-    in bfloat16 too (half the bytes); the learners' parameters, Adam, targets and losses stay float32."""
-    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
 
 
 def dynamics_step(dyn: DynamicsModel, obs, act, key):
@@ -304,26 +300,24 @@ def dynamics_loss(net: DynamicsEnsemble, params, x, y):
 
 
 def train_dynamics(
-    data, family, *, members=7, elites=5, hidden=200, layers=4, epochs=40, lr=1e-3, seed=0, batch_size=256, report=None
+    data, family, *, epochs=40, lr=1e-3, seed=0, batch_size=256, report=None, **sizes
 ) -> tuple[DynamicsModel, dict]:
     """Algorithm 1, line 2 (Eq. 5) by MOPO's recipe for a fixed number of epochs (Table 3): each member fits its own
-    bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE.
-    report(event, values), if given, hears "dynamics batch" after every jitted call of DYNAMICS_BATCHES_PER_CALL
-    minibatches but an epoch's last, and "dynamics epoch"."""
-    if elites > members or len(DYNAMICS_WEIGHT_DECAY) != layers + 1:
-        raise ValueError(f"need elites <= members and {len(DYNAMICS_WEIGHT_DECAY) - 1} layers (MOPO's weight decays)")
+    bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE. sizes:
+    init_dynamics' members, elites, hidden, layers. report(event, values), if given, hears "dynamics batch" after every
+    jitted call of DYNAMICS_BATCHES_PER_CALL minibatches but an epoch's last, and "dynamics epoch"."""
+    model = init_dynamics(data.observations.shape[1], data.actions.shape[1], family, seed=seed, **sizes)
+    members, elites = model.members, len(model.elites)
     obs, act = np.asarray(data.observations), np.asarray(data.actions)
     x = np.concatenate([obs, act], -1)
     y = np.concatenate([np.asarray(data.next_observations) - obs, np.asarray(data.rewards)[:, None]], -1)
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(x))
-    hold, train = np.split(perm, [min(int(0.2 * len(x)), 1000)])
+    hold, train = np.split(rng.permutation(len(x)), [min(int(0.2 * len(x)), 1000)])
     mean, std = x[train].mean(0), x[train].std(0)
     std[std < 1e-12] = 1.0
     xs, ys, hold = jnp.asarray((x - mean) / std, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(hold)
     boot = jnp.asarray(train[rng.integers(0, len(train), size=(members, len(train)))])
     n_batches = max(1, len(train) // batch_size)
-    model = init_dynamics(obs.shape[1], act.shape[1], family, members, elites, hidden, layers, seed)
     model = model.replace(input_mean=jnp.asarray(mean, jnp.float32), input_std=jnp.asarray(std, jnp.float32))
     opt = optax.adam(lr)
 
@@ -351,11 +345,9 @@ def train_dynamics(
         batches, loss_sum = shuffle(sub, boot), 0.0
         for i in range(0, n_batches, DYNAMICS_BATCHES_PER_CALL):  # a report can follow each call
             params, opt_state, chunk_loss = fit(params, opt_state, batches[i : i + DYNAMICS_BATCHES_PER_CALL], xs, ys)
-            loss_sum, batch = loss_sum + chunk_loss, min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
-            if batch < n_batches:
-                report(
-                    "dynamics batch", dict(epoch=ep, epochs=epochs, batch=batch, batches=n_batches, seconds=time.time() - t0)
-                )
+            loss_sum, b = loss_sum + chunk_loss, min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
+            if b < n_batches:
+                report("dynamics batch", dict(epoch=ep, epochs=epochs, batch=b, batches=n_batches, seconds=time.time() - t0))
         mse = np.asarray(holdout_mse(params, xs, ys, hold))
         elite_idx, train_loss = np.sort(np.argsort(mse)[:elites]), float(loss_sum) / n_batches
         values = dict(epoch=ep, epochs=epochs, train_loss=train_loss, holdout_mse=mse, elites=elite_idx)
@@ -452,14 +444,13 @@ def train_diffusion(
         (beh, opt_state), losses = jax.lax.scan(step, (beh, opt_state), jax.random.split(key, n_steps))
         return beh, opt_state, losses.mean()
 
-    opt_state, done, t0 = opt.init(beh.params), 0, time.time()
+    opt_state, done, t0, report = opt.init(beh.params), 0, time.time(), report or (lambda event, values: None)
     while done < steps:
         n = min(steps_per_call, steps - done)
         key, sub = jax.random.split(key)
         beh, opt_state, loss = run(beh, opt_state, sub, n, data)
         done += n
-        if report:
-            report("diffusion", dict(step=done, steps=steps, loss=float(loss), seconds=time.time() - t0))
+        report("diffusion", dict(step=done, steps=steps, loss=float(loss), seconds=time.time() - t0))
     return beh, dict(final_loss=float(loss), wall_time_s=time.time() - t0)
 
 
@@ -548,7 +539,7 @@ class Frozen(NamedTuple):
     data: Transitions
     dynamics: DynamicsModel
     behavior: BehaviorModel
-    bank: Optional[jax.Array] = None  # (N, M, act) behaviour actions per dataset state (make_behavior_bank)
+    bank: Optional[jax.Array] = None  # (N, M, act) behaviour actions per dataset state (Part II's --behavior-bank)
 
 
 class Targets(NamedTuple):
@@ -565,11 +556,9 @@ def init_train_state(cfg: ILQConfig, key) -> TrainState:
     obs, act = jnp.zeros((1, cfg.obs_dim)), jnp.zeros((1, cfg.act_dim))
     actor_params, critic_params = cfg.actor.init(k_actor, obs), cfg.critic.init(k_critic, obs, act)
     target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
-    opt_states = [cfg.optimizer(cfg.actor_lr).init(actor_params), cfg.optimizer(cfg.critic_lr).init(critic_params)]
-    log_alpha = jnp.zeros(())
-    return TrainState(
-        actor_params, critic_params, target_params, log_alpha, *opt_states, cfg.optimizer(cfg.actor_lr).init(log_alpha)
-    )
+    log_alpha, actor_opt, critic_opt = jnp.zeros(()), cfg.optimizer(cfg.actor_lr), cfg.optimizer(cfg.critic_lr)
+    opt_states = actor_opt.init(actor_params), critic_opt.init(critic_params), actor_opt.init(log_alpha)
+    return TrainState(actor_params, critic_params, target_params, log_alpha, *opt_states)
 
 
 def target_keys(key):
@@ -601,9 +590,8 @@ def ilb_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, batch: Transi
         a_img, logp_img = sample_action(actor, state.actor_params, s_img, k_img_next)
         rows.append((s_img, a_img))
     if cfg.limitation:  # Eq. 20's M behaviour actions at s
-        a_beh = (
-            diffusion_sample(frozen.behavior, batch.observations, k_beh, m) if behavior_actions is None else behavior_actions
-        )
+        a_beh = behavior_actions
+        a_beh = diffusion_sample(frozen.behavior, batch.observations, k_beh, m) if a_beh is None else a_beh
         chex.assert_shape(a_beh, (b, m, cfg.act_dim))
         rows.append((jnp.repeat(batch.observations, m, axis=0), a_beh.reshape(b * m, -1)))
     q_all = critic.apply(target, *(jnp.concatenate(part) for part in zip(*rows)))  # (2, rows)
@@ -720,11 +708,8 @@ def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key, behavior_
     return state, {**metrics, **target_metrics}
 
 
-METHODS = {  # --methods: ILQ and its two ablations (Sec. 5.4) as (imagination, limitation)
-    "ilq": (True, True),
-    "no-imagination": (False, True),
-    "no-limitation": (True, False),
-}
+# --methods: ILQ and its two ablations (Sec. 5.4) as (imagination, limitation)
+METHODS = {"ilq": (True, True), "no-imagination": (False, True), "no-limitation": (True, False)}
 
 
 def method_configs(cfg: ILQConfig, methods) -> tuple:
@@ -735,24 +720,22 @@ def method_configs(cfg: ILQConfig, methods) -> tuple:
 def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_chunk: int = 1):
     """Many updates of many learners per host call, in one jitted lax.scan, the train state donated.
 
-    batched=False: one learner (state without a learner axis, keys (n, 2)). batched=True: the state and the keys
-    carry a leading learner axis; methods (names of METHODS; None: cfg's own imagination/limitation) split it into
-    equal method blocks, method-major: learner g * seeds + i is seed i of method g. Every learner reads the same
-    device-resident data and frozen models. Each method's targets run on its own block only (a static slice: no
-    learner pays for a branch it does not use); the critic and actor updates then run on all learners at once.
-    sample_chunk > 1 (fresh behaviour samples only): the diffusion samples of that many updates are drawn together
-    in one batched chain before them (presample_behavior; the same values)."""
+    batched=False: one learner (keys (n, 2)). batched=True: the state and the keys carry a leading learner axis, which
+    methods (names of METHODS; None: cfg's own imagination/limitation) split into equal blocks, method-major: learner
+    g * seeds + i is seed i of method g. All read the same device-resident data and models; each method's targets run
+    on its own block only (no learner pays for a branch it does not use), then the critic and actor updates on all.
+    sample_chunk > 1 (fresh behaviour samples): that many updates' diffusion samples are drawn in one batched chain
+    before them (presample_behavior; the same values)."""
     groups = (cfg,) if methods is None else method_configs(cfg, methods)
     if len({dataclasses.replace(c, imagination=True, limitation=True) for c in groups}) != 1:
         raise ValueError("methods may differ only in imagination / limitation")
 
     def one_update(state: TrainState, frozen: Frozen, keys, a_beh):  # keys (L, 2); a_beh: per method (seeds, ...)
-        seeds = keys.shape[0] // len(groups)
-        parts = []
-        for g, c in enumerate(groups):
-            block = slice(g * seeds, (g + 1) * seeds)
-            sub = jax.tree_util.tree_map(lambda x: x[block], state)
-            parts.append(jax.vmap(partial(minibatch_targets, c), in_axes=(0, None, 0, 0))(sub, frozen, keys[block], a_beh[g]))
+        parts, seeds = [], keys.shape[0] // len(groups)
+        for g, c in enumerate(groups):  # method g's targets on its block of learners only
+            sub = jax.tree_util.tree_map(lambda x: x[g * seeds : (g + 1) * seeds], state)
+            targets = jax.vmap(partial(minibatch_targets, c), in_axes=(0, None, 0, 0))
+            parts.append(targets(sub, frozen, keys[g * seeds : (g + 1) * seeds], a_beh[g]))
         batch, t, k_actor, target_metrics = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *parts)
         state, metrics = jax.vmap(partial(learn, groups[0]))(state, batch, t, k_actor)
         return state, {**metrics, **target_metrics}
@@ -779,20 +762,8 @@ def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_c
 
     if batched:
         return jax.jit(update_many, donate_argnums=0)
-
-    def single(state: TrainState, frozen: Frozen, keys):
-        state, metrics = update_many(jax.tree_util.tree_map(lambda x: x[None], state), frozen, keys[None])
-        return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))
-
-    return jax.jit(single, donate_argnums=0)
-
-
-def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int, chunk: int = 8192):
-    """M behaviour actions per dataset state, sampled once and kept fixed (faster on CPU; the paper samples afresh)."""
-    sample = jax.jit(partial(diffusion_sample, behavior), static_argnums=2)
-    key = jax.random.PRNGKey(seed)
-    parts = [sample(observations[i : i + chunk], jax.random.fold_in(key, i), m) for i in range(0, len(observations), chunk)]
-    return jnp.concatenate(parts)
+    single = lambda state, frozen, keys: update_many(jax.tree_util.tree_map(lambda x: x[None], state), frozen, keys[None])
+    return jax.jit(lambda *inputs: jax.tree_util.tree_map(lambda x: x[0], single(*inputs)), donate_argnums=0)
 
 
 # ======================================================================================================================
@@ -1361,13 +1332,8 @@ def load_minari(args: Args) -> tuple[dict, dict]:
     if generated and steps != RANDOM_DATASET_STEPS:  # keyed by its size: a smoke test's data never serves a default run
         dataset_id = re.sub(r"-v(\d+)$", rf"-{steps}steps-v\1", args.env_id)
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-    damaged = (
-        f"The local Minari dataset '{dataset_id}' is damaged",
-        (
-            f"Delete its folder {os.path.join(root, dataset_id)} (or run `minari delete {dataset_id}`) and download or "
-            "generate it again."
-        ),
-    )
+    fix = f"Delete its folder {os.path.join(root, dataset_id)} (or run `minari delete {dataset_id}`) and download or generate"
+    damaged = f"The local Minari dataset '{dataset_id}' is damaged", fix + " it again."
     with errors_as(*damaged):
         try:
             dataset = minari.load_dataset(dataset_id, download=False)
@@ -1394,14 +1360,13 @@ def load_minari(args: Args) -> tuple[dict, dict]:
             f"for {wanted} (--random-dataset-steps). It comes from another version of ilq_jax.py or was changed. "
             f"Delete it (`minari delete {dataset_id}`) and run again to generate it."
         )
+    source = f"Minari dataset {dataset_id}"
+    if local:
+        source = f"generated locally ({LOCAL_NAMESPACE} namespace; not D4RL data): {meta.get('description') or ''}"
     if generated:
         source = (
             f"generated locally by ilq_jax.py ({steps} steps of a uniform random policy, seed {made['seed']}; not D4RL data)"
         )
-    elif local:
-        source = f"generated locally ({LOCAL_NAMESPACE} namespace; not D4RL data): {meta.get('description') or ''}"
-    else:
-        source = f"Minari dataset {dataset_id}"
     # a local dataset follows a D4RL protocol, so it takes that D4RL task's hyper-parameters (Tables 3-6)
     # D4RL's own data re-released by Minari take their D4RL task's row too
     d4rl = re.fullmatch(r"D4RL/(pointmaze|pen)/(umaze|medium|large|human|cloned)(-dense)?-v\d+", dataset_id)
@@ -1913,19 +1878,13 @@ def resume_args(args: Args) -> Args:
         )
     saved = _read_run_file(args.resume, "args.json", "no run of ilq_jax.py")
     hints, where = typing.get_type_hints(Args), f"--resume {args.resume}: {os.path.join(args.resume, 'args.json')}"
-    missing = [flag(f.name) for f in dataclasses.fields(Args) if f.name not in saved]
-    wrong = [f"{flag(k)} = {v!r}" for k, v in saved.items() if k in hints and not _has_type(v, hints[k])]
-    unknown = [k for k in saved if k not in hints]
-    if missing or wrong or unknown or not isinstance(saved, dict):
-        what = "; ".join(
-            x
-            for x in (
-                f"missing {', '.join(missing)}" if missing else "",
-                f"mistyped {', '.join(wrong)}" if wrong else "",
-                f"unknown {', '.join(unknown)}" if unknown else "",
-            )
-            if x
-        )
+    what = f"a JSON {type(saved).__name__}, not an object of settings"
+    if isinstance(saved, dict):
+        problems = dict(missing=[flag(f.name) for f in dataclasses.fields(Args) if f.name not in saved])
+        problems.update(mistyped=[f"{flag(k)} = {v!r}" for k, v in saved.items() if k in hints and not _has_type(v, hints[k])])
+        problems.update(unknown=[k for k in saved if k not in hints])
+        what = "; ".join(f"{problem} {', '.join(names)}" for problem, names in problems.items() if names)
+    if what:
         raise ILQError(
             f"{where} does not hold this version's settings ({what}). It was written by another version of ilq_jax.py "
             "or edited; start a new run (nothing was changed in the run folder)."
@@ -2242,11 +2201,8 @@ def start_run(args: Args) -> Run:
             f"Dataset '{info.name}' has {len(data.rewards)} usable transitions, fewer than a minibatch ({args.batch_size}) "
             "or the 10 the dynamics holdout needs: ILQ cannot learn from it."
         )
-    hp, methods, seeds = (
-        effective_hparams(args, info),
-        learner_methods(args),
-        list(range(args.seed, args.seed + args.num_seeds)),
-    )
+    hp, methods = effective_hparams(args, info), learner_methods(args)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
     name = args.run_name or f"{slug(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", name)
     if not args.resume and os.path.exists(run_dir):
@@ -2397,6 +2353,20 @@ class Session:
 
 def new_progress() -> dict:
     return dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0, wall_time_s=0.0)
+
+
+def low_precision(model):
+    """The same frozen model (DynamicsModel or BehaviorModel) with bfloat16 weights: its activations are then stored
+    in bfloat16 too (half the bytes); the learners' parameters, Adam, targets and losses stay float32."""
+    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
+
+
+def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int, chunk: int = 8192):
+    """M behaviour actions per dataset state, sampled once and kept fixed (faster on CPU; the paper samples afresh)."""
+    sample = jax.jit(partial(diffusion_sample, behavior), static_argnums=2)
+    key = jax.random.PRNGKey(seed)
+    parts = [sample(observations[i : i + chunk], jax.random.fold_in(key, i), m) for i in range(0, len(observations), chunk)]
+    return jnp.concatenate(parts)
 
 
 def pretrained_models(run: Run, stop: dict):

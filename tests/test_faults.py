@@ -67,13 +67,14 @@ def test_a_torn_checkpoint_is_refused_naming_both_files_and_their_updates(stoppe
     [
         (lambda saved: saved.pop("gamma"), "missing --gamma"),
         (lambda saved: saved.update(total_steps="40"), "mistyped --total-steps = '40'"),
+        (lambda saved: [saved], "a JSON list, not an object of settings"),
     ],
 )
 def test_args_json_with_a_missing_or_mistyped_key_is_refused_naming_it(stopped_run, tmp_path, edit, named):
     run = _copy(stopped_run, tmp_path)
     saved = json.loads((run / "args.json").read_text())
-    edit(saved)
-    (run / "args.json").write_text(json.dumps(saved))
+    edited = edit(saved)  # a new JSON value, or the settings edited in place
+    (run / "args.json").write_text(json.dumps(edited if isinstance(edited, list) else saved))
     before = _files(run)
     with pytest.raises(ilq.ILQError, match=r"args\.json does not hold this version's settings \((.*)\)") as e:
         ilq.train(ilq.Args(resume=str(run)))
