@@ -1727,6 +1727,10 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
     with errors_as(f"The sidecar '{side_path}' of '{path}' is damaged", advice):
         side = json.loads(open(side_path).read())
         ds, config = side.get("dataset", {}), dict(side["config"])
+        if side.get("kind") in MODEL_KINDS:  # what the cache reads: the training length and the reported metric
+            metric = side["metrics"][MODEL_KINDS[side["kind"]][3]]
+            if not (isinstance(side["trained"], int) and isinstance(metric, (int, float))):
+                raise ValueError(f"trained {side['trained']!r}, {MODEL_KINDS[side['kind']][3]} {metric!r}")
     if side.get("kind") != kind:
         raise ILQError(f"'{path}' holds a {side.get('kind')} model, not a {kind} model.")
     made = ds.get("name"), ds.get("obs_dim"), ds.get("act_dim"), str(ds.get("fingerprint"))
@@ -1931,6 +1935,12 @@ def load_checkpoint(run_dir: str, template: TrainState, methods) -> tuple[TrainS
         print(f"[ilq] {run_dir} has no finished checkpoint: the run starts again at update 0")
         return None, None
     progress = _read_run_file(run_dir, "checkpoint.json", "no checkpoint")
+    if not (isinstance(progress, dict) and set(new_progress()) <= set(progress) and isinstance(progress["updates"], int)):
+        raise ILQError(
+            f"--resume {run_dir}: {os.path.join(run_dir, 'checkpoint.json')} is not a progress record of ilq_jax.py "
+            f"(a JSON object with {', '.join(new_progress())}): it was edited or written by another program. Nothing "
+            "was changed in the run folder."
+        )
     per_method = len(jax.tree_util.tree_leaves(template)[0]) // len(methods)
     block = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((per_method, *x.shape[1:]), x.dtype), template)
     blocks = []

@@ -666,9 +666,11 @@ def test_mismatched_or_damaged_artifacts_are_refused(cached, tmp_path):
     with pytest.raises(ilq.ILQError, match="damaged.*pretrain again"):
         ilq.load_artifact(d_path, "dynamics", info)
     Path(d_path).write_bytes(blob)
-    Path(os.path.splitext(b_path)[0] + ".json").write_text('{"kind": "behav')
-    with pytest.raises(ilq.ILQError, match="sidecar"):
-        ilq.load_artifact(b_path, "behavior", info)
+    b_side = Path(os.path.splitext(b_path)[0] + ".json")
+    for damaged in ('{"kind": "behav', "[1]", json.dumps(dict(json.loads(b_side.read_text()), trained="30"))):
+        b_side.write_text(damaged)
+        with pytest.raises(ilq.ILQError, match="sidecar"):
+            ilq.load_artifact(b_path, "behavior", info)
     # given explicitly (--dynamics-path), a wrong artifact stops the run instead of being retrained silently
     with pytest.raises(ilq.ILQError, match="made for dataset"):
         ilq.load_or_pretrain(ilq.Args(**{**args.__dict__, "dynamics_path": d_path}), data, replace(fingerprint="0" * 40))

@@ -140,6 +140,8 @@ def _variant(stopped_run, tmp_path, damage=None, remove=None):
     [
         ("checkpoint-ilq.msgpack", b"\x00garbage"),
         ("checkpoint.json", b"{not json"),
+        ("checkpoint.json", b"[20]"),
+        ("checkpoint.json", b'{"updates": 20}'),
         ("args.json", b"[1, 2"),
         ("checkpoint-ilq.msgpack", b""),
     ],
