@@ -6,7 +6,7 @@ the usual Bellman target. Every action of the current policy is treated as out-o
 *imagined* by a learned one-step dynamics model, *limited* by the best value of the behaviour policy at the same state
 (behaviour actions drawn from a diffusion model), plus a small delta. Equation numbers below are the paper's.
 
-    python ilq_jax.py                 # offline default: a generated random-policy Hopper dataset, ~5 min on 2 CPU cores
+    python ilq_jax.py                 # offline default: a generated random-policy Hopper dataset, 5-10 min on 2 CPU cores
     python ilq_jax.py --env-id hopper-medium-replay --dataset-path hopper_medium_replay-v2.hdf5
     python ilq_jax.py --env-id walker2d-medium-replay --budget paper       # the paper's 1e6 updates
     python ilq_jax.py --methods ilq,no-imagination,no-limitation --num-seeds 5   # the paper's protocol, one program
@@ -812,7 +812,7 @@ class RunFlags:
     # end the run at the first evaluation after this many minutes since the start, as a finished run whose summary says
     # how far it got (None: all --total-steps)
     time_box_min: Optional[float] = None
-    # cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: about 5 min on 2 CPU cores); paper: 1e6
+    # cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: 5-10 min on 2 CPU cores); paper: 1e6
     # updates, 3e5 diffusion steps, 40 dynamics epochs (Table 3)
     budget: Literal["cpu", "paper"] = "cpu"
     total_steps: Optional[int] = None  # gradient updates of each learner (None: from --budget, cpu 5000, paper 1e6)
@@ -915,7 +915,7 @@ class Args(RunFlags, DataFlags, ILQFlags, ModelFileFlags, EvaluationFlags):
     the effective values are printed at start. Boolean flags come as --flag / --no-flag."""
 
 
-BUDGETS = {  # the paper's Table 3, and one whose default run takes about 5 minutes on 2 CPU cores
+BUDGETS = {  # the paper's Table 3, and one whose default run takes 5-10 minutes on 2 CPU cores
     "paper": dict(total_steps=1_000_000, eval_interval=5_000, diffusion_steps=300_000, dynamics_epochs=40),
     "cpu": dict(total_steps=5_000, eval_interval=500, diffusion_steps=20_000, dynamics_epochs=10),
 }
