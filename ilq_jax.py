@@ -444,13 +444,14 @@ def train_diffusion(
         (beh, opt_state), losses = jax.lax.scan(step, (beh, opt_state), jax.random.split(key, n_steps))
         return beh, opt_state, losses.mean()
 
-    opt_state, done, t0, report = opt.init(beh.params), 0, time.time(), report or (lambda event, values: None)
+    opt_state, done, t0 = opt.init(beh.params), 0, time.time()
     while done < steps:
         n = min(steps_per_call, steps - done)
         key, sub = jax.random.split(key)
         beh, opt_state, loss = run(beh, opt_state, sub, n, data)
         done += n
-        report("diffusion", dict(step=done, steps=steps, loss=float(loss), seconds=time.time() - t0))
+        if report:  # float(loss) waits for the call: only when someone listens
+            report("diffusion", dict(step=done, steps=steps, loss=float(loss), seconds=time.time() - t0))
     return beh, dict(final_loss=float(loss), wall_time_s=time.time() - t0)
 
 
