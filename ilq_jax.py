@@ -592,7 +592,8 @@ def ilb_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, batch: Transi
         rows.append((s_img, a_img))
     if cfg.limitation:  # Eq. 20's M behaviour actions at s
         a_beh = behavior_actions
-        a_beh = diffusion_sample(frozen.behavior, batch.observations, k_beh, m) if a_beh is None else a_beh
+        if a_beh is None:  # no bank and no presampled chunk: drawn here
+            a_beh = diffusion_sample(frozen.behavior, batch.observations, k_beh, m)
         chex.assert_shape(a_beh, (b, m, cfg.act_dim))
         rows.append((jnp.repeat(batch.observations, m, axis=0), a_beh.reshape(b * m, -1)))
     q_all = critic.apply(target, *(jnp.concatenate(part) for part in zip(*rows)))  # (2, rows)
@@ -761,10 +762,11 @@ def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_c
             parts.append(metrics)
         return state, jax.tree_util.tree_map(lambda *x: jnp.concatenate(x).swapaxes(0, 1), *parts)
 
-    if batched:
-        return jax.jit(update_many, donate_argnums=0)
-    single = lambda state, frozen, keys: update_many(jax.tree_util.tree_map(lambda x: x[None], state), frozen, keys[None])
-    return jax.jit(lambda *inputs: jax.tree_util.tree_map(lambda x: x[0], single(*inputs)), donate_argnums=0)
+    def single(state: TrainState, frozen: Frozen, keys):  # one learner: a batch of one
+        state, metrics = update_many(jax.tree_util.tree_map(lambda x: x[None], state), frozen, keys[None])
+        return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))
+
+    return jax.jit(update_many if batched else single, donate_argnums=0)
 
 
 # ======================================================================================================================
@@ -1333,8 +1335,9 @@ def load_minari(args: Args) -> tuple[dict, dict]:
     if generated and steps != RANDOM_DATASET_STEPS:  # keyed by its size: a smoke test's data never serves a default run
         dataset_id = re.sub(r"-v(\d+)$", rf"-{steps}steps-v\1", args.env_id)
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-    fix = f"Delete its folder {os.path.join(root, dataset_id)} (or run `minari delete {dataset_id}`) and download or generate"
-    damaged = f"The local Minari dataset '{dataset_id}' is damaged", fix + " it again."
+    folder = os.path.join(root, dataset_id)
+    advice = f"Delete its folder {folder} (or run `minari delete {dataset_id}`) and download or generate it again."
+    damaged = f"The local Minari dataset '{dataset_id}' is damaged", advice
     with errors_as(*damaged):
         try:
             dataset = minari.load_dataset(dataset_id, download=False)
