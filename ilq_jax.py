@@ -213,9 +213,8 @@ class NoiseNet(nn.Module):
         return nn.Dense(self.act_dim)(h)
 
 
-# ---------------------------------------------------------------------------------------------------- Eq. 5: dynamics
+# ---------------------------------------------------------------------------------------------------- Eq. 5: dynamics model
 DYNAMICS_WEIGHT_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)  # MOPO, per layer (4 hidden layers, then the output)
-DYNAMICS_BATCHES_PER_CALL = 500  # minibatches per jitted call of train_dynamics (an epoch of a large dataset is minutes)
 
 
 @flax.struct.dataclass
@@ -289,75 +288,7 @@ def dynamics_step(dyn: DynamicsModel, obs, act, key):
     return next_obs, sample[:, -1], penalty, terminated(dyn.family, next_obs)
 
 
-def dynamics_loss(net: DynamicsEnsemble, params, x, y):
-    """Eq. 5's Gaussian negative log-likelihood per member (up to constants), summed over members, with MOPO's weight
-    decay and the 0.01 penalty that keeps the learned log-variance bounds tight."""
-    mean, logvar = net.apply(params, x)
-    nll = jnp.mean((mean - y) ** 2 * jnp.exp(-logvar), (1, 2)) + jnp.mean(logvar, (1, 2))
-    p = params["params"]
-    decay = sum(wd * 0.5 * jnp.sum(p[f"EnsembleDense_{i}"]["kernel"] ** 2) for i, wd in enumerate(DYNAMICS_WEIGHT_DECAY))
-    return jnp.sum(nll) + decay + 0.01 * (jnp.sum(p["max_logvar"]) - jnp.sum(p["min_logvar"]))
-
-
-def train_dynamics(
-    data, family, *, epochs=40, lr=1e-3, seed=0, batch_size=256, report=None, **sizes
-) -> tuple[DynamicsModel, dict]:
-    """Algorithm 1, line 2 (Eq. 5) by MOPO's recipe for a fixed number of epochs (Table 3): each member fits its own
-    bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE. sizes:
-    init_dynamics' members, elites, hidden, layers. report(event, values), if given, hears "dynamics batch" after every
-    jitted call of DYNAMICS_BATCHES_PER_CALL minibatches but an epoch's last, and "dynamics epoch"."""
-    model = init_dynamics(data.observations.shape[1], data.actions.shape[1], family, seed=seed, **sizes)
-    members, elites = model.members, len(model.elites)
-    obs, act = np.asarray(data.observations), np.asarray(data.actions)
-    x = np.concatenate([obs, act], -1)
-    y = np.concatenate([np.asarray(data.next_observations) - obs, np.asarray(data.rewards)[:, None]], -1)
-    rng = np.random.default_rng(seed)
-    hold, train = np.split(rng.permutation(len(x)), [min(int(0.2 * len(x)), 1000)])
-    mean, std = x[train].mean(0), x[train].std(0)
-    std[std < 1e-12] = 1.0
-    xs, ys, hold = jnp.asarray((x - mean) / std, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(hold)
-    boot = jnp.asarray(train[rng.integers(0, len(train), size=(members, len(train)))])
-    n_batches = max(1, len(train) // batch_size)
-    model = model.replace(input_mean=jnp.asarray(mean, jnp.float32), input_std=jnp.asarray(std, jnp.float32))
-    opt = optax.adam(lr)
-
-    @jax.jit
-    def shuffle(key, boot):  # (batches, members, batch_size): each member its own minibatch of its own bootstrap
-        idx = jax.vmap(jax.random.permutation)(jax.random.split(key, members), boot)
-        return idx[:, : n_batches * batch_size].reshape(members, n_batches, -1).transpose(1, 0, 2)
-
-    @jax.jit
-    def fit(params, opt_state, batches, xs, ys):
-        def step(carry, idx):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(partial(dynamics_loss, model.net))(params, xs[idx], ys[idx])
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
-        return params, opt_state, losses.sum()
-
-    holdout_mse = jax.jit(lambda p, xs, ys, h: jnp.mean((model.net.apply(p, xs[h])[0] - ys[h]) ** 2, (1, 2)))
-    params, opt_state, key = model.params, opt.init(model.params), jax.random.PRNGKey(seed + 1)
-    t0, report = time.time(), report or (lambda event, values: None)
-    for ep in range(1, epochs + 1):
-        key, sub = jax.random.split(key)
-        batches, loss_sum = shuffle(sub, boot), 0.0
-        for i in range(0, n_batches, DYNAMICS_BATCHES_PER_CALL):  # a report can follow each call
-            params, opt_state, chunk_loss = fit(params, opt_state, batches[i : i + DYNAMICS_BATCHES_PER_CALL], xs, ys)
-            loss_sum, b = loss_sum + chunk_loss, min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
-            if b < n_batches:
-                report("dynamics batch", dict(epoch=ep, epochs=epochs, batch=b, batches=n_batches, seconds=time.time() - t0))
-        mse = np.asarray(holdout_mse(params, xs, ys, hold))
-        elite_idx, train_loss = np.sort(np.argsort(mse)[:elites]), float(loss_sum) / n_batches
-        values = dict(epoch=ep, epochs=epochs, train_loss=train_loss, holdout_mse=mse, elites=elite_idx)
-        report("dynamics epoch", dict(values, seconds=time.time() - t0))
-    model = model.replace(params=params, elites=jnp.asarray(elite_idx, jnp.int32))
-    metrics = dict(train_loss=train_loss, holdout_mse=mse.tolist(), holdout_mse_elites=float(mse[elite_idx].mean()))
-    return model, dict(metrics, elites=elite_idx.tolist(), wall_time_s=time.time() - t0)
-
-
-# ---------------------------------------------------------------------------------------------------- Eq. 6-8: diffusion
+# -------------------------------------------------------------------------------------------------- Eq. 6-7: diffusion sampler
 def vp_schedule(k: int, beta_min: float = 0.1, beta_max: float = 10.0) -> dict:
     """Diffusion-QL's variance-preserving schedule for K steps, with the DDPM posterior coefficients."""
     t = np.arange(1, k + 1)
@@ -389,16 +320,6 @@ def init_behavior(obs_dim, act_dim, k=5, hidden=256, seed=0) -> BehaviorModel:
     return BehaviorModel(NoiseNet(act_dim, hidden).init(jax.random.PRNGKey(seed), *inputs), act_dim, k, hidden)
 
 
-def diffusion_loss(beh: BehaviorModel, params, obs, act, key):
-    """Eq. 8: || xi - xi_omega(sqrt(abar_k) a + sqrt(1 - abar_k) xi, s, k) ||^2, k ~ U{1..K}."""
-    sch = vp_schedule(beh.k)
-    k_t, k_eps = jax.random.split(key)
-    t = jax.random.randint(k_t, (obs.shape[0],), 0, beh.k)
-    eps = jax.random.normal(k_eps, act.shape)
-    noisy = sch["sqrt_ac"][t, None] * act + sch["sqrt_one_minus_ac"][t, None] * eps
-    return jnp.mean((beh.net.apply(params, noisy, t, obs) - eps) ** 2)
-
-
 def diffusion_sample(beh: BehaviorModel, obs, key, num_samples: int):
     """a_hat_m ~ Diff_omega(.|s), m = 1..M (Eq. 6-7) by Diffusion-QL's sampler: the reverse chain from N(0, I) as a
     lax.scan over K steps, x0 predicted from epsilon and clipped to [-1, 1], the DDPM posterior variance (where Eq. 7
@@ -420,39 +341,6 @@ def diffusion_sample(beh: BehaviorModel, obs, key, num_samples: int):
     steps = (jnp.arange(beh.k - 1, -1, -1), jax.random.split(k_chain, beh.k))
     x, _ = jax.lax.scan(reverse_step, x, steps, unroll=True)  # K is small: unrolled, XLA fuses across steps
     return jnp.clip(x, -1.0, 1.0).reshape(n, num_samples, beh.act_dim)
-
-
-def train_diffusion(
-    data: Transitions, *, k=5, hidden=256, steps=300_000, lr=3e-4, seed=0, batch_size=256, steps_per_call=1000, report=None
-) -> tuple[BehaviorModel, dict]:
-    """Algorithm 1, line 3: behaviour cloning with the diffusion loss (Eq. 8), minibatches sampled inside jit.
-    report(event, values), if given, hears "diffusion" after every call of steps_per_call steps."""
-    beh = init_behavior(data.observations.shape[1], data.actions.shape[1], k, hidden, seed)
-    key, opt = jax.random.PRNGKey(seed), optax.adam(lr)
-
-    @partial(jax.jit, static_argnums=3)
-    def run(beh, opt_state, key, n_steps, data):
-        def step(carry, key):
-            beh, opt_state = carry
-            k_idx, k_loss = jax.random.split(key)
-            idx = jax.random.randint(k_idx, (batch_size,), 0, data.rewards.shape[0])
-            loss_fn = partial(diffusion_loss, beh)
-            loss, grads = jax.value_and_grad(loss_fn)(beh.params, data.observations[idx], data.actions[idx], k_loss)
-            updates, opt_state = opt.update(grads, opt_state, beh.params)
-            return (beh.replace(params=optax.apply_updates(beh.params, updates)), opt_state), loss
-
-        (beh, opt_state), losses = jax.lax.scan(step, (beh, opt_state), jax.random.split(key, n_steps))
-        return beh, opt_state, losses.mean()
-
-    opt_state, done, t0 = opt.init(beh.params), 0, time.time()
-    while done < steps:
-        n = min(steps_per_call, steps - done)
-        key, sub = jax.random.split(key)
-        beh, opt_state, loss = run(beh, opt_state, sub, n, data)
-        done += n
-        if report:  # float(loss) waits for the call: only when someone listens
-            report("diffusion", dict(step=done, steps=steps, loss=float(loss), seconds=time.time() - t0))
-    return beh, dict(final_loss=float(loss), wall_time_s=time.time() - t0)
 
 
 # ---------------------------------------------------------------------------------------------------- Eq. 16-21: ILQ
@@ -767,6 +655,121 @@ def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_c
         return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))
 
     return jax.jit(update_many if batched else single, donate_argnums=0)
+
+
+# -------------------------------------------------------------------------------- Alg. 1 lines 2-3: pretraining (Eq. 5, Eq. 8)
+DYNAMICS_BATCHES_PER_CALL = 500  # minibatches per jitted call of train_dynamics (an epoch of a large dataset is minutes)
+
+
+def dynamics_loss(net: DynamicsEnsemble, params, x, y):
+    """Eq. 5's Gaussian negative log-likelihood per member (up to constants), summed over members, with MOPO's weight
+    decay and the 0.01 penalty that keeps the learned log-variance bounds tight."""
+    mean, logvar = net.apply(params, x)
+    nll = jnp.mean((mean - y) ** 2 * jnp.exp(-logvar), (1, 2)) + jnp.mean(logvar, (1, 2))
+    p = params["params"]
+    decay = sum(wd * 0.5 * jnp.sum(p[f"EnsembleDense_{i}"]["kernel"] ** 2) for i, wd in enumerate(DYNAMICS_WEIGHT_DECAY))
+    return jnp.sum(nll) + decay + 0.01 * (jnp.sum(p["max_logvar"]) - jnp.sum(p["min_logvar"]))
+
+
+def train_dynamics(
+    data, family, *, epochs=40, lr=1e-3, seed=0, batch_size=256, report=None, **sizes
+) -> tuple[DynamicsModel, dict]:
+    """Algorithm 1, line 2 (Eq. 5) by MOPO's recipe for a fixed number of epochs (Table 3): each member fits its own
+    bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE. sizes:
+    init_dynamics' members, elites, hidden, layers. report(event, values), if given, hears "dynamics batch" after every
+    jitted call of DYNAMICS_BATCHES_PER_CALL minibatches but an epoch's last, and "dynamics epoch"."""
+    model = init_dynamics(data.observations.shape[1], data.actions.shape[1], family, seed=seed, **sizes)
+    members, elites = model.members, len(model.elites)
+    obs, act = np.asarray(data.observations), np.asarray(data.actions)
+    x = np.concatenate([obs, act], -1)
+    y = np.concatenate([np.asarray(data.next_observations) - obs, np.asarray(data.rewards)[:, None]], -1)
+    rng = np.random.default_rng(seed)
+    hold, train = np.split(rng.permutation(len(x)), [min(int(0.2 * len(x)), 1000)])
+    mean, std = x[train].mean(0), x[train].std(0)
+    std[std < 1e-12] = 1.0
+    xs, ys, hold = jnp.asarray((x - mean) / std, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(hold)
+    boot = jnp.asarray(train[rng.integers(0, len(train), size=(members, len(train)))])
+    n_batches = max(1, len(train) // batch_size)
+    model = model.replace(input_mean=jnp.asarray(mean, jnp.float32), input_std=jnp.asarray(std, jnp.float32))
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def shuffle(key, boot):  # (batches, members, batch_size): each member its own minibatch of its own bootstrap
+        idx = jax.vmap(jax.random.permutation)(jax.random.split(key, members), boot)
+        return idx[:, : n_batches * batch_size].reshape(members, n_batches, -1).transpose(1, 0, 2)
+
+    @jax.jit
+    def fit(params, opt_state, batches, xs, ys):
+        def step(carry, idx):
+            params, opt_state = carry
+            loss, grads = jax.value_and_grad(partial(dynamics_loss, model.net))(params, xs[idx], ys[idx])
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
+        return params, opt_state, losses.sum()
+
+    holdout_mse = jax.jit(lambda p, xs, ys, h: jnp.mean((model.net.apply(p, xs[h])[0] - ys[h]) ** 2, (1, 2)))
+    params, opt_state, key = model.params, opt.init(model.params), jax.random.PRNGKey(seed + 1)
+    t0, report = time.time(), report or (lambda event, values: None)
+    for ep in range(1, epochs + 1):
+        key, sub = jax.random.split(key)
+        batches, loss_sum = shuffle(sub, boot), 0.0
+        for i in range(0, n_batches, DYNAMICS_BATCHES_PER_CALL):  # a report can follow each call
+            params, opt_state, chunk_loss = fit(params, opt_state, batches[i : i + DYNAMICS_BATCHES_PER_CALL], xs, ys)
+            loss_sum, b = loss_sum + chunk_loss, min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
+            if b < n_batches:
+                report("dynamics batch", dict(epoch=ep, epochs=epochs, batch=b, batches=n_batches, seconds=time.time() - t0))
+        mse = np.asarray(holdout_mse(params, xs, ys, hold))
+        elite_idx, train_loss = np.sort(np.argsort(mse)[:elites]), float(loss_sum) / n_batches
+        values = dict(epoch=ep, epochs=epochs, train_loss=train_loss, holdout_mse=mse, elites=elite_idx)
+        report("dynamics epoch", dict(values, seconds=time.time() - t0))
+    model = model.replace(params=params, elites=jnp.asarray(elite_idx, jnp.int32))
+    metrics = dict(train_loss=train_loss, holdout_mse=mse.tolist(), holdout_mse_elites=float(mse[elite_idx].mean()))
+    return model, dict(metrics, elites=elite_idx.tolist(), wall_time_s=time.time() - t0)
+
+
+def diffusion_loss(beh: BehaviorModel, params, obs, act, key):
+    """Eq. 8: || xi - xi_omega(sqrt(abar_k) a + sqrt(1 - abar_k) xi, s, k) ||^2, k ~ U{1..K}."""
+    sch = vp_schedule(beh.k)
+    k_t, k_eps = jax.random.split(key)
+    t = jax.random.randint(k_t, (obs.shape[0],), 0, beh.k)
+    eps = jax.random.normal(k_eps, act.shape)
+    noisy = sch["sqrt_ac"][t, None] * act + sch["sqrt_one_minus_ac"][t, None] * eps
+    return jnp.mean((beh.net.apply(params, noisy, t, obs) - eps) ** 2)
+
+
+def train_diffusion(
+    data: Transitions, *, k=5, hidden=256, steps=300_000, lr=3e-4, seed=0, batch_size=256, steps_per_call=1000, report=None
+) -> tuple[BehaviorModel, dict]:
+    """Algorithm 1, line 3: behaviour cloning with the diffusion loss (Eq. 8), minibatches sampled inside jit.
+    report(event, values), if given, hears "diffusion" after every call of steps_per_call steps."""
+    beh = init_behavior(data.observations.shape[1], data.actions.shape[1], k, hidden, seed)
+    key, opt = jax.random.PRNGKey(seed), optax.adam(lr)
+
+    @partial(jax.jit, static_argnums=3)
+    def run(beh, opt_state, key, n_steps, data):
+        def step(carry, key):
+            beh, opt_state = carry
+            k_idx, k_loss = jax.random.split(key)
+            idx = jax.random.randint(k_idx, (batch_size,), 0, data.rewards.shape[0])
+            loss_fn = partial(diffusion_loss, beh)
+            loss, grads = jax.value_and_grad(loss_fn)(beh.params, data.observations[idx], data.actions[idx], k_loss)
+            updates, opt_state = opt.update(grads, opt_state, beh.params)
+            return (beh.replace(params=optax.apply_updates(beh.params, updates)), opt_state), loss
+
+        (beh, opt_state), losses = jax.lax.scan(step, (beh, opt_state), jax.random.split(key, n_steps))
+        return beh, opt_state, losses.mean()
+
+    opt_state, done, t0 = opt.init(beh.params), 0, time.time()
+    while done < steps:
+        n = min(steps_per_call, steps - done)
+        key, sub = jax.random.split(key)
+        beh, opt_state, loss = run(beh, opt_state, sub, n, data)
+        done += n
+        if report:  # float(loss) waits for the call: only when someone listens
+            report("diffusion", dict(step=done, steps=steps, loss=float(loss), seconds=time.time() - t0))
+    return beh, dict(final_loss=float(loss), wall_time_s=time.time() - t0)
 
 
 # ======================================================================================================================
