@@ -346,8 +346,8 @@ def diffusion_sample(beh: BehaviorModel, obs, key, num_samples: int):
 # ---------------------------------------------------------------------------------------------------- Eq. 16-21: ILQ
 @dataclass(frozen=True)
 class ILQConfig:
-    """Static settings of the update (hashable: part of the compiled function). Part II builds it from the command
-    line by field name (learner_config)."""
+    """Static settings of the update (hashable: part of the compiled function). ILQConfig.for_task applies the paper's
+    tables for a task; Part II builds it from the command line (learner_config)."""
 
     obs_dim: int
     act_dim: int
@@ -382,7 +382,17 @@ class ILQConfig:
     def optimizer(self, lr: float):
         return optax.adam(optax.cosine_decay_schedule(lr, self.total_steps) if self.cosine_lr else lr)
 
+    @classmethod
+    def for_task(cls, task: Optional[str], obs_dim: int, act_dim: int, total_steps: int, **overrides) -> ILQConfig:
+        """The paper's settings for a D4RL task name such as "hopper-medium-replay" (Tables 3-6: eta, delta, penalty,
+        learning rates; Adroit: no entropy, a cosine schedule); a task not in the tables gets DEFAULT_HPARAMS.
+        overrides: any field's value instead."""
+        row, adroit = PAPER_HPARAMS.get(task, DEFAULT_HPARAMS), task in ADROIT_TASKS
+        paper = dict(zip(TABLE_FIELDS, row), entropy=not adroit, cosine_lr=adroit)
+        return cls(obs_dim=obs_dim, act_dim=act_dim, total_steps=total_steps, **{**paper, **overrides})
 
+
+TABLE_FIELDS = ("eta", "delta", "penalty_coef", "critic_lr", "actor_lr")  # a row of PAPER_HPARAMS
 PAPER_HPARAMS = {  # Tables 3-6 and A.2: task -> (eta, delta, reward-penalty coefficient, critic lr, actor lr)
     "halfcheetah-random": (0.95, 2.0, 0.0, 5e-4, 3e-4),
     "hopper-random": (0.90, 1.0, 1.0, 3e-4, 1e-4),
@@ -450,22 +460,18 @@ def init_train_state(cfg: ILQConfig, key) -> TrainState:
     return TrainState(actor_params, critic_params, target_params, log_alpha, *opt_states)
 
 
-def target_keys(key):
-    """The keys of one update's targets: next, ood, imagine, imagine_next, behaviour = target_keys(key)."""
-    return jax.random.split(key, 5)
-
-
 def ilb_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, batch: Transitions, behavior_actions, key) -> Targets:
     """The Imagination-Limited Bellman targets of one minibatch (Eq. 17-20), under stop-gradient.
 
-    behavior_actions: (B, M, act) from the bank or drawn beforehand (presample_behavior), or None to sample them here
-    from the diffusion model. The actor runs once for s' and the OOD states, the target critics once for every row
-    that needs them (s', the imagined s', the behaviour actions): the same values as separate passes, fewer kernels.
+    behavior_actions: Eq. 20's (B, M, act) behaviour actions at the batch's states (behavior_actions), or None to
+    sample them here from the diffusion model. The actor runs once for s' and the OOD states, the target critics once
+    for every row that needs them (s', the imagined s', the behaviour actions), each part then taken by its name: the
+    same values as separate passes, fewer kernels.
     """
     b, n, m = batch.rewards.shape[0], cfg.num_ood_actions, cfg.num_behavior_samples
     actor, critic, target = cfg.actor, cfg.critic, state.target_critic_params
     alpha = temperature(cfg, state) if cfg.target_entropy_bonus else 0.0  # Eq. 17 and 19 have no entropy term
-    k_next, k_ood, k_img, k_img_next, k_beh = target_keys(key)
+    k_next, k_ood, k_img, k_img_next, k_beh = jax.random.split(key, 5)
 
     # a' ~ pi(.|s') for Eq. 17, and the OOD actions at s: "we directly treat policy pi as the sampling distribution u"
     # (Eq. 16), N per state
@@ -473,28 +479,28 @@ def ilb_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, batch: Transi
     mean, log_std = actor.apply(state.actor_params, jnp.concatenate([batch.next_observations, s_ood]))
     a_next, logp_next = tanh_gaussian(mean[:b], log_std[:b], k_next)
     a_ood, _ = tanh_gaussian(mean[b:], log_std[b:], k_ood)
-    rows = [(batch.next_observations, a_next)]  # the (state, action) rows of the one target-critic pass
+    rows = {"next": (batch.next_observations, a_next)}  # the (state, action) rows of the one target-critic pass
     if cfg.imagination:  # Eq. 19's step: a random elite, sampled; then a' ~ pi at the imagined s'
         s_img, r_img, penalty, done_img = dynamics_step(frozen.dynamics, s_ood, a_ood, k_img)
         a_img, logp_img = sample_action(actor, state.actor_params, s_img, k_img_next)
-        rows.append((s_img, a_img))
+        rows["img"] = (s_img, a_img)
     if cfg.limitation:  # Eq. 20's M behaviour actions at s
         a_beh = behavior_actions
-        if a_beh is None:  # no bank and no presampled chunk: drawn here
+        if a_beh is None:
             a_beh = diffusion_sample(frozen.behavior, batch.observations, k_beh, m)
         chex.assert_shape(a_beh, (b, m, cfg.act_dim))
-        rows.append((jnp.repeat(batch.observations, m, axis=0), a_beh.reshape(b * m, -1)))
-    q_all = critic.apply(target, *(jnp.concatenate(part) for part in zip(*rows)))  # (2, rows)
-    q = iter(jnp.split(q_all, np.cumsum([len(obs) for obs, _ in rows[:-1]]), axis=1))
+        rows["beh"] = (jnp.repeat(batch.observations, m, axis=0), a_beh.reshape(b * m, -1))
+    q_all = critic.apply(target, *(jnp.concatenate(part) for part in zip(*rows.values())))  # (2, all rows)
+    q = dict(zip(rows, jnp.split(q_all, np.cumsum([len(obs) for obs, _ in rows.values()])[:-1], axis=1)))
 
     # Eq. 17, in-sample: r + gamma * (1 - done) * min_j Q_target_j(s', a'); done = true terminations
-    y_in = batch.rewards + cfg.gamma * (1.0 - batch.terminals) * (next(q).min(0) - alpha * logp_next)
+    y_in = batch.rewards + cfg.gamma * (1.0 - batch.terminals) * (q["next"].min(0) - alpha * logp_next)
     y_img = y_lmt = None
     if cfg.imagination:  # Eq. 19: imagined value, MOPO reward penalty, termination mask
-        v_img = next(q).min(0) - alpha * logp_img
+        v_img = q["img"].min(0) - alpha * logp_img
         y_img = r_img - cfg.penalty_coef * penalty + cfg.gamma * jnp.where(done_img, 0.0, v_img)
     if cfg.limitation:  # Eq. 20: per target critic the max over the same M behaviour actions at s, then min
-        y_lmt = jnp.repeat(next(q).reshape(2, b, m).max(-1).min(0), n)
+        y_lmt = jnp.repeat(q["beh"].reshape(2, b, m).max(-1).min(0), n)
 
     # Eq. 18: min{y_img, y_lmt} + delta (delta after the min); an ablation keeps one branch
     if y_img is not None and y_lmt is not None:
@@ -545,35 +551,40 @@ def actor_alpha_update(cfg: ILQConfig, state: TrainState, observations, key):
     return state, (loss_pi, logp)
 
 
-def minibatch_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, key, behavior_actions=None):
-    """Algorithm 1's minibatch (sampled inside jit) and its ILB targets. Returns (batch, targets without the y_img /
-    y_lmt branches, the actor's key, the targets' metrics), the same structure for every method."""
-    k_batch, k_target, k_actor = jax.random.split(key, 3)
-    idx = jax.random.randint(k_batch, (cfg.batch_size,), 0, frozen.data.rewards.shape[0])
+def minibatch_draws(cfg: ILQConfig, frozen: Frozen, key):
+    """Algorithm 1, line 5: an update's minibatch indices (sampled inside jit) and the keys of its other draws:
+    idx, k_behavior, k_targets, k_actor = minibatch_draws(cfg, frozen, key)."""
+    k_batch, k_beh, k_target, k_actor = jax.random.split(key, 4)
+    return jax.random.randint(k_batch, (cfg.batch_size,), 0, frozen.data.rewards.shape[0]), k_beh, k_target, k_actor
+
+
+def behavior_actions(cfg: ILQConfig, frozen: Frozen, idx, key):
+    """Eq. 20's M behaviour actions at the minibatch's states (B, M, act): fresh diffusion samples, or the bank's."""
+    if frozen.bank is not None:
+        return frozen.bank[idx]
+    return diffusion_sample(frozen.behavior, frozen.data.observations[idx], key, cfg.num_behavior_samples)
+
+
+def presample_behavior(cfg: ILQConfig, frozen: Frozen, idx, keys):
+    """behavior_actions of many updates, idx (..., B) and keys (..., 2) -> (..., B, M, act), in one batched diffusion
+    chain: the same values, since each update's samples depend on its indices and key alone, never on the learner."""
+    obs = frozen.data.observations[idx.reshape(-1, idx.shape[-1])]
+    a = jax.vmap(partial(diffusion_sample, frozen.behavior), in_axes=(0, 0, None))(
+        obs, keys.reshape(-1, keys.shape[-1]), cfg.num_behavior_samples
+    )
+    return a.reshape(idx.shape + a.shape[2:])
+
+
+def minibatch_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, idx, behavior_actions, key):
+    """The minibatch of these indices and its ILB targets. Returns (batch, targets without the y_img / y_lmt branches,
+    the targets' metrics), the same structure for every method."""
     batch = jax.tree_util.tree_map(lambda x: x[idx], frozen.data)
-    if behavior_actions is None and frozen.bank is not None:
-        behavior_actions = frozen.bank[idx]
-    t = ilb_targets(cfg, state, frozen, batch, behavior_actions, k_target)
+    t = ilb_targets(cfg, state, frozen, batch, behavior_actions, key)
     metrics = {"ilq/y_in": t.y_in.mean(), "ilq/y_ood": t.y_ood.mean()}
     both = t.y_img is not None and t.y_lmt is not None  # the paper's health check (Fig. 10a); NaN for an ablation
     metrics["ilq/y_img_minus_y_lmt"] = jnp.mean(t.y_img - t.y_lmt) if both else jnp.float32(jnp.nan)
     metrics["ilq/ood_clip_frac"] = jnp.mean(t.y_lmt < t.y_img) if both else jnp.float32(jnp.nan)
-    return batch, t._replace(y_img=None, y_lmt=None), k_actor, metrics
-
-
-def presample_behavior(cfg: ILQConfig, frozen: Frozen, keys):
-    """The behaviour actions that ilb_targets would draw for these update keys (..., 2) -> (..., B, M, act), drawn in
-    one batched diffusion chain: they depend on the update's key alone (its minibatch, its behaviour key), never on
-    the learner, so many updates' samples can be drawn at once with the same values."""
-
-    def inputs(key):
-        k_batch, k_target, _ = jax.random.split(key, 3)
-        idx = jax.random.randint(k_batch, (cfg.batch_size,), 0, frozen.data.rewards.shape[0])
-        return frozen.data.observations[idx], target_keys(k_target)[4]
-
-    obs, k_beh = jax.vmap(inputs)(keys.reshape(-1, keys.shape[-1]))
-    a = jax.vmap(partial(diffusion_sample, frozen.behavior), in_axes=(0, 0, None))(obs, k_beh, cfg.num_behavior_samples)
-    return a.reshape(keys.shape[:-1] + a.shape[1:])
+    return batch, t._replace(y_img=None, y_lmt=None), metrics
 
 
 def learn(cfg: ILQConfig, state: TrainState, batch: Transitions, t: Targets, k_actor):
@@ -591,9 +602,11 @@ def learn(cfg: ILQConfig, state: TrainState, batch: Transitions, t: Targets, k_a
     return state, metrics
 
 
-def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key, behavior_actions=None):
+def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key):
     """One step of Algorithm 1 (lines 5-11) for one learner: minibatch -> targets -> critics, actor, alpha, target."""
-    batch, t, k_actor, target_metrics = minibatch_targets(cfg, state, frozen, key, behavior_actions)
+    idx, k_beh, k_target, k_actor = minibatch_draws(cfg, frozen, key)
+    a_beh = behavior_actions(cfg, frozen, idx, k_beh) if cfg.limitation else None
+    batch, t, target_metrics = minibatch_targets(cfg, state, frozen, idx, a_beh, k_target)
     state, metrics = learn(cfg, state, batch, t, k_actor)
     return state, {**metrics, **target_metrics}
 
@@ -607,6 +620,13 @@ def method_configs(cfg: ILQConfig, methods) -> tuple:
     return tuple(dataclasses.replace(cfg, imagination=METHODS[m][0], limitation=METHODS[m][1]) for m in methods)
 
 
+def method_rows(g: int, n_learners: int, n_methods: int) -> slice:
+    """Method g's learners on the learner axis of a batch: method-major, learner g * seeds + i is seed i of method g.
+    The one place that says so (the update, the logs, the summary)."""
+    seeds = n_learners // n_methods
+    return slice(g * seeds, (g + 1) * seeds)
+
+
 def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_chunk: int = 1):
     """Many updates of many learners per host call, in one jitted lax.scan, the train state donated.
 
@@ -614,30 +634,36 @@ def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_c
     methods (names of METHODS; None: cfg's own imagination/limitation) split into equal blocks, method-major: learner
     g * seeds + i is seed i of method g. All read the same device-resident data and models; each method's targets run
     on its own block only (no learner pays for a branch it does not use), then the critic and actor updates on all.
-    sample_chunk > 1 (fresh behaviour samples): that many updates' diffusion samples are drawn in one batched chain
-    before them (presample_behavior; the same values)."""
+    Each update's minibatch indices are drawn once (minibatch_draws); with sample_chunk > 1 (fresh behaviour samples)
+    the diffusion samples of that many updates are drawn in one batched chain before them (presample_behavior; the same
+    values)."""
     groups = (cfg,) if methods is None else method_configs(cfg, methods)
     if len({dataclasses.replace(c, imagination=True, limitation=True) for c in groups}) != 1:
         raise ValueError("methods may differ only in imagination / limitation")
 
-    def one_update(state: TrainState, frozen: Frozen, keys, a_beh):  # keys (L, 2); a_beh: per method (seeds, ...)
-        parts, seeds = [], keys.shape[0] // len(groups)
+    def one_update(state: TrainState, frozen: Frozen, draws, a_beh):  # draws: minibatch_draws, each (L, ...)
+        (idx, k_beh, k_target, k_actor), parts = draws, []
         for g, c in enumerate(groups):  # method g's targets on its block of learners only
-            sub = jax.tree_util.tree_map(lambda x: x[g * seeds : (g + 1) * seeds], state)
-            targets = jax.vmap(partial(minibatch_targets, c), in_axes=(0, None, 0, 0))
-            parts.append(targets(sub, frozen, keys[g * seeds : (g + 1) * seeds], a_beh[g]))
-        batch, t, k_actor, target_metrics = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *parts)
+            rows = method_rows(g, idx.shape[0], len(groups))
+            beh = a_beh[g]  # presampled (chunk), else drawn here
+            if beh is None and c.limitation:
+                beh = jax.vmap(partial(behavior_actions, c, frozen))(idx[rows], k_beh[rows])
+            sub = jax.tree_util.tree_map(lambda x: x[rows], state)
+            targets = jax.vmap(partial(minibatch_targets, c), in_axes=(0, None, 0, 0, 0))
+            parts.append(targets(sub, frozen, idx[rows], beh, k_target[rows]))
+        batch, t, target_metrics = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *parts)
         state, metrics = jax.vmap(partial(learn, groups[0]))(state, batch, t, k_actor)
         return state, {**metrics, **target_metrics}
 
     def updates(state: TrainState, frozen: Frozen, keys):  # keys (L, C, 2): C updates
-        seeds, chunk = keys.shape[0] // len(groups), sample_chunk > 1 and frozen.bank is None
-        a_beh = [
-            presample_behavior(c, frozen, keys[g * seeds : (g + 1) * seeds]) if chunk and c.limitation else None
-            for g, c in enumerate(groups)
-        ]  # (seeds, C, B, M, act) per method, or None: drawn inside each update
-        xs = (keys.swapaxes(0, 1), [None if a is None else a.swapaxes(0, 1) for a in a_beh])
-        return jax.lax.scan(lambda s, x: one_update(s, frozen, *x), state, xs)
+        draws = jax.vmap(jax.vmap(partial(minibatch_draws, cfg, frozen)))(keys)  # the minibatches, drawn once
+        idx, k_beh, chunk = draws[0], draws[1], sample_chunk > 1 and frozen.bank is None
+        a_beh = []  # (seeds, C, B, M, act) per method, or None: drawn inside each update
+        for g, c in enumerate(groups):
+            rows = method_rows(g, keys.shape[0], len(groups))
+            a_beh.append(presample_behavior(c, frozen, idx[rows], k_beh[rows]) if chunk and c.limitation else None)
+        swap = lambda x: None if x is None else x.swapaxes(0, 1)  # noqa: E731
+        return jax.lax.scan(lambda s, x: one_update(s, frozen, *x), state, (tuple(map(swap, draws)), list(map(swap, a_beh))))
 
     def update_many(state: TrainState, frozen: Frozen, keys):  # keys (L, n, 2) -> metrics (L, n)
         full, parts = keys.shape[1] // sample_chunk * sample_chunk, []
@@ -676,8 +702,9 @@ def train_dynamics(
 ) -> tuple[DynamicsModel, dict]:
     """Algorithm 1, line 2 (Eq. 5) by MOPO's recipe for a fixed number of epochs (Table 3): each member fits its own
     bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE. sizes:
-    init_dynamics' members, elites, hidden, layers. report(event, values), if given, hears "dynamics batch" after every
-    jitted call of DYNAMICS_BATCHES_PER_CALL minibatches but an epoch's last, and "dynamics epoch"."""
+    init_dynamics' members, elites, hidden, layers. report(name, value, step), if given, hears the sizes first
+    (dynamics/epochs, dynamics/batches per epoch), dynamics/batch after every jitted call of DYNAMICS_BATCHES_PER_CALL
+    minibatches but an epoch's last, and per epoch the losses (dynamics/holdout_mse_elites last)."""
     model = init_dynamics(data.observations.shape[1], data.actions.shape[1], family, seed=seed, **sizes)
     members, elites = model.members, len(model.elites)
     obs, act = np.asarray(data.observations), np.asarray(data.actions)
@@ -711,7 +738,9 @@ def train_dynamics(
 
     holdout_mse = jax.jit(lambda p, xs, ys, h: jnp.mean((model.net.apply(p, xs[h])[0] - ys[h]) ** 2, (1, 2)))
     params, opt_state, key = model.params, opt.init(model.params), jax.random.PRNGKey(seed + 1)
-    t0, report = time.time(), report or (lambda event, values: None)
+    t0, report = time.time(), report or (lambda name, value, step: None)
+    report("dynamics/epochs", epochs, 0)
+    report("dynamics/batches", n_batches, 0)
     for ep in range(1, epochs + 1):
         key, sub = jax.random.split(key)
         batches, loss_sum = shuffle(sub, boot), 0.0
@@ -719,11 +748,13 @@ def train_dynamics(
             params, opt_state, chunk_loss = fit(params, opt_state, batches[i : i + DYNAMICS_BATCHES_PER_CALL], xs, ys)
             loss_sum, b = loss_sum + chunk_loss, min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
             if b < n_batches:
-                report("dynamics batch", dict(epoch=ep, epochs=epochs, batch=b, batches=n_batches, seconds=time.time() - t0))
+                report("dynamics/batch", b, ep)
         mse = np.asarray(holdout_mse(params, xs, ys, hold))
         elite_idx, train_loss = np.sort(np.argsort(mse)[:elites]), float(loss_sum) / n_batches
-        values = dict(epoch=ep, epochs=epochs, train_loss=train_loss, holdout_mse=mse, elites=elite_idx)
-        report("dynamics epoch", dict(values, seconds=time.time() - t0))
+        report("dynamics/train_loss", train_loss, ep)
+        for i, member_mse in enumerate(mse):
+            report(f"dynamics/holdout_mse_member_{i}", float(member_mse), ep)
+        report("dynamics/holdout_mse_elites", float(mse[elite_idx].mean()), ep)
     model = model.replace(params=params, elites=jnp.asarray(elite_idx, jnp.int32))
     metrics = dict(train_loss=train_loss, holdout_mse=mse.tolist(), holdout_mse_elites=float(mse[elite_idx].mean()))
     return model, dict(metrics, elites=elite_idx.tolist(), wall_time_s=time.time() - t0)
@@ -743,7 +774,8 @@ def train_diffusion(
     data: Transitions, *, k=5, hidden=256, steps=300_000, lr=3e-4, seed=0, batch_size=256, steps_per_call=1000, report=None
 ) -> tuple[BehaviorModel, dict]:
     """Algorithm 1, line 3: behaviour cloning with the diffusion loss (Eq. 8), minibatches sampled inside jit.
-    report(event, values), if given, hears "diffusion" after every call of steps_per_call steps."""
+    report(name, value, step), if given, hears diffusion/steps first, then diffusion/loss after every call of
+    steps_per_call steps."""
     beh = init_behavior(data.observations.shape[1], data.actions.shape[1], k, hidden, seed)
     key, opt = jax.random.PRNGKey(seed), optax.adam(lr)
 
@@ -762,41 +794,41 @@ def train_diffusion(
         return beh, opt_state, losses.mean()
 
     opt_state, done, t0 = opt.init(beh.params), 0, time.time()
+    if report:
+        report("diffusion/steps", steps, 0)
     while done < steps:
         n = min(steps_per_call, steps - done)
         key, sub = jax.random.split(key)
         beh, opt_state, loss = run(beh, opt_state, sub, n, data)
         done += n
         if report:  # float(loss) waits for the call: only when someone listens
-            report("diffusion", dict(step=done, steps=steps, loss=float(loss), seconds=time.time() - t0))
+            report("diffusion/loss", float(loss), done)
     return beh, dict(final_loss=float(loss), wall_time_s=time.time() - t0)
 
 
 # ======================================================================================================================
-# Part II — running it: command line, datasets, model cache, hyper-parameters, checkpoints, logging, the training loop
+# Part II — running ILQ: flags, the settings of a run, the frozen models, the training loop, evaluation, the summary
 # ======================================================================================================================
 
+
 import contextlib
-import difflib
-import hashlib
-import inspect
 import json
 import os
-import queue
-import re
-import signal
 import sys
-import typing
-import urllib.request
-import warnings
 from typing import Literal
 
-import gymnasium as gym
-import tyro
+try:  # Parts II and III need gymnasium and tyro; `import ilq_jax` for Part I alone needs neither
+    import gymnasium as gym
+    import tyro
+except ImportError:
+    gym = tyro = None
 
 RANDOM_DATASET_STEPS, RANDOM_DATASET_SEED = 50_000, 0  # the default generated dataset
 PROGRESS_EVERY_S = 30.0  # pretraining and training print a progress line at least this often
-FlagOrPaper = tyro.conf.DisallowNone[Optional[bool]]  # --flag / --no-flag; left out (None): the paper's value
+FlagOrPaper = tyro.conf.DisallowNone[Optional[bool]] if tyro else Optional[bool]  # --flag / --no-flag; None: the paper's
+
+
+# --------------------------------------------------------------------------------------------------------------- flags
 
 
 @dataclass
@@ -819,8 +851,9 @@ class RunFlags:
     # how far it got (None: all --total-steps)
     time_box_min: Optional[float] = None
     # cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: 5-10 min on 2 CPU cores); paper: 1e6
-    # updates, 3e5 diffusion steps, 40 dynamics epochs (Table 3)
-    budget: Literal["cpu", "paper"] = "cpu"
+    # updates, 3e5 diffusion steps, 40 dynamics epochs (Table 3); None: paper on a GPU/TPU, cpu on a CPU and for the
+    # data generated here (ilq-local/...)
+    budget: Optional[Literal["cpu", "paper"]] = None
     total_steps: Optional[int] = None  # gradient updates of each learner (None: from --budget, cpu 5000, paper 1e6)
     updates_per_call: int = 250  # updates fused into one jitted lax.scan call (the last call may be shorter)
     sample_chunk: int = 10  # updates whose fresh behaviour samples are drawn together in one diffusion chain (same values)
@@ -921,29 +954,41 @@ class Args(RunFlags, DataFlags, ILQFlags, ModelFileFlags, EvaluationFlags):
     the effective values are printed at start. Boolean flags come as --flag / --no-flag."""
 
 
+# ----------------------------------------------------------------------------------------------- the settings of a run
+
+
 BUDGETS = {  # the paper's Table 3, and one whose default run takes 5-10 minutes on 2 CPU cores
     "paper": dict(total_steps=1_000_000, eval_interval=5_000, diffusion_steps=300_000, dynamics_epochs=40),
     "cpu": dict(total_steps=5_000, eval_interval=500, diffusion_steps=20_000, dynamics_epochs=10),
 }
+
+
 CHECKPOINT_EVERY = {"paper": 50_000, "cpu": 500}  # --checkpoint-interval's default (15 paper learners: ~86 MiB a file set)
+
+
 POSITIVE_INTS = (
     "total_steps eval_interval updates_per_call eval_episodes batch_size num_seeds num_behavior_samples num_ood_actions "
     "hidden_dim num_hidden dynamics_members dynamics_elites dynamics_hidden dynamics_epochs diffusion_steps diffusion_k "
     "random_dataset_steps sample_chunk checkpoint_interval"
 ).split()
+
+
 MAX_INT = 2**31 - 1  # JAX's int32 indices and counters
 
 
-class ILQError(Exception):
-    """A problem the user can fix: main() prints it as one paragraph, without a traceback."""
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def default_budget(env_id: str) -> tuple[str, str]:
+    """--budget's default and why: the paper's where it takes minutes (an accelerator), the short one elsewhere."""
+    if env_id.startswith(LOCAL_NAMESPACE + "/"):
+        return "cpu", "data generated here are a smoke test on any device"
+    if jax.default_backend() == "cpu":
+        return "cpu", "JAX runs on the CPU, where the paper's 1e6 updates take about a day"
+    return "paper", f"JAX runs on {jax.default_backend()}, where the paper's 1e6 updates take minutes to hours"
 
 
 def resolve_args(args: Args) -> Args:
     """Fill the budget's defaults and check every numeric flag, before any work starts or any folder is made."""
+    if args.budget is None:
+        args = dataclasses.replace(args, budget=default_budget(args.env_id)[0])
     args = dataclasses.replace(args, **{k: v for k, v in BUDGETS[args.budget].items() if getattr(args, k) is None})
     if args.checkpoint_interval is None:
         args = dataclasses.replace(args, checkpoint_interval=CHECKPOINT_EVERY[args.budget])
@@ -991,6 +1036,467 @@ def resolve_args(args: Args) -> Args:
     return args
 
 
+def learner_methods(args: Args) -> tuple:
+    """--methods as METHODS names; without it, the one method that --imagination / --limitation make."""
+    if args.methods is None:
+        return tuple(m for m, flags in METHODS.items() if flags == (args.imagination, args.limitation))
+    names = [m.strip() for m in args.methods.split(",")]
+    if not names or len(set(names)) != len(names) or any(m not in METHODS for m in names):
+        raise ILQError(f"--methods ({args.methods}) must be distinct names from {', '.join(METHODS)}, comma-separated")
+    if not (args.imagination and args.limitation):
+        raise ILQError("--methods names the ablations itself; drop --no-imagination / --no-limitation")
+    return tuple(names)
+
+
+def learner_config(args: Args, info: DatasetInfo) -> ILQConfig:
+    """ILQConfig.for_task of the dataset's task with every ILQ flag that is set (None: the paper's value)."""
+    names = {f.name for f in dataclasses.fields(ILQConfig)} - {"obs_dim", "act_dim", "total_steps"}
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    return ILQConfig.for_task(info.task, info.obs_dim, info.act_dim, args.total_steps, **given)
+
+
+def effective_hparams(args: Args, info: DatasetInfo) -> dict:
+    """The settings a task's row of the paper's tables gives, after the flags; where they came from; which flags
+    overrode them (for the console and summary.json)."""
+    cfg, paper = learner_config(args, info), (*TABLE_FIELDS, "entropy", "cosine_lr")
+    known = info.task in PAPER_HPARAMS
+    source = f"paper Tables 3-6 row '{info.task}'" if known else "defaults (dataset not in the paper's tables)"
+    if not known and info.name.startswith("mujoco/"):  # Minari's own locomotion data: new data, no row of the paper
+        source += "; Minari's mujoco/* datasets were recorded anew on Gymnasium -v5, they are not D4RL's data"
+    hp = {k: getattr(cfg, k) for k in paper}
+    return dict(hp, source=source, overridden=[k for k in paper if getattr(args, k) is not None])
+
+
+# ------------------------------------------------- Algorithm 1, lines 2-3: the frozen models, cached or pretrained now
+
+
+MODEL_KINDS = {  # kind -> its --*-path flag, the flag and unit of its training length, the metric a reader checks
+    "dynamics": ("dynamics_path", "dynamics_epochs", "epochs", "holdout_mse_elites"),
+    "behavior": ("behavior_path", "diffusion_steps", "steps", "final_loss"),
+}
+
+
+def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, report=None, force: bool = False):
+    """Algorithm 1, lines 2-3: the frozen dynamics and behaviour models (load_or_train of each)."""
+    return tuple(load_or_train(kind, args, data, info, report or PretrainProgress(), force) for kind in MODEL_KINDS)
+
+
+def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, report, force: bool = False):
+    """One frozen model: from its --*-path, from the cache when a model trained at least as long as asked is there
+    (a damaged cache entry is retrained), or trained now and cached. A diverged model is never cached."""
+    path_flag, length_flag, unit, metric = MODEL_KINDS[kind]
+    given, wanted = getattr(args, path_flag), getattr(args, length_flag)
+    path, side = given or artifact_path(args, info, kind), None
+    if given or (os.path.exists(path) and not force):
+        try:
+            model, side = load_artifact(path, kind, info, given=bool(given))
+        except ILQError:
+            if given:
+                raise
+    if side is not None and (given or side["trained"] >= wanted):
+        print(f"[models] {kind}: loaded {path} (trained {side['trained']} {unit}; {metric} {side['metrics'][metric]:.4f})")
+        return model
+    print(f"[models] {kind}: training ({wanted} {unit}) -> {path}")
+    config = model_settings(args, kind)
+    if kind == "dynamics":  # the sidecar repeats what a reader needs without loading the msgpack
+        model, metrics = train_dynamics(data, info.family, epochs=wanted, report=report, **config)
+        state = {k: np.asarray(getattr(model, k)).tolist() for k in ("input_mean", "input_std", "elites")}
+    else:
+        model, metrics = train_diffusion(data, steps=wanted, report=report, **config)
+        state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()})
+    numbers = [np.asarray(v, np.float64) for v in metrics.values()] + jax.tree_util.tree_leaves(model)
+    if not all(np.isfinite(x).all() for x in numbers):
+        lr = "dynamics_lr" if kind == "dynamics" else "diffusion_lr"
+        loss = ", ".join(f"{k} {metrics[k]}" for k in ("train_loss", metric) if k in metrics)
+        raise ILQError(
+            f"The {kind} model's training diverged ({loss}: not finite); it was not cached. Lower {flag(lr)} "
+            f"({getattr(args, lr)}; the paper's is {ModelFlags.__dataclass_fields__[lr].default}) and run again."
+        )
+    dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
+    side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
+    side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    _atomic_write(path, flax.serialization.to_bytes(model))
+    _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(dict(side, versions=package_versions()), indent=2).encode())
+    return model
+
+
+def rate_and_time_left(done: int, total: int, seconds: float, unit: str) -> str:
+    rate = done / max(seconds, 1e-9)
+    return f"{rate:7.1f} {unit}/s | time left {(total - done) / max(rate, 1e-9):5.0f}s"
+
+
+class PretrainProgress:
+    """Part I's pretraining reports, report(name, value, step), as TensorBoard curves (given `scalar(tag, value, step)`)
+    and console lines: every dynamics epoch and the last diffusion call, and at least every PROGRESS_EVERY_S between.
+    `check()`, if given, runs first: a pending Ctrl-C or SIGTERM stops pretraining there, between two jitted calls."""
+
+    SIZES = ("dynamics/epochs", "dynamics/batches", "dynamics/batch", "diffusion/steps")  # reported, but no curves
+
+    def __init__(self, scalar=None, check=None):
+        self.scalar, self.check, self.v, self.t0, self.last = scalar, check, {}, {}, time.time()
+
+    def __call__(self, name: str, value: float, step: int) -> None:
+        if self.check:
+            self.check()
+        v, line, due = self.v, None, time.time() - self.last >= PROGRESS_EVERY_S
+        v[name] = value
+        seconds = time.time() - self.t0.setdefault(name.split("/")[0], time.time())
+        if name == "dynamics/batch" and due:  # inside a long epoch
+            batches, epochs = int(v["dynamics/batches"]), int(v["dynamics/epochs"])
+            line = f"[dynamics] epoch {step:3d}/{epochs} | batch {int(value)}/{batches} | "
+            line += rate_and_time_left((step - 1) * batches + value, epochs * batches, seconds, "batches")
+        elif name == "dynamics/holdout_mse_elites":  # the last report of an epoch
+            mse = np.array([v[f"dynamics/holdout_mse_member_{i}"] for i in range(sum("_member_" in k for k in v))])
+            line = f"[dynamics] epoch {step:3d}/{int(v['dynamics/epochs'])} | train loss {v['dynamics/train_loss']:9.4f} | "
+            line += f"holdout MSE per member {np.array2string(mse, precision=4, separator=' ')} | elites {value:.4f} | "
+            line += rate_and_time_left(step, v["dynamics/epochs"], seconds, "epochs")
+        elif name == "diffusion/loss" and (due or step == v["diffusion/steps"]):
+            line = f"[diffusion] step {step:7d}/{int(v['diffusion/steps'])} | loss {value:.4f} | "
+            line += rate_and_time_left(step, v["diffusion/steps"], seconds, "steps")
+        if self.scalar and name not in self.SIZES:
+            self.scalar(name, float(value), step)
+        if line:
+            print(line, flush=True)
+            self.last = time.time()
+
+
+def low_precision(model):
+    """The same frozen model (DynamicsModel or BehaviorModel) with bfloat16 weights: its activations are then stored
+    in bfloat16 too (half the bytes); the learners' parameters, Adam, targets and losses stay float32."""
+    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
+
+
+def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int, chunk: int = 8192):
+    """M behaviour actions per dataset state, sampled once and kept fixed (faster on CPU; the paper samples afresh)."""
+    sample = jax.jit(partial(diffusion_sample, behavior), static_argnums=2)
+    key = jax.random.PRNGKey(seed)
+    parts = [sample(observations[i : i + chunk], jax.random.fold_in(key, i), m) for i in range(0, len(observations), chunk)]
+    return jnp.concatenate(parts)
+
+
+def pretrained_models(args: Args, data: Transitions, info: DatasetInfo, methods: tuple, stop: dict):
+    """Algorithm 1, lines 2-3 (load_or_pretrain), stoppable between jitted calls: a model trained before an interrupt
+    stays cached. Returns the frozen inputs of the update and the pretraining scalars for TensorBoard."""
+    scalars = []
+
+    def check():
+        if stop["signal"]:
+            raise Interrupted(stop["signal"])
+
+    dynamics, behavior = load_or_pretrain(args, data, info, report=PretrainProgress(lambda *s: scalars.append(s), check))
+    if args.bf16_models:
+        dynamics, behavior = low_precision(dynamics), low_precision(behavior)
+    bank = None
+    if args.behavior_bank and any(METHODS[m][1] for m in methods):
+        t0 = time.time()
+        bank = make_behavior_bank(behavior, data.observations, args.num_behavior_samples, args.pretrain_seed)
+        print(f"[models] behaviour bank: {bank.shape[0]} states x {bank.shape[1]} actions in {time.time() - t0:.1f}s")
+    return Frozen(data, dynamics, behavior, bank), scalars
+
+
+# -------------------------------------------------------------------------- Algorithm 1, lines 4-12: the training loop
+
+
+def train(args: Args) -> dict:
+    """Algorithm 1 as a run, top to bottom: settings and dataset, the frozen models (lines 2-3), then calls of fused
+    updates of every (method, seed) learner (lines 4-12), each followed by its logs, an evaluation when due, a
+    checkpoint when due and the stop conditions; summary.json at the end."""
+    t_invocation = time.time()
+    # --- settings and dataset: every check that needs no model, before minutes of pretraining ---
+    budget_given = args.budget is not None or args.resume
+    args = resolve_args(resume_args(args) if args.resume else args)
+    if not budget_given:
+        print(f"[ilq] budget '{args.budget}': {default_budget(args.env_id)[1]} (--budget cpu|paper chooses)")
+    data, info = load_dataset(args)
+    print(describe_dataset(data, info))
+    if len(data.rewards) < max(args.batch_size, 10):
+        raise ILQError(
+            f"Dataset '{info.name}' has {len(data.rewards)} usable transitions, fewer than a minibatch ({args.batch_size}) "
+            "or the 10 the dynamics holdout needs: ILQ cannot learn from it."
+        )
+    hp, cfg = effective_hparams(args, info), learner_config(args, info)
+    over = f" (overridden by flags: {', '.join(hp['overridden'])})" if hp["overridden"] else ""
+    print(
+        f"[ilq] {hp['source']}; effective: eta {hp['eta']}, delta {hp['delta']}, penalty {hp['penalty_coef']}, lr critic "
+        f"{hp['critic_lr']} / actor {hp['actor_lr']}, entropy {hp['entropy']}, cosine lr {hp['cosine_lr']}{over}"
+    )
+    methods, seeds = learner_methods(args), list(range(args.seed, args.seed + args.num_seeds))
+    learners = [(m, s) for m in methods for s in seeds]  # the learner axis: method-major (method_block)
+    name = args.run_name or f"{slug(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join("runs", name)
+    if not args.resume and os.path.exists(run_dir):
+        raise ILQError(f"Run folder {run_dir} already exists; pick another --run-name or continue it with --resume {run_dir}.")
+    for path in (args.dynamics_path, args.behavior_path):
+        if path is not None and not os.path.exists(path):
+            raise ILQError(f"Model file '{path}' does not exist (--dynamics-path / --behavior-path).")
+    behavior = "bank" if args.behavior_bank else f"fresh samples every update, drawn {args.sample_chunk} updates at a time"
+    print(
+        f"[ilq] {args.total_steps} updates, eval every {args.eval_interval} ({args.eval_episodes} episodes), checkpoint "
+        f"every {args.checkpoint_interval}, M={args.num_behavior_samples}, K={args.diffusion_k}, OOD actions/state "
+        f"{args.num_ood_actions}, behaviour {behavior}; method{'s' if len(methods) > 1 else ''} {', '.join(methods)} x "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; run folder {run_dir}"
+    )
+    make_env(info, 1).close()  # a mismatched env fails before any training
+    seed_bytes = memory_check(cfg, args, info, len(data.rewards), len(learners))
+    # learner (m, s) starts as the single run of method m with --seed s would: init and update keys from s alone
+    seed_keys = jnp.stack([jax.random.PRNGKey(s) for _, s in learners])
+    template = jax.eval_shape(jax.vmap(partial(init_train_state, cfg)), seed_keys)
+    state, progress = load_checkpoint(run_dir, template) if args.resume else (None, new_progress())
+
+    with deferred_signals() as stop, contextlib.ExitStack() as on_exit:  # closes the folder lock, logs, workers
+        # --- Algorithm 1, lines 2-3: the frozen models (cached, or pretrained now; stoppable between jitted calls) ---
+        frozen, pretrain_scalars = pretrained_models(args, data, info, methods, stop)
+        # --- Algorithm 1, line 1: the learners, on the devices; the update of many (method, seed) learners ---
+        state = jax.vmap(partial(init_train_state, cfg))(seed_keys) if state is None else state
+        run_keys = jnp.stack([jax.random.fold_in(k, 1) for k in seed_keys])
+        state, frozen, run_keys = shard_learners(state, frozen, run_keys, len(learners))
+        update = make_update_fn(cfg, batched=True, methods=methods, sample_chunk=args.sample_chunk)
+        # the key of update u depends on u alone, so calls of any length (and resumes) give the same learner
+        update_keys = jax.jit(jax.vmap(lambda rk, us: jax.vmap(partial(jax.random.fold_in, rk))(us), in_axes=(0, None)))
+        print(f"[ilq] {len(learners)} learner(s) in one jitted call; train state {seed_bytes / 2**20:.1f} MiB per learner")
+
+        # --- the run folder (made now that the models exist, and locked), its logs and the evaluator ---
+        with errors_as(f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."):
+            os.makedirs(run_dir, exist_ok=bool(args.resume))
+            on_exit.callback(lock_run_folder(run_dir).close)
+            if not args.resume:  # its settings, a checkpoint at update 0 (a run folder always has one), pretraining curves
+                _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
+                save_checkpoint(run_dir, state, progress)
+                log = TensorBoard(os.path.join(run_dir, "pretrain"))
+                for scalar in pretrain_scalars:
+                    log.scalar(*scalar)
+                log.close()
+        folders = [f"{m}/seed_{s}" if len(methods) > 1 else f"seed_{s}" for m, s in learners]
+        writers = [TensorBoard(os.path.join(run_dir, folder)) for folder in folders]
+        for w in writers:
+            on_exit.callback(w.close)
+        workers = args.eval_workers if args.eval_workers is not None else int(jax.default_backend() != "cpu")
+        evaluator = Evaluator(info, cfg, len(learners), args.eval_episodes, workers)
+        on_exit.callback(evaluator.close)
+        wall_before, last_print, start = progress["wall_time_s"], time.time(), progress["updates"]
+        while progress["updates"] < args.total_steps:
+            # --- one call: up to --updates-per-call updates, ending at the next evaluation, checkpoint or stop ---
+            u0, every = progress["updates"], (args.eval_interval, args.checkpoint_interval)
+            ends = [u0 + args.updates_per_call, args.total_steps, *[(u0 // k + 1) * k for k in every]]
+            n = min(ends + ([start + args.stop_after] if args.stop_after else [])) - u0
+            t0 = time.time()
+            state, metrics = update(state, frozen, update_keys(run_keys, jnp.arange(u0, u0 + n)))
+            metrics = jax.device_get(metrics)  # (learners, n) each
+            seconds = time.time() - t0
+
+            # --- log: a non-finite value stops the run; TensorBoard per learner; a progress line every 30 s ---
+            check_finite(metrics, u0 + 1, run_dir, [f"{m} seed {s}" for m, s in learners])
+            progress["updates"] = step = u0 + n
+            progress["train_time_s"] += seconds
+            for i, w in enumerate(writers):
+                for name, values in metrics.items():
+                    if np.isfinite(values[i]).all():  # an ablation has no y_img - y_lmt (NaN)
+                        w.scalar(name, float(np.mean(values[i])), step)
+                w.scalar("charts/SPS", n / seconds, step)
+            if time.time() - last_print >= PROGRESS_EVERY_S:
+                rate = step / max(progress["train_time_s"], 1e-9)
+                line = f"[ilq] update {step:8d}/{args.total_steps} | {rate:6.1f} updates/s"
+                line += f" per learner x {len(learners)}" if len(learners) > 1 else ""
+                line += f" | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f}"
+                line += f" | alpha {float(np.mean(metrics['losses/alpha'])):.3f}"
+                line += f" | time left {(args.total_steps - step) / rate:5.0f}s"
+                print(line, flush=True)
+                last_print = time.time()
+
+            # --- evaluate a snapshot when due (in worker processes with --eval-workers: training goes on) ---
+            if step % args.eval_interval == 0 or step == args.total_steps:
+                index = len(progress["eval_steps"]) + len(evaluator.pending)
+                seeds_e = evaluation_seeds(args.eval_seed, index, args.eval_episodes, len(learners))
+                evaluator.submit(step, state.actor_params, seeds_e, np.mean(metrics["losses/q_data"], 1).tolist())
+
+            # --- the stop conditions: a signal, the end, the time box (at an evaluation), --stop-after ---
+            boxed = args.time_box_min and time.time() - t_invocation > 60 * args.time_box_min
+            ending = "interrupted" if stop["signal"] else "done" if step == args.total_steps else None
+            ending = ending or ("time box" if boxed and step % args.eval_interval == 0 else None)
+            ending = ending or ("stopped (--stop-after)" if args.stop_after and step - start >= args.stop_after else None)
+
+            # --- finished evaluations in order; a checkpoint when due holds every evaluation up to it ---
+            due = bool(ending) or step % args.checkpoint_interval == 0
+            for at, returns, q_data in evaluator.ready(wait=due):
+                norm = info.normalize(returns)
+                progress["eval_steps"].append(at)
+                progress["returns"].append(returns.tolist())
+                progress["normalized_scores"].append(None if norm is None else norm.mean(1).tolist())
+                progress["q_data"].append(q_data)  # the over-optimism diagnostic (Fig. 10)
+                for i, w in enumerate(writers):
+                    w.scalar("eval/episodic_return", returns[i].mean(), at)
+                    if norm is not None:
+                        w.scalar("eval/normalized_score", norm[i].mean(), at)
+                values, parts = (returns if norm is None else norm).mean(1), []
+                for g, m in enumerate(methods):  # per method: mean +- std over its seeds
+                    block = values[method_rows(g, len(learners), len(methods))]
+                    parts.append(f"{m} {block.mean():7.2f}" + (f" +- {block.std():.2f}" if len(seeds) > 1 else ""))
+                scale = "normalised" if norm is not None else "return"
+                print(f"[ilq] evaluation at update {at:8d} | {scale} {' | '.join(parts)}")
+            if due:
+                progress["wall_time_s"] = wall_before + time.time() - t_invocation
+                save_checkpoint(run_dir, state, progress)
+            if ending in ("interrupted", "stopped (--stop-after)"):
+                print(
+                    f"[ilq] {ending} at update {step}; checkpoint saved. Continue with: python ilq_jax.py --resume {run_dir}"
+                )
+                if stop["signal"]:
+                    raise Interrupted(stop["signal"])
+                return {}
+            if ending == "time box":
+                print(f"[ilq] time box of {args.time_box_min} min reached at update {step} of {args.total_steps}")
+                break
+    return write_summary(args, info, methods, seeds, run_dir, progress, seed_bytes)
+
+
+# -------------------------------------------------------------------------------------------- evaluation of a snapshot
+
+
+def flatten_obs(obs) -> np.ndarray:
+    """Flatten (nested, batched) Dict observations along the last axis: `observation` first, then the other keys
+    sorted; `achieved_goal` is dropped when `observation` exists (PointMaze: observation(4) || desired_goal(2))."""
+    if not isinstance(obs, dict):
+        return np.asarray(obs, dtype=np.float32)
+    keys = sorted(obs)
+    if "observation" in keys:
+        keys = ["observation"] + [k for k in keys if k not in ("observation", "achieved_goal")]
+    return np.concatenate([flatten_obs(obs[k]) for k in keys], axis=-1)
+
+
+def evaluate(envs, policy, params, seed) -> np.ndarray:
+    """One episode per vectorised env with the deterministic action tanh(mean); returns (num_envs,) returns.
+    seed: an int (env i starts from seed + i) or a list with one seed per env."""
+    obs, _ = envs.reset(seed=seed)
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, bool)
+    while not done.all():
+        obs, reward, term, trunc, _ = envs.step(np.clip(np.asarray(policy(params, jnp.asarray(flatten_obs(obs)))), low, high))
+        returns += np.where(done, 0.0, reward)
+        done |= term | trunc
+    return returns
+
+
+def evaluation_seeds(eval_seed: int, index: int, episodes: int, num_seeds: int) -> list:
+    """Fresh start states at every evaluation: episode e of evaluation `index` (0, 1, ...) starts from
+    eval_seed + index * episodes + e, the same states for every learner seed of the batch."""
+    return [eval_seed + index * episodes + e for _ in range(num_seeds) for e in range(episodes)]
+
+
+def learners_policy(cfg: ILQConfig, n_learners: int, episodes: int):
+    """The deterministic policies of n learners at once: obs (n * episodes, obs) -> actions, learner-major."""
+    act = jax.vmap(partial(deterministic_action, cfg.actor))
+    return jax.jit(lambda p, o: act(p, o.reshape(n_learners, episodes, -1)).reshape(n_learners * episodes, -1))
+
+
+# --------------------------------------------------------------------------------------------------------- the summary
+
+
+def new_progress() -> dict:
+    """The progress record of a run, saved in every checkpoint: updates done, the evaluations so far, times."""
+    return dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0, wall_time_s=0.0)
+
+
+def summarize(progress: dict, seeds: list, rows: slice) -> dict:
+    """One method's learners (rows of the learner axis, one per seed): per seed the mean of the last 10 evaluations
+    (never the best); then mean and std over seeds."""
+    per_seed = []
+    for i, seed in zip(range(rows.start, rows.stop), seeds):
+        scores = [e[i] for e in progress["normalized_scores"] if e is not None]
+        final = float(np.mean(scores[-10:])) if scores else None
+        per_seed.append(dict(seed=seed, final_normalized_score=final))
+        per_seed[-1]["final_return"] = float(np.mean([np.mean(r[i]) for r in progress["returns"][-10:]]))
+        per_seed[-1]["normalized_scores"] = [None if e is None else e[i] for e in progress["normalized_scores"]]
+        per_seed[-1].update(returns=[r[i] for r in progress["returns"]], q_data=[q[i] for q in progress["q_data"]])
+    finals = [p["final_normalized_score"] for p in per_seed if p["final_normalized_score"] is not None]
+    out = dict(final_normalized_score=float(np.mean(finals)) if finals else None)
+    out.update(final_normalized_score_std=float(np.std(finals)) if finals else None)
+    return dict(out, final_return=float(np.mean([p["final_return"] for p in per_seed])), seeds=per_seed)
+
+
+def write_summary(
+    args: Args, info: DatasetInfo, methods: tuple, seeds: list, run_dir: str, progress: dict, state_bytes: int
+) -> dict:
+    """summary.json of a finished run: per method and per seed the final score (mean of the last 10 evaluations), mean
+    and std over seeds, the dataset's own mean, the evaluation protocol, speed, wall time over every invocation,
+    settings and versions. A one-method run also has that method's numbers at the top level."""
+    n = len(seeds)
+    ds_norm, env = info.normalize(info.episode_returns), info.eval_env.id
+    starts = f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = 0, 1, ... per evaluation, "
+    starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every learner"
+    evaluation = dict(env=env, episodes=args.eval_episodes, policy="deterministic tanh(mean)", start_seeds=starts)
+    if info.eval_env.note:
+        evaluation["env_note"] = info.eval_env.note
+    per_method = {m: summarize(progress, seeds, method_rows(g, len(methods) * n, len(methods))) for g, m in enumerate(methods)}
+    summary = dict(per_method[methods[0]]) if len(methods) == 1 else {}
+    summary.update(methods=per_method, num_seeds=n, eval_steps=progress["eval_steps"])
+    summary.update(dataset_mean_normalized_return=None if ds_norm is None else float(ds_norm.mean()))
+    summary.update(dataset_mean_return=float(info.episode_returns.mean()), evaluation=evaluation)
+    summary.update(updates_per_second=progress["updates"] / progress["train_time_s"], train_time_s=progress["train_time_s"])
+    summary.update(wall_time_s=progress["wall_time_s"], train_state_bytes_per_seed=int(state_bytes), learners=len(methods) * n)
+    summary.update(updates=progress["updates"], ended_by_time_box=progress["updates"] < args.total_steps)
+    dataset = dict(name=info.name, source=info.source, fingerprint=info.fingerprint, ref_min=info.ref_min)
+    summary.update(dataset=dict(dataset, ref_max=info.ref_max), args=dataclasses.asdict(args))
+    summary.update(
+        hyperparameters={k: v for k, v in effective_hparams(args, info).items() if k != "overridden"},
+        versions=package_versions(),
+    )
+    summary["devices"] = [str(d) for d in jax.devices()]
+    _atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    last = min(10, len(progress["eval_steps"]))
+    for m, s in per_method.items():
+        if s["final_normalized_score"] is not None:
+            spread = f" +- {s['final_normalized_score_std']:.2f} over {n} seeds" if n > 1 else ""
+            print(
+                f"[ilq] {m}: final normalised score (mean of the last {last} evaluations) {s['final_normalized_score']:.2f}"
+                f"{spread} | dataset mean normalised return {summary['dataset_mean_normalized_return']:.2f}"
+            )
+    print(f"[ilq] results: {run_dir}/summary.json")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- the command line
+
+
+def parse_args(argv: list) -> Args:
+    """The command line as Args; with --resume only --stop-after may be given (even a flag equal to its default)."""
+    if "--resume" in {a.split("=")[0] for a in argv}:
+        only_stop_after_with_resume(sorted({a.split("=")[0] for a in argv if a.startswith("--")}))
+    return parse_flags(Args, argv)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run_cli(lambda: train(parse_args(argv)))
+
+
+# ======================================================================================================================
+# Part III — appendix: offline-RL plumbing, no ILQ inside
+# ======================================================================================================================
+
+
+# A reader of the algorithm may stop here: what follows reads datasets (D4RL's HDF5 files and their download, Minari,
+# data generated here), builds the evaluation envs where D4RL's data were recorded, and keeps the files of models and
+# runs (checkpoints, resume, the run-folder lock, signals, atomic writes), TensorBoard logs and evaluation workers.
+import difflib
+import hashlib
+import inspect
+import queue
+import re
+import signal
+import urllib.request
+import warnings
+
+# -------------------------------------------------------------------------------------------------- errors and signals
+
+
+class ILQError(Exception):
+    """A problem the user can fix: main() prints it as one paragraph, without a traceback."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 @contextlib.contextmanager
 def errors_as(what: str, advice: str):
     """The one error path of the data, model and run-file layers: any library error inside (h5py, Minari, urllib,
@@ -1003,7 +1509,56 @@ def errors_as(what: str, advice: str):
         raise ILQError(f"{what} ({type(e).__name__}: {str(e)[:200]}). {advice}") from None
 
 
-# ---------------------------------------------------------------------------------------------------- datasets
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM (SLURM, docker stop, timeout) ended the run after a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Ctrl-C and SIGTERM set a flag that the loop reads between jitted calls (checkpoint, one line, exit code 128 +
+    the signal); a second one acts at once. Nothing is interrupted inside XLA or MuJoCo."""
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_cli(fn, *args) -> None:
+    """Run fn(*args) as a command: an ILQError or an OS error (full disk, read-only folder) prints one paragraph (exit
+    code 2), an interrupt one line (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM)."""
+    try:
+        fn(*args)
+    except ILQError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(
+            f"error: {e.strerror or e} ({e.filename or 'a file'}). Free disk space or use a writable folder.", file=sys.stderr
+        )
+        sys.exit(2)
+    except Interrupted as e:
+        print(f"[ilq] interrupted ({e}); exit code {128 + e.signum}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("[ilq] interrupted (Ctrl-C); exit code 130", file=sys.stderr)
+        sys.exit(130)
+
+
+# ------------------------------------------------------------------------------------------------------------ datasets
+
+
 @dataclass
 class DatasetInfo:
     name: str  # the dataset's id (a generated dataset: the id it is stored under)
@@ -1038,16 +1593,30 @@ D4RL_REF_SCORES = {  # d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE (v1/v2 reuse 
     "maze2d-large-dense": (30.569041, 303.4857382709002),
     "pen": (96.262799, 3076.8331017826877),
 }
+
+
 D4RL_SIZES = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6), "maze2d": (4, 2), "pen": (45, 24)}
+
+
 GENERATED_DATA_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}  # random-v0
+
+
 D4RL_MAZE = {"umaze": "PointMaze_UMaze-v3", "medium": "PointMaze_Medium-v3", "large": "PointMaze_Large-v3"}
+
+
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
+
+
 D4RL_NAMES = (
     [f"{e}-{k}" for e in GENERATED_DATA_ENVS for k in ("random", "medium", "medium-replay", "medium-expert", "expert")]
     + [f"maze2d-{m}{d}" for m in D4RL_MAZE for d in ("", "-dense")]
     + ["pen-human", "pen-cloned"]
 )
+
+
 LOCAL_NAMESPACE = "ilq-local"  # Minari namespace of datasets made here (never D4RL data)
+
+
 LOCAL_RE = re.compile(LOCAL_NAMESPACE + r"/(hopper|walker2d|halfcheetah)/(random|medium|medium-replay)-v\d+")
 
 
@@ -1415,13 +1984,33 @@ def load_dataset(args: Args) -> tuple[Transitions, DatasetInfo]:
     return Transitions(**{k: jnp.asarray(arrays[k], jnp.float32) for k in Transitions._fields}), info
 
 
-# ------------------------------------------------------------------ evaluation envs where D4RL's data were recorded
+def describe_dataset(data: Transitions, info: DatasetInfo) -> str:
+    r, norm = info.episode_returns, info.normalize(info.episode_returns)
+    env = info.eval_env.id + (f" ({info.eval_env.note})" if info.eval_env.note else "")
+    refs = "no reference scores: raw returns only"
+    if norm is not None:
+        refs = (
+            f"reference scores min {info.ref_min:g} / max {info.ref_max:g}; dataset mean normalised return {norm.mean():.2f}"
+        )
+    lines = [f"[data] {info.name}: {info.source}"]
+    lines.append(f"[data] {len(data.rewards)} transitions, {len(r)} episodes, obs dim {info.obs_dim}, action dim ")
+    lines[-1] += f"{info.act_dim}, terminals {int(np.asarray(data.terminals).sum())}"
+    lines.append(f"[data] episode return mean {r.mean():.1f} / std {r.std():.1f} / min {r.min():.1f} / max {r.max():.1f}")
+    lines.append(f"[data] evaluation env {env}; {refs}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- evaluation envs where D4RL's data were recorded
+
+
 # D4RL locomotion data come from gym's -v2 envs (mujoco-py); Gymnasium's -v4 envs reproduce their model, observation,
 # reward (alive bonus on every step, the terminal one included), termination and reset noise (-v5 changes Walker2d's
 # foot friction and drops the terminal step's healthy reward); restore_v2_masses undoes MuJoCo 2.1.2's capsule masses.
 # D4RL maze2d (-v1) and pen (-v0/-v1) are rebuilt as thin wrappers over Gymnasium-Robotics' physics (same MJCF): D4RL's
 # frame, observation, target, reward, reset and episode end.
 D4RL_LOCOMOTION_V4 = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4"}
+
+
 D4RL_MAZE2D = {  # D4RL's layouts ('#' wall, 'O' empty, 'G' goal), rows top to bottom, and time limits
     "umaze": dict(gym_id="PointMaze_UMaze", max_episode_steps=300, layout=("#####", "#GOO#", "###O#", "#OOO#", "#####")),
     "medium": dict(gym_id="PointMaze_Medium", max_episode_steps=600, layout=(
@@ -1430,7 +2019,11 @@ D4RL_MAZE2D = {  # D4RL's layouts ('#' wall, 'O' empty, 'G' goal), rows top to b
         "############", "#OOOO#OOOOO#", "#O##O#O#O#O#", "#OOOOOO#OOO#", "#O####O###O#",
         "#OO#O#OOOOO#", "##O#O#O#O###", "#OO#OOO#OGO#", "############")),
 }  # fmt: skip
+
+
 D4RL_QPOS_OFFSET = 0.2  # D4RL's particle body sits at (1.2, 1.2) and cell (r, c) is centred at (r + 1, c + 1)
+
+
 D4RL_PEN_STEPS = 100  # pen-v0/v1's time limit (its drop rule: D4RL_PEN_DROP_Z, with the termination functions)
 
 
@@ -1483,7 +2076,7 @@ def gym_to_d4rl_vec(v) -> np.ndarray:
     return np.stack([-v[..., 1], v[..., 0]], axis=-1)
 
 
-class D4RLMaze2d(gym.Wrapper):
+class D4RLMaze2d(gym.Wrapper if gym else object):
     """D4RL maze2d-{umaze,medium,large}[-dense]-v1 on Gymnasium-Robotics' PointMaze_*-v3 physics: observation
     [qpos(2), qvel(2)] in D4RL's frame, action Box(-1, 1, 2) on D4RL's axes, fixed target at the goal cell, reward
     1{dist <= 0.5} (dense: exp(-dist)), never terminates; reset: a cell uniform over the empty cells and the goal cell,
@@ -1538,7 +2131,7 @@ def make_d4rl_maze2d(maze: str, dense: bool) -> gym.Env:
     return gym.wrappers.TimeLimit(D4RLMaze2d(maze, dense), D4RL_MAZE2D[maze]["max_episode_steps"])
 
 
-class D4RLPen(gym.Wrapper):
+class D4RLPen(gym.Wrapper if gym else object):
     """Gymnasium-Robotics' AdroitHandPen-v1 (D4RL's MJCF, 45-d observation, dense reward) with D4RL pen-v0/v1's end:
     terminated when the pen drops (its z, obs[26], below 0.075). make_d4rl_pen adds the 100-step limit."""
 
@@ -1644,42 +2237,9 @@ def make_env(info: DatasetInfo, num_envs: int = 1):
     return envs
 
 
-def describe_dataset(data: Transitions, info: DatasetInfo) -> str:
-    r, norm = info.episode_returns, info.normalize(info.episode_returns)
-    env = info.eval_env.id + (f" ({info.eval_env.note})" if info.eval_env.note else "")
-    refs = "no reference scores: raw returns only"
-    if norm is not None:
-        refs = (
-            f"reference scores min {info.ref_min:g} / max {info.ref_max:g}; dataset mean normalised return {norm.mean():.2f}"
-        )
-    lines = [f"[data] {info.name}: {info.source}"]
-    lines.append(f"[data] {len(data.rewards)} transitions, {len(r)} episodes, obs dim {info.obs_dim}, action dim ")
-    lines[-1] += f"{info.act_dim}, terminals {int(np.asarray(data.terminals).sum())}"
-    lines.append(f"[data] episode return mean {r.mean():.1f} / std {r.std():.1f} / min {r.min():.1f} / max {r.max():.1f}")
-    lines.append(f"[data] evaluation env {env}; {refs}")
-    return "\n".join(lines)
+# --------------------------------------------------------------------------------------------------------- model files
 
 
-# ---------------------------------------------------------------------------------------------------- hyper-parameters
-def effective_hparams(args: Args, info: DatasetInfo) -> dict:
-    row, adroit = PAPER_HPARAMS.get(info.task, DEFAULT_HPARAMS), info.task in ADROIT_TASKS
-    paper = dict(zip(("eta", "delta", "penalty_coef", "critic_lr", "actor_lr"), row), entropy=not adroit, cosine_lr=adroit)
-    hp = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in paper.items()}
-    known = info.task in PAPER_HPARAMS
-    hp["source"] = f"paper Tables 3-6 row '{info.task}'" if known else "defaults (dataset not in the paper's tables)"
-    if not known and info.name.startswith("mujoco/"):  # Minari's own locomotion data: new data, no row of the paper
-        hp["source"] += "; Minari's mujoco/* datasets were recorded anew on Gymnasium -v5, they are not D4RL's data"
-    return dict(hp, overridden=[k for k in paper if getattr(args, k) is not None])
-
-
-def learner_config(args: Args, hp: dict, info: DatasetInfo) -> ILQConfig:
-    """ILQConfig from the resolved flags, the effective hyper-parameters and the dataset's sizes, field by field NAME
-    (a field without a source is a KeyError here, never a silently shifted value)."""
-    values = {**dataclasses.asdict(args), **hp, "obs_dim": info.obs_dim, "act_dim": info.act_dim}
-    return ILQConfig(**{f.name: values[f.name] for f in dataclasses.fields(ILQConfig)})
-
-
-# ---------------------------------------------------------------------------------------------------- model cache
 def package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -1758,114 +2318,61 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
     return model, side
 
 
-def rate_and_time_left(done: int, total: int, seconds: float, unit: str) -> str:
-    rate = done / max(seconds, 1e-9)
-    return f"{rate:7.1f} {unit}/s | time left {(total - done) / max(rate, 1e-9):5.0f}s"
+# ----------------------------------------------------------------------------------------------------------- run files
 
 
-class PretrainProgress:
-    """Part I's pretraining reports as console lines (every epoch and the last diffusion call, and at least every
-    PROGRESS_EVERY_S in between) and, given `scalar(tag, value, step)`, TensorBoard scalars. `check()`, if given, runs
-    first: a pending Ctrl-C or SIGTERM stops pretraining there, between two jitted calls."""
-
-    def __init__(self, scalar=None, check=None):
-        self.scalar, self.check, self.last = scalar, check, time.time()
-
-    def __call__(self, event: str, v: dict) -> None:
-        if self.check:
-            self.check()
-        due, line, scalars = time.time() - self.last >= PROGRESS_EVERY_S, None, {}
-        if event == "dynamics batch" and due:
-            done, total = (v["epoch"] - 1) * v["batches"] + v["batch"], v["epochs"] * v["batches"]
-            line = f"[dynamics] epoch {v['epoch']:3d}/{v['epochs']} | batch {v['batch']}/{v['batches']} | "
-            line += rate_and_time_left(done, total, v["seconds"], "batches")
-        elif event == "dynamics epoch":
-            mse, ep = v["holdout_mse"], v["epoch"]
-            line = f"[dynamics] epoch {ep:3d}/{v['epochs']} | train loss {v['train_loss']:9.4f} | holdout MSE per member "
-            line += f"{np.array2string(mse, precision=4, separator=' ')} | elites {v['elites'].tolist()} | "
-            line += rate_and_time_left(ep, v["epochs"], v["seconds"], "epochs")
-            scalars = {"dynamics/train_loss": v["train_loss"], "dynamics/holdout_mse_elites": mse[v["elites"]].mean()}
-            scalars.update({f"dynamics/holdout_mse_member_{i}": m for i, m in enumerate(mse)})
-        elif event == "diffusion":
-            if due or v["step"] == v["steps"]:
-                line = f"[diffusion] step {v['step']:7d}/{v['steps']} | loss {v['loss']:.4f} | "
-                line += rate_and_time_left(v["step"], v["steps"], v["seconds"], "steps")
-            scalars = {"diffusion/loss": v["loss"]}
-        for tag, value in scalars.items() if self.scalar else ():
-            self.scalar(tag, float(value), v.get("epoch", v.get("step")))
-        if line:
-            print(line, flush=True)
-            self.last = time.time()
+def slug(name: str) -> str:
+    """A name as one path component (run folders, model cache folders)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-MODEL_KINDS = {  # kind -> its --*-path flag, the flag and unit of its training length, the metric a reader checks
-    "dynamics": ("dynamics_path", "dynamics_epochs", "epochs", "holdout_mse_elites"),
-    "behavior": ("behavior_path", "diffusion_steps", "steps", "final_loss"),
-}
+def lock_run_folder(run_dir: str):
+    """An exclusive lock on the run folder for this process's lifetime: a second run on it is refused."""
+    import fcntl
+
+    handle = open(os.path.join(run_dir, ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ILQError(f"Run folder {run_dir} is in use by another ilq_jax.py process; wait for it to end.") from None
+    return handle
 
 
-def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, report=None, force: bool = False):
-    """Algorithm 1, lines 2-3: the frozen dynamics and behaviour models (load_or_train of each)."""
-    return tuple(load_or_train(kind, args, data, info, report or PretrainProgress(), force) for kind in MODEL_KINDS)
-
-
-def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, report, force: bool = False):
-    """One frozen model: from its --*-path, from the cache when a model trained at least as long as asked is there
-    (a damaged cache entry is retrained), or trained now and cached. A diverged model is never cached."""
-    path_flag, length_flag, unit, metric = MODEL_KINDS[kind]
-    given, wanted = getattr(args, path_flag), getattr(args, length_flag)
-    path, side = given or artifact_path(args, info, kind), None
-    if given or (os.path.exists(path) and not force):
-        try:
-            model, side = load_artifact(path, kind, info, given=bool(given))
-        except ILQError:
-            if given:
-                raise
-    if side is not None and (given or side["trained"] >= wanted):
-        print(f"[models] {kind}: loaded {path} (trained {side['trained']} {unit}; {metric} {side['metrics'][metric]:.4f})")
-        return model
-    print(f"[models] {kind}: training ({wanted} {unit}) -> {path}")
-    config = model_settings(args, kind)
-    if kind == "dynamics":  # the sidecar repeats what a reader needs without loading the msgpack
-        model, metrics = train_dynamics(data, info.family, epochs=wanted, report=report, **config)
-        state = {k: np.asarray(getattr(model, k)).tolist() for k in ("input_mean", "input_std", "elites")}
-    else:
-        model, metrics = train_diffusion(data, steps=wanted, report=report, **config)
-        state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()})
-    numbers = [np.asarray(v, np.float64) for v in metrics.values()] + jax.tree_util.tree_leaves(model)
-    if not all(np.isfinite(x).all() for x in numbers):
-        lr = "dynamics_lr" if kind == "dynamics" else "diffusion_lr"
-        loss = ", ".join(f"{k} {metrics[k]}" for k in ("train_loss", metric) if k in metrics)
+def only_stop_after_with_resume(flags: list) -> None:
+    """--resume continues a run with its saved settings: only --stop-after may come with it."""
+    if flags := [f for f in flags if f not in ("--resume", "--stop-after")]:
         raise ILQError(
-            f"The {kind} model's training diverged ({loss}: not finite); it was not cached. Lower {flag(lr)} "
-            f"({getattr(args, lr)}; the paper's is {ModelFlags.__dataclass_fields__[lr].default}) and run again."
+            f"--resume continues a run with its saved settings; drop {', '.join(flags)} (to train longer, start a new "
+            "run with a larger --total-steps)."
         )
-    dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
-    side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
-    side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
-    _atomic_write(path, flax.serialization.to_bytes(model))
-    _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(dict(side, versions=package_versions()), indent=2).encode())
-    return model
 
 
-# ---------------------------------------------------------------------------------------------------- runs: files, logs
-class TensorBoard:
-    """Scalars in TensorBoard's event format, without TensorFlow or torch."""
-
-    def __init__(self, logdir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self.writer = EventFileWriter(logdir)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
-        self.writer.add_event(Event(wall_time=time.time(), step=int(step), summary=summary))
-
-    def close(self) -> None:
-        self.writer.close()
+def resume_args(args: Args) -> Args:
+    """The saved settings of the run in --resume; refused when other flags are set or the saved file lacks a setting
+    of this version or has one it does not know."""
+    only_stop_after_with_resume([flag(f.name) for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default])
+    saved = _read_run_file(args.resume, "args.json", "no run of ilq_jax.py")
+    names, where = (
+        [f.name for f in dataclasses.fields(Args)],
+        f"--resume {args.resume}: {os.path.join(args.resume, 'args.json')}",
+    )
+    what = f"a JSON {type(saved).__name__}, not an object of settings"
+    if isinstance(saved, dict):
+        problems = dict(missing=[flag(k) for k in names if k not in saved], unknown=[k for k in saved if k not in names])
+        defaults = {k: getattr(Args(), k) for k in names}  # a value of another type than its default's (None: any)
+        kinds = lambda d: object if d is None else (int, float) if isinstance(d, float) else type(d)  # noqa: E731
+        problems["mistyped"] = [f"{flag(k)} = {v!r}" for k, v in saved.items() if not isinstance(v, kinds(defaults.get(k, v)))]
+        what = "; ".join(f"{problem} {', '.join(keys)}" for problem, keys in problems.items() if keys)
+    if what:
+        raise ILQError(
+            f"{where} does not hold this version's settings ({what}). It was written by another version of ilq_jax.py "
+            "or edited; start a new run (nothing was changed in the run folder)."
+        )
+    if os.path.exists(os.path.join(args.resume, "summary.json")):
+        summary = os.path.join(args.resume, "summary.json")
+        raise ILQError(f"--resume {args.resume}: the run has finished; its results are in {summary}.")
+    return dataclasses.replace(Args(**saved), resume=args.resume, stop_after=args.stop_after)
 
 
 def _read_run_file(run_dir: str, name: str, what: str):
@@ -1878,95 +2385,41 @@ def _read_run_file(run_dir: str, name: str, what: str):
         return raw if name.endswith(".msgpack") else json.loads(raw)
 
 
-def resume_args(args: Args) -> Args:
-    """The saved settings of the run in --resume; flags that would change them, and a saved file with missing or
-    mistyped settings, are refused."""
-    changed = [flag(f.name) for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default]
-    if changed := [c for c in changed if c not in ("--resume", "--stop-after")]:
-        raise ILQError(
-            f"--resume continues a run with its saved settings; drop {', '.join(changed)} (to train longer, start a new "
-            "run with a larger --total-steps)."
-        )
-    saved = _read_run_file(args.resume, "args.json", "no run of ilq_jax.py")
-    hints, where = typing.get_type_hints(Args), f"--resume {args.resume}: {os.path.join(args.resume, 'args.json')}"
-    what = f"a JSON {type(saved).__name__}, not an object of settings"
-    if isinstance(saved, dict):
-        problems = dict(missing=[flag(f.name) for f in dataclasses.fields(Args) if f.name not in saved])
-        problems.update(mistyped=[f"{flag(k)} = {v!r}" for k, v in saved.items() if k in hints and not _has_type(v, hints[k])])
-        problems.update(unknown=[k for k in saved if k not in hints])
-        what = "; ".join(f"{problem} {', '.join(names)}" for problem, names in problems.items() if names)
-    if what:
-        raise ILQError(
-            f"{where} does not hold this version's settings ({what}). It was written by another version of ilq_jax.py "
-            "or edited; start a new run (nothing was changed in the run folder)."
-        )
-    if os.path.exists(os.path.join(args.resume, "summary.json")):
-        summary = os.path.join(args.resume, "summary.json")
-        raise ILQError(f"--resume {args.resume}: the run has finished; its results are in {summary}.")
-    return dataclasses.replace(Args(**saved), resume=args.resume, stop_after=args.stop_after)
+CHECKPOINT = "checkpoint.msgpack"
 
 
-def _has_type(value, hint) -> bool:
-    """A JSON value fits a flag's type (Optional, Literal, bool, int, float, str)."""
-    if typing.get_origin(hint) is typing.Union:
-        return any(_has_type(value, h) for h in typing.get_args(hint))
-    if typing.get_origin(hint) is Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None) or hint is bool or hint is str:
-        return isinstance(value, hint) if hint is not type(None) else value is None
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return hint is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+def save_checkpoint(run_dir: str, state: TrainState, progress: dict) -> None:
+    """The run's one checkpoint: every learner's train state and the progress record in one file with the state's
+    SHA-256, written by rename, so the previous checkpoint stays whole until the new one is (a full disk, kill -9)."""
+    state_bytes = flax.serialization.to_bytes(jax.device_get(state))
+    record = dict(progress=json.dumps(progress), sha256=hashlib.sha256(state_bytes).hexdigest(), state=state_bytes)
+    with errors_as(f"Could not write a checkpoint into {run_dir}", "Free disk space and --resume the run."):
+        _atomic_write(os.path.join(run_dir, CHECKPOINT), flax.serialization.msgpack_serialize(record))
 
 
-def checkpoint_files(methods) -> list:
-    return [f"checkpoint-{m}.msgpack" for m in methods]
+def read_checkpoint(run_dir: str) -> tuple[dict, bytes]:
+    """(progress record, state bytes) of a run's checkpoint, refused unless whole: its state matches its SHA-256."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    raw = _read_run_file(run_dir, CHECKPOINT, "no checkpoint")
+    with errors_as(f"--resume {run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
+        record = flax.serialization.msgpack_restore(raw)
+        progress, state_bytes = json.loads(record["progress"]), record["state"]
+        if hashlib.sha256(state_bytes).hexdigest() != record["sha256"]:
+            raise ValueError("its train state does not match its SHA-256")
+        if not (isinstance(progress, dict) and set(new_progress()) <= set(progress)):
+            raise ValueError(f"its progress record lacks {sorted(set(new_progress()) - set(progress))}")
+    return progress, state_bytes
 
 
-def save_checkpoint(run_dir: str, state: TrainState, progress: dict, methods) -> None:
-    """One file per method (its seeds' train states, each small enough to bring back from a GPU machine), each
-    holding the update count, then checkpoint.json: a reader checks that all agree (load_checkpoint)."""
-    per_method = len(jax.tree_util.tree_leaves(state)[0]) // len(methods)
-    state = jax.device_get(state)
-    for g, name in enumerate(checkpoint_files(methods)):
-        block = jax.tree_util.tree_map(lambda x: x[g * per_method : (g + 1) * per_method], state)
-        payload = flax.serialization.to_bytes(dict(updates=progress["updates"], state=block))
-        _atomic_write(os.path.join(run_dir, name), payload)
-    _atomic_write(os.path.join(run_dir, "checkpoint.json"), json.dumps(progress).encode())
-
-
-def load_checkpoint(run_dir: str, template: TrainState, methods) -> tuple[TrainState, dict]:
-    """The state and progress of --resume, refused unless every file is whole and of the same update. checkpoint.json
-    is written last: without it the run never finished a checkpoint and starts again at update 0 (the same run)."""
-    if not os.path.exists(os.path.join(run_dir, "checkpoint.json")):
-        print(f"[ilq] {run_dir} has no finished checkpoint: the run starts again at update 0")
-        return None, None
-    progress = _read_run_file(run_dir, "checkpoint.json", "no checkpoint")
-    if not (isinstance(progress, dict) and set(new_progress()) <= set(progress) and isinstance(progress["updates"], int)):
-        raise ILQError(
-            f"--resume {run_dir}: {os.path.join(run_dir, 'checkpoint.json')} is not a progress record of ilq_jax.py "
-            f"(a JSON object with {', '.join(new_progress())}): it was edited or written by another program. Nothing "
-            "was changed in the run folder."
-        )
-    per_method = len(jax.tree_util.tree_leaves(template)[0]) // len(methods)
-    block = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((per_method, *x.shape[1:]), x.dtype), template)
-    blocks = []
-    for name in checkpoint_files(methods):
-        raw, path = _read_run_file(run_dir, name, "no checkpoint"), os.path.join(run_dir, name)
-        with errors_as(f"--resume {run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
-            saved = flax.serialization.from_bytes(dict(updates=0, state=block), raw)
-            if [x.shape for x in jax.tree_util.tree_leaves(saved["state"])] != [
-                x.shape for x in jax.tree_util.tree_leaves(block)
-            ]:
-                raise ValueError("its arrays have other shapes than this run's networks")
-        if int(saved["updates"]) != progress.get("updates"):
-            raise ILQError(
-                f"--resume {run_dir}: {path} holds update {int(saved['updates'])} but checkpoint.json says update "
-                f"{progress.get('updates')}: the checkpoint was cut while being written (a kill or a full disk). Nothing "
-                "was changed; start a new run, or restore both files from a backup."
-            )
-        blocks.append(saved["state"])
-    return jax.tree_util.tree_map(lambda *x: np.concatenate(x), *blocks), progress
+def load_checkpoint(run_dir: str, template: TrainState) -> tuple[TrainState, dict]:
+    """The train state (shaped like template) and progress record of --resume."""
+    progress, state_bytes = read_checkpoint(run_dir)
+    path = os.path.join(run_dir, CHECKPOINT)
+    with errors_as(f"--resume {run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
+        state = flax.serialization.from_bytes(template, state_bytes)
+        if [x.shape for x in jax.tree_util.tree_leaves(state)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
+            raise ValueError("its arrays have other shapes than this run's networks")
+    return state, progress
 
 
 def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) -> None:
@@ -1985,59 +2438,65 @@ def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) 
         raise ILQError(f"Non-finite loss or Q value at {where}. {advice}")
 
 
-def summarize(progress: dict, seeds: list, first: int = 0) -> dict:
-    """Per seed (learners first, first + 1, ...): the mean of the last 10 evaluations (never the best); then mean
-    and std over seeds."""
-    per_seed = []
-    for j, seed in enumerate(seeds):
-        i = first + j
-        scores = [e[i] for e in progress["normalized_scores"] if e is not None]
-        final = float(np.mean(scores[-10:])) if scores else None
-        per_seed.append(dict(seed=seed, final_normalized_score=final))
-        per_seed[-1]["final_return"] = float(np.mean([np.mean(r[i]) for r in progress["returns"][-10:]]))
-        per_seed[-1]["normalized_scores"] = [None if e is None else e[i] for e in progress["normalized_scores"]]
-        per_seed[-1].update(returns=[r[i] for r in progress["returns"]], q_data=[q[i] for q in progress["q_data"]])
-    finals = [p["final_normalized_score"] for p in per_seed if p["final_normalized_score"] is not None]
-    out = dict(final_normalized_score=float(np.mean(finals)) if finals else None)
-    out.update(final_normalized_score_std=float(np.std(finals)) if finals else None)
-    return dict(out, final_return=float(np.mean([p["final_return"] for p in per_seed])), seeds=per_seed)
+def memory_check(cfg: ILQConfig, args: Args, info: DatasetInfo, transitions: int, n_learners: int) -> int:
+    """Bytes of one learner's train state, after refusing a run whose learners, data and models cannot fit in the
+    memory JAX can use (estimated from shapes alone: nothing is allocated)."""
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    state = nbytes(jax.eval_shape(partial(init_train_state, cfg), jax.random.PRNGKey(0)))
+    rows = cfg.batch_size * (2 + 2 * cfg.num_ood_actions + cfg.num_behavior_samples * args.sample_chunk)
+    work = rows * max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations of one update
+    dyn = {k: v for k, v in model_settings(args, "dynamics").items() if k != "lr"}
+    models = nbytes(jax.eval_shape(lambda: init_dynamics(info.obs_dim, info.act_dim, info.family, **dyn).params))
+    models += nbytes(jax.eval_shape(lambda: init_behavior(info.obs_dim, info.act_dim, args.diffusion_k).params))
+    data = (2 * info.obs_dim + info.act_dim + 2) * 4 * transitions
+    need = n_learners * (state + work) + data + models
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+    limit = limit or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > 0.9 * limit:
+        raise ILQError(
+            f"{n_learners} learner(s) need about {need / 2**30:.1f} GiB ({state / 2**20:.1f} MiB of train state and "
+            f"{work / 2**20:.0f} MiB of work space each, {data / 2**20:.0f} MiB of data, {models / 2**20:.0f} MiB of "
+            f"models), but {device.platform} has {limit / 2**30:.1f} GiB available: use fewer --num-seeds / --methods "
+            "or smaller networks."
+        )
+    return state
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
-def flatten_obs(obs) -> np.ndarray:
-    """Flatten (nested, batched) Dict observations along the last axis: `observation` first, then the other keys
-    sorted; `achieved_goal` is dropped when `observation` exists (PointMaze: observation(4) || desired_goal(2))."""
-    if not isinstance(obs, dict):
-        return np.asarray(obs, dtype=np.float32)
-    keys = sorted(obs)
-    if "observation" in keys:
-        keys = ["observation"] + [k for k in keys if k not in ("observation", "achieved_goal")]
-    return np.concatenate([flatten_obs(obs[k]) for k in keys], axis=-1)
+def shard_learners(state: TrainState, frozen: Frozen, run_keys, n_learners: int):
+    """With several local devices (an 8-GPU node; XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU), the
+    learner axis is split over as many of them as divide it evenly, and the data and frozen models are copied to each;
+    the jitted update then runs each device's learners there. The same learners as on one device."""
+    devices = jax.local_devices()
+    d = max(k for k in range(1, len(devices) + 1) if n_learners % k == 0)
+    if d == 1:
+        return state, frozen, run_keys
+    mesh = jax.sharding.Mesh(np.array(devices[:d]), ("learners",))
+    split, copy = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(p)) for p in ("learners", None))
+    print(f"[ilq] learners split over {d} devices ({n_learners // d} each)")
+    return jax.device_put(state, split), jax.device_put(frozen, copy), jax.device_put(run_keys, split)
 
 
-def evaluate(envs, policy, params, seed) -> np.ndarray:
-    """One episode per vectorised env with the deterministic action tanh(mean); returns (num_envs,) returns.
-    seed: an int (env i starts from seed + i) or a list with one seed per env."""
-    obs, _ = envs.reset(seed=seed)
-    low, high = envs.single_action_space.low, envs.single_action_space.high
-    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, bool)
-    while not done.all():
-        obs, reward, term, trunc, _ = envs.step(np.clip(np.asarray(policy(params, jnp.asarray(flatten_obs(obs)))), low, high))
-        returns += np.where(done, 0.0, reward)
-        done |= term | trunc
-    return returns
+# ---------------------------------------------------------------------------------- TensorBoard and evaluation workers
 
 
-def evaluation_seeds(eval_seed: int, index: int, episodes: int, num_seeds: int) -> list:
-    """Fresh start states at every evaluation: episode e of evaluation `index` (0, 1, ...) starts from
-    eval_seed + index * episodes + e, the same states for every learner seed of the batch."""
-    return [eval_seed + index * episodes + e for _ in range(num_seeds) for e in range(episodes)]
+class TensorBoard:
+    """Scalars in TensorBoard's event format, without TensorFlow or torch."""
 
+    def __init__(self, logdir: str):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-def learners_policy(cfg: ILQConfig, n_learners: int, episodes: int):
-    """The deterministic policies of n learners at once: obs (n * episodes, obs) -> actions, learner-major."""
-    act = jax.vmap(partial(deterministic_action, cfg.actor))
-    return jax.jit(lambda p, o: act(p, o.reshape(n_learners, episodes, -1)).reshape(n_learners * episodes, -1))
+        self.writer = EventFileWriter(logdir)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+        self.writer.add_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _evaluation_worker(info, cfg, n_learners, episodes, tasks, results) -> None:
@@ -2115,420 +2574,7 @@ class Evaluator:
                 p.terminate()
 
 
-# ---------------------------------------------------------------------------------------------------- the training loop
-class Interrupted(Exception):
-    """SIGINT (Ctrl-C) or SIGTERM (SLURM, docker stop, timeout) ended the run after a checkpoint."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def deferred_signals():
-    """Ctrl-C and SIGTERM set a flag that the loop reads between jitted calls (checkpoint, one line, exit code 128 +
-    the signal); a second one acts at once. Nothing is interrupted inside XLA or MuJoCo."""
-    stop = {"signal": None}
-
-    def handler(signum, frame):
-        stop["signal"] = signum
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-class Run(NamedTuple):
-    """A new or resumed run, every check passed: what start_run found."""
-
-    args: Args
-    data: Transitions
-    info: DatasetInfo
-    hp: dict
-    methods: tuple  # names of METHODS, method-major learner blocks
-    seeds: list
-    learners: list  # "ilq seed 1", ... in learner order
-    run_dir: str
-    eval_workers: int
-
-
-def learner_methods(args: Args) -> tuple:
-    """--methods as METHODS names; without it, the one method that --imagination / --limitation make."""
-    if args.methods is None:
-        return tuple(m for m, flags in METHODS.items() if flags == (args.imagination, args.limitation))
-    names = [m.strip() for m in args.methods.split(",")]
-    if not names or len(set(names)) != len(names) or any(m not in METHODS for m in names):
-        raise ILQError(f"--methods ({args.methods}) must be distinct names from {', '.join(METHODS)}, comma-separated")
-    if not (args.imagination and args.limitation):
-        raise ILQError("--methods names the ablations itself; drop --no-imagination / --no-limitation")
-    return tuple(names)
-
-
-def shard_learners(state: TrainState, frozen: Frozen, run_keys, n_learners: int):
-    """With several local devices (an 8-GPU node; XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU), the
-    learner axis is split over as many of them as divide it evenly, and the data and frozen models are copied to each;
-    the jitted update then runs each device's learners there. The same learners as on one device."""
-    devices = jax.local_devices()
-    d = max(k for k in range(1, len(devices) + 1) if n_learners % k == 0)
-    if d == 1:
-        return state, frozen, run_keys
-    mesh = jax.sharding.Mesh(np.array(devices[:d]), ("learners",))
-    split, copy = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(p)) for p in ("learners", None))
-    print(f"[ilq] learners split over {d} devices ({n_learners // d} each)")
-    return jax.device_put(state, split), jax.device_put(frozen, copy), jax.device_put(run_keys, split)
-
-
-def memory_check(cfg: ILQConfig, args: Args, info: DatasetInfo, transitions: int, n_learners: int) -> int:
-    """Bytes of one learner's train state, after refusing a run whose learners, data and models cannot fit in the
-    memory JAX can use (estimated from shapes alone: nothing is allocated)."""
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    state = nbytes(jax.eval_shape(partial(init_train_state, cfg), jax.random.PRNGKey(0)))
-    rows = cfg.batch_size * (2 + 2 * cfg.num_ood_actions + cfg.num_behavior_samples * args.sample_chunk)
-    work = rows * max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations of one update
-    dyn = {k: v for k, v in model_settings(args, "dynamics").items() if k != "lr"}
-    models = nbytes(jax.eval_shape(lambda: init_dynamics(info.obs_dim, info.act_dim, info.family, **dyn).params))
-    models += nbytes(jax.eval_shape(lambda: init_behavior(info.obs_dim, info.act_dim, args.diffusion_k).params))
-    data = (2 * info.obs_dim + info.act_dim + 2) * 4 * transitions
-    need = n_learners * (state + work) + data + models
-    device = jax.devices()[0]
-    limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
-    limit = limit or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    if need > 0.9 * limit:
-        raise ILQError(
-            f"{n_learners} learner(s) need about {need / 2**30:.1f} GiB ({state / 2**20:.1f} MiB of train state and "
-            f"{work / 2**20:.0f} MiB of work space each, {data / 2**20:.0f} MiB of data, {models / 2**20:.0f} MiB of "
-            f"models), but {device.platform} has {limit / 2**30:.1f} GiB available: use fewer --num-seeds / --methods "
-            "or smaller networks."
-        )
-    return state
-
-
-def start_run(args: Args) -> Run:
-    """Settings, dataset, hyper-parameters and learners of a new or resumed run, every check that needs no model done
-    (the run folder is made later, once the models exist)."""
-    args = resolve_args(resume_args(args) if args.resume else args)
-    data, info = load_dataset(args)
-    print(describe_dataset(data, info))
-    if len(data.rewards) < max(args.batch_size, 10):
-        raise ILQError(
-            f"Dataset '{info.name}' has {len(data.rewards)} usable transitions, fewer than a minibatch ({args.batch_size}) "
-            "or the 10 the dynamics holdout needs: ILQ cannot learn from it."
-        )
-    hp, methods = effective_hparams(args, info), learner_methods(args)
-    seeds = list(range(args.seed, args.seed + args.num_seeds))
-    name = args.run_name or f"{slug(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join("runs", name)
-    if not args.resume and os.path.exists(run_dir):
-        raise ILQError(f"Run folder {run_dir} already exists; pick another --run-name or continue it with --resume {run_dir}.")
-    for path in (args.dynamics_path, args.behavior_path):
-        if path is not None and not os.path.exists(path):
-            raise ILQError(f"Model file '{path}' does not exist (--dynamics-path / --behavior-path).")
-    over = f" (overridden by flags: {', '.join(hp['overridden'])})" if hp["overridden"] else ""
-    lr = f"lr critic {hp['critic_lr']} / actor {hp['actor_lr']}"
-    print(
-        f"[ilq] {hp['source']}; effective: eta {hp['eta']}, delta {hp['delta']}, penalty {hp['penalty_coef']}, {lr}, "
-        f"entropy {hp['entropy']}, cosine lr {hp['cosine_lr']}{over}"
-    )
-    behavior = "bank" if args.behavior_bank else f"fresh samples every update, drawn {args.sample_chunk} updates at a time"
-    print(
-        f"[ilq] budget '{args.budget}': {args.total_steps} updates, eval every {args.eval_interval} ({args.eval_episodes} "
-        f"episodes), checkpoint every {args.checkpoint_interval}, M={args.num_behavior_samples}, K={args.diffusion_k}, "
-        f"OOD actions/state {args.num_ood_actions}, behaviour {behavior}; method{'s' if len(methods) > 1 else ''} "
-        f"{', '.join(methods)} x seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; run folder {run_dir}"
-    )
-    on_accelerator = jax.default_backend() != "cpu"
-    workers = args.eval_workers if args.eval_workers is not None else int(on_accelerator)
-    make_env(info, 1).close()  # a mismatched env fails before any training
-    learners = [f"{m} seed {s}" for m in methods for s in seeds]
-    return Run(args, data, info, hp, methods, seeds, learners, run_dir, workers)
-
-
-def slug(name: str) -> str:
-    """A name as one path component (run folders, model cache folders)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def lock_run_folder(run_dir: str):
-    """An exclusive lock on the run folder for this process's lifetime: a second run on it is refused."""
-    import fcntl
-
-    handle = open(os.path.join(run_dir, ".lock"), "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ILQError(f"Run folder {run_dir} is in use by another ilq_jax.py process; wait for it to end.") from None
-    return handle
-
-
-def train(args: Args) -> dict:
-    """Algorithm 1 as a run: pretrained models (lines 2-3), then the fused updates of every (method, seed) learner
-    (lines 4-12), evaluations every --eval-interval updates, checkpoints every --checkpoint-interval, a progress line
-    at least every 30 s; summary.json at the end."""
-    t_invocation = time.time()
-    run = start_run(args)  # every check that needs no model, before minutes of pretraining
-    args, n_learners = run.args, len(run.learners)
-    cfg = learner_config(args, run.hp, run.info)
-    seed_bytes = memory_check(cfg, args, run.info, len(run.data.rewards), n_learners)
-    # learner (m, s) starts as the single run of method m with --seed s would: init and update keys from s alone
-    seed_keys = jnp.stack([jax.random.PRNGKey(s) for s in run.seeds * len(run.methods)])
-    template = jax.eval_shape(jax.vmap(partial(init_train_state, cfg)), seed_keys)
-    state, progress = load_checkpoint(run.run_dir, template, run.methods) if args.resume else (None, None)
-    progress = progress or new_progress()
-    with deferred_signals() as stop:
-        frozen, pretrain_scalars = pretrained_models(run, stop)
-        state = jax.vmap(partial(init_train_state, cfg))(seed_keys) if state is None else state
-        run_keys = jnp.stack([jax.random.fold_in(k, 1) for k in seed_keys])
-        state, frozen, run_keys = shard_learners(state, frozen, run_keys, n_learners)
-        update = make_update_fn(cfg, batched=True, methods=run.methods, sample_chunk=args.sample_chunk)
-        # the key of update u depends on u alone, so calls of any length (and resumes) give the same learner
-        update_keys = jax.jit(jax.vmap(lambda rk, us: jax.vmap(partial(jax.random.fold_in, rk))(us), in_axes=(0, None)))
-        print(f"[ilq] {n_learners} learner(s) in one jitted call; train state {seed_bytes / 2**20:.1f} MiB per learner")
-        with Session(run, cfg, progress, pretrain_scalars, t_invocation) as session:
-            start = progress["updates"]
-            while progress["updates"] < args.total_steps:
-                u0 = progress["updates"]
-                n = call_length(args, u0, start)
-                t0 = time.time()
-                state, metrics = update(state, frozen, update_keys(run_keys, jnp.arange(u0, u0 + n)))
-                step = session.record(state, jax.device_get(metrics), n, time.time() - t0)  # checks, logs, evaluations
-                ending = ending_of(args, step, start, stop, time.time() - t_invocation)
-                session.collect_evaluations(wait=bool(ending) or step % args.checkpoint_interval == 0)
-                if ending or step % args.checkpoint_interval == 0:  # a checkpoint holds every evaluation up to it
-                    session.checkpoint(state)
-                if ending in ("interrupted", "stopped (--stop-after)"):
-                    print(f"[ilq] {ending} at update {step}; checkpoint saved. Continue with: {resume_command(run)}")
-                    if stop["signal"]:
-                        raise Interrupted(stop["signal"])
-                    return {}
-                if ending == "time box":
-                    print(f"[ilq] time box of {args.time_box_min} min reached at update {step} of {args.total_steps}")
-                    break
-    return write_summary(run, progress, progress["wall_time_s"], seed_bytes)
-
-
-def ending_of(args: Args, step: int, start: int, stop: dict, elapsed_s: float) -> Optional[str]:
-    """Why the run ends after this call, if it does."""
-    if stop["signal"]:
-        return "interrupted"
-    if step == args.total_steps:
-        return "done"
-    if args.time_box_min and elapsed_s > 60 * args.time_box_min and step % args.eval_interval == 0:
-        return "time box"
-    return "stopped (--stop-after)" if args.stop_after and step - start >= args.stop_after else None
-
-
-class Session:
-    """What a run writes while it trains: its folder (made now, locked), TensorBoard, evaluations, checkpoints, the
-    console; closed on any exit."""
-
-    def __init__(self, run: Run, cfg: ILQConfig, progress: dict, pretrain_scalars: list, t_invocation: float):
-        self.run, self.progress, self.t_invocation = run, progress, t_invocation
-        self.wall_before, self.last_print = progress["wall_time_s"], time.time()
-        self.lock = open_run_folder(run, pretrain_scalars)
-        self.writers = [TensorBoard(os.path.join(run.run_dir, d)) for d in learner_folders(run)]
-        self.evaluator = Evaluator(run.info, cfg, len(run.learners), run.args.eval_episodes, run.eval_workers)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.evaluator.close()
-        for w in self.writers:
-            w.close()
-        self.lock.close()
-
-    def record(self, state: TrainState, metrics: dict, n: int, seconds: float) -> int:
-        """After a call of n updates: stop on a non-finite value, log, hand a snapshot to the evaluator when due."""
-        args, progress = self.run.args, self.progress
-        check_finite(metrics, progress["updates"] + 1, self.run.run_dir, self.run.learners)
-        progress["updates"] = step = progress["updates"] + n
-        progress["train_time_s"] += seconds
-        log_updates(self.writers, metrics, n / seconds, step)
-        if step % args.eval_interval == 0 or step == args.total_steps:  # evaluate a snapshot, train on
-            index = len(progress["eval_steps"]) + len(self.evaluator.pending)
-            seeds = evaluation_seeds(args.eval_seed, index, args.eval_episodes, len(self.run.learners))
-            self.evaluator.submit(step, state.actor_params, seeds, np.mean(metrics["losses/q_data"], 1).tolist())
-        self.collect_evaluations(wait=False)
-        if time.time() - self.last_print >= PROGRESS_EVERY_S:  # a sign of life between evaluations
-            print(progress_line(args, step, progress, metrics, len(self.run.learners)), flush=True)
-            self.last_print = time.time()
-        return step
-
-    def collect_evaluations(self, wait: bool) -> None:
-        record_evaluations(self.evaluator.ready(wait), self.progress, self.writers, self.run)
-
-    def checkpoint(self, state: TrainState) -> None:
-        self.progress["wall_time_s"] = self.wall_before + time.time() - self.t_invocation
-        with errors_as(f"Could not write a checkpoint into {self.run.run_dir}", "Free disk space and --resume the run."):
-            save_checkpoint(self.run.run_dir, state, self.progress, self.run.methods)
-
-
-def new_progress() -> dict:
-    return dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0, wall_time_s=0.0)
-
-
-def low_precision(model):
-    """The same frozen model (DynamicsModel or BehaviorModel) with bfloat16 weights: its activations are then stored
-    in bfloat16 too (half the bytes); the learners' parameters, Adam, targets and losses stay float32."""
-    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
-
-
-def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int, chunk: int = 8192):
-    """M behaviour actions per dataset state, sampled once and kept fixed (faster on CPU; the paper samples afresh)."""
-    sample = jax.jit(partial(diffusion_sample, behavior), static_argnums=2)
-    key = jax.random.PRNGKey(seed)
-    parts = [sample(observations[i : i + chunk], jax.random.fold_in(key, i), m) for i in range(0, len(observations), chunk)]
-    return jnp.concatenate(parts)
-
-
-def pretrained_models(run: Run, stop: dict):
-    """Algorithm 1, lines 2-3 (load_or_pretrain), stoppable between jitted calls: a model trained before an interrupt
-    stays cached. Returns the frozen inputs of the update and the pretraining scalars for TensorBoard."""
-    scalars = []
-
-    def check():
-        if stop["signal"]:
-            raise Interrupted(stop["signal"])
-
-    report = PretrainProgress(lambda *scalar: scalars.append(scalar), check)
-    dynamics, behavior = load_or_pretrain(run.args, run.data, run.info, report=report)
-    if run.args.bf16_models:
-        dynamics, behavior = low_precision(dynamics), low_precision(behavior)
-    bank = None
-    if run.args.behavior_bank and any(METHODS[m][1] for m in run.methods):
-        t0 = time.time()
-        bank = make_behavior_bank(behavior, run.data.observations, run.args.num_behavior_samples, run.args.pretrain_seed)
-        print(f"[models] behaviour bank: {bank.shape[0]} states x {bank.shape[1]} actions in {time.time() - t0:.1f}s")
-    return Frozen(run.data, dynamics, behavior, bank), scalars
-
-
-def open_run_folder(run: Run, pretrain_scalars: list):
-    """The run folder, made once training is about to start (and locked): args.json and the pretraining curves."""
-    with errors_as(f"Could not write the run folder {run.run_dir}", "Free disk space or pick a writable folder."):
-        os.makedirs(run.run_dir, exist_ok=bool(run.args.resume))
-        lock = lock_run_folder(run.run_dir)
-        if not run.args.resume:
-            _atomic_write(os.path.join(run.run_dir, "args.json"), json.dumps(dataclasses.asdict(run.args), indent=2).encode())
-            log = TensorBoard(os.path.join(run.run_dir, "pretrain"))
-            for scalar in pretrain_scalars:
-                log.scalar(*scalar)
-            log.close()
-    return lock
-
-
-def resume_command(run: Run) -> str:
-    return f"python ilq_jax.py --resume {run.run_dir}"
-
-
-def learner_folders(run: Run) -> list:
-    """TensorBoard folder of each learner: seed_<s>, or <method>/seed_<s> when several methods train together."""
-    return [f"{m}/seed_{s}" if len(run.methods) > 1 else f"seed_{s}" for m in run.methods for s in run.seeds]
-
-
-def call_length(args: Args, done: int, start: int) -> int:
-    """Updates of the next call: up to --updates-per-call, ending at the next evaluation, checkpoint, the end of the
-    run or of --stop-after."""
-    ends = [args.total_steps, (done // args.eval_interval + 1) * args.eval_interval]
-    ends += [(done // args.checkpoint_interval + 1) * args.checkpoint_interval]
-    ends += [start + args.stop_after] if args.stop_after else []
-    return min([done + args.updates_per_call] + ends) - done
-
-
-def log_updates(writers: list, metrics: dict, updates_per_s: float, step: int) -> None:
-    for i, w in enumerate(writers):
-        for name, values in metrics.items():
-            if np.isfinite(values[i]).all():  # an ablation has no y_img - y_lmt (NaN)
-                w.scalar(name, float(np.mean(values[i])), step)
-        w.scalar("charts/SPS", updates_per_s, step)
-
-
-def record_evaluations(results: list, progress: dict, writers: list, run: Run) -> None:
-    """Finished evaluations into the progress record, TensorBoard and one console line each (per method: mean +- std
-    over seeds)."""
-    for step, returns, q_data in results:
-        norm = run.info.normalize(returns)
-        progress["eval_steps"].append(step)
-        progress["returns"].append(returns.tolist())
-        progress["normalized_scores"].append(None if norm is None else norm.mean(1).tolist())
-        progress["q_data"].append(q_data)  # the over-optimism diagnostic (Fig. 10)
-        for i, w in enumerate(writers):
-            w.scalar("eval/episodic_return", returns[i].mean(), step)
-            if norm is not None:
-                w.scalar("eval/normalized_score", norm[i].mean(), step)
-        values, n = (returns if norm is None else norm).mean(1), len(run.seeds)
-        parts = [f"{m} {values[g * n : (g + 1) * n].mean():7.2f}" for g, m in enumerate(run.methods)]
-        parts = [p + (f" +- {values[g * n : (g + 1) * n].std():.2f}" if n > 1 else "") for g, p in enumerate(parts)]
-        print(f"[ilq] evaluation at update {step:8d} | {'normalised' if norm is not None else 'return'} {' | '.join(parts)}")
-
-
-def progress_line(args: Args, step: int, progress: dict, metrics: dict, n_learners: int) -> str:
-    rate = step / max(progress["train_time_s"], 1e-9)
-    line = f"[ilq] update {step:8d}/{args.total_steps} | {rate:6.1f} updates/s"
-    line += f" per learner x {n_learners}" if n_learners > 1 else ""
-    line += f" | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f} | alpha {float(np.mean(metrics['losses/alpha'])):.3f}"
-    return line + f" | time left {(args.total_steps - step) / rate:5.0f}s"
-
-
-def write_summary(run: Run, progress: dict, wall: float, state_bytes: int) -> dict:
-    """summary.json of a finished run: per method and per seed the final score (mean of the last 10 evaluations), mean
-    and std over seeds, the dataset's own mean, the evaluation protocol, speed, wall time over every invocation,
-    settings and versions. A one-method run also has that method's numbers at the top level."""
-    args, info, n = run.args, run.info, len(run.seeds)
-    ds_norm, env = info.normalize(info.episode_returns), info.eval_env.id
-    starts = f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = 0, 1, ... per evaluation, "
-    starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every learner"
-    evaluation = dict(env=env, episodes=args.eval_episodes, policy="deterministic tanh(mean)", start_seeds=starts)
-    if info.eval_env.note:
-        evaluation["env_note"] = info.eval_env.note
-    methods = {m: summarize(progress, run.seeds, g * n) for g, m in enumerate(run.methods)}
-    summary = dict(methods[run.methods[0]]) if len(run.methods) == 1 else {}
-    summary.update(methods=methods, num_seeds=n, eval_steps=progress["eval_steps"])
-    summary.update(dataset_mean_normalized_return=None if ds_norm is None else float(ds_norm.mean()))
-    summary.update(dataset_mean_return=float(info.episode_returns.mean()), evaluation=evaluation)
-    summary.update(updates_per_second=progress["updates"] / progress["train_time_s"], train_time_s=progress["train_time_s"])
-    summary.update(wall_time_s=wall, train_state_bytes_per_seed=int(state_bytes), learners=len(run.learners))
-    summary.update(updates=progress["updates"], ended_by_time_box=progress["updates"] < args.total_steps)
-    dataset = dict(name=info.name, source=info.source, fingerprint=info.fingerprint, ref_min=info.ref_min)
-    summary.update(dataset=dict(dataset, ref_max=info.ref_max), args=dataclasses.asdict(args))
-    summary.update(hyperparameters={k: v for k, v in run.hp.items() if k != "overridden"}, versions=package_versions())
-    summary["devices"] = [str(d) for d in jax.devices()]
-    _atomic_write(os.path.join(run.run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-    last = min(10, len(progress["eval_steps"]))
-    for m, s in methods.items():
-        if s["final_normalized_score"] is not None:
-            spread = f" +- {s['final_normalized_score_std']:.2f} over {n} seeds" if n > 1 else ""
-            print(
-                f"[ilq] {m}: final normalised score (mean of the last {last} evaluations) {s['final_normalized_score']:.2f}"
-                f"{spread} | dataset mean normalised return {summary['dataset_mean_normalized_return']:.2f}"
-            )
-    print(f"[ilq] results: {run.run_dir}/summary.json")
-    return summary
-
-
-def run_cli(fn, *args) -> None:
-    """Run fn(*args) as a command: an ILQError or an OS error (full disk, read-only folder) prints one paragraph (exit
-    code 2), an interrupt one line (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM)."""
-    try:
-        fn(*args)
-    except ILQError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(
-            f"error: {e.strerror or e} ({e.filename or 'a file'}). Free disk space or use a writable folder.", file=sys.stderr
-        )
-        sys.exit(2)
-    except Interrupted as e:
-        print(f"[ilq] interrupted ({e}); exit code {128 + e.signum}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("[ilq] interrupted (Ctrl-C); exit code 130", file=sys.stderr)
-        sys.exit(130)
+# ---------------------------------------------------------------------------------------------------- the command line
 
 
 def parse_flags(cls, argv: list, description: Optional[str] = None):
@@ -2539,19 +2585,6 @@ def parse_flags(cls, argv: list, description: Optional[str] = None):
     description = inspect.cleandoc(description or cls.__doc__)
     parsed = tyro.cli(nested, args=argv, description=description, config=(tyro.conf.OmitArgPrefixes,))
     return cls(**{k: v for g, _ in groups for k, v in vars(getattr(parsed, g)).items()})
-
-
-def parse_args(argv: list) -> Args:
-    """The command line as Args; with --resume only --stop-after may be given (even a flag equal to its default)."""
-    given = {a.split("=")[0] for a in argv if a.startswith("--")} - {"--resume", "--stop-after"}
-    if "--resume" in {a.split("=")[0] for a in argv} and given:
-        raise ILQError(f"--resume continues a run with its saved settings; drop {', '.join(sorted(given))}.")
-    return parse_flags(Args, argv)
-
-
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    run_cli(lambda: train(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def test_resume_equals_uninterrupted_and_run_folders_are_not_overwritten(tmp_pat
     monkeypatch.chdir(tmp_path)
     full = ilq.train(_tiny_args(tmp_path, run_name="full"))
     assert ilq.train(_tiny_args(tmp_path, run_name="half", stop_after=20)) == {}
-    assert json.load(open(tmp_path / "runs" / "half" / "checkpoint.json"))["updates"] == 20
+    assert ilq.read_checkpoint(tmp_path / "runs" / "half")[0]["updates"] == 20
     resumed = ilq.train(ilq.Args(resume=str(tmp_path / "runs" / "half")))
     assert resumed["seeds"] == full["seeds"]
     with pytest.raises(ilq.ILQError, match="already exists"):

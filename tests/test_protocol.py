@@ -71,12 +71,11 @@ def paper_sized():
 def test_chunk_sampled_update_equals_the_per_update_one_at_the_papers_sizes():
     cfg, frozen = paper_sized()
     keys = jax.random.split(jax.random.PRNGKey(5), 3)
-    # the chunk's samples: one batched chain == one chain per update (exactly the draws of ilb_targets)
-    chunk = np.asarray(ilq.presample_behavior(cfg, frozen, keys))
-    for u, key in enumerate(keys):
-        _, k_target, _ = jax.random.split(key, 3)
-        idx = jax.random.randint(jax.random.split(key, 3)[0], (cfg.batch_size,), 0, 2000)
-        one = ilq.diffusion_sample(frozen.behavior, frozen.data.observations[idx], ilq.target_keys(k_target)[4], 10)
+    # the chunk's samples: one batched chain == one chain per update (exactly the draws of the update)
+    idx, k_beh, _, _ = jax.vmap(lambda k: ilq.minibatch_draws(cfg, frozen, k))(keys)
+    chunk = np.asarray(ilq.presample_behavior(cfg, frozen, idx, k_beh))
+    for u in range(len(keys)):
+        one = ilq.diffusion_sample(frozen.behavior, frozen.data.observations[idx[u]], k_beh[u], 10)
         np.testing.assert_allclose(chunk[u], np.asarray(one), atol=2e-5)
     assert chunk.shape == (3, cfg.batch_size, 10, 3) and not np.allclose(chunk[0], chunk[1])
     # the update with them == the update that draws its own
@@ -95,16 +94,16 @@ def test_two_methods_in_one_run_with_a_worker_evaluator_and_a_resume_equal_the_s
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     assert ilq.train(_tiny_args(tmp_path, run_name="two", methods="ilq,no-limitation", eval_workers=1, stop_after=20)) == {}
-    assert json.load(open(tmp_path / "runs" / "two" / "checkpoint.json"))["updates"] == 20
+    assert ilq.read_checkpoint(tmp_path / "runs" / "two")[0]["updates"] == 20
     two = ilq.train(ilq.Args(resume=str(tmp_path / "runs" / "two")))
     single = ilq.train(_tiny_args(tmp_path, run_name="one", limitation=False, eval_workers=0))
     np.testing.assert_allclose(
         two["methods"]["no-limitation"]["seeds"][0]["returns"], single["seeds"][0]["returns"], rtol=1e-3
     )
     assert set(two["methods"]) == {"ilq", "no-limitation"} and two["learners"] == 2
+    assert [f for f in os.listdir(tmp_path / "runs" / "two") if "checkpoint" in f] == ["checkpoint.msgpack"]  # one file
     for m in ("ilq", "no-limitation"):
         assert any(f.startswith("events.out") for f in os.listdir(tmp_path / "runs" / "two" / m / "seed_1"))
-        assert (tmp_path / "runs" / "two" / f"checkpoint-{m}.msgpack").exists()
     assert "final_normalized_score" not in two  # per method only: no number that mixes methods
 
 

@@ -89,9 +89,9 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_runs_only_the_rest_bit_for_bit(
     assert exit_info.value.code == 130
     out = capsys.readouterr()
     assert "interrupted at update 20; checkpoint saved" in out.out and "Traceback" not in out.err
-    assert json.load(open(tmp_path / "runs" / "cut" / "checkpoint.json"))["updates"] == 20
+    assert ilq.read_checkpoint(tmp_path / "runs" / "cut")[0]["updates"] == 20
     assert not (tmp_path / "runs" / "cut" / "summary.json").exists()
-    cut_wall = json.load(open(tmp_path / "runs" / "cut" / "checkpoint.json"))["wall_time_s"]
+    cut_wall = ilq.read_checkpoint(tmp_path / "runs" / "cut")[0]["wall_time_s"]
     calls.clear()
     _counting_update_fn(monkeypatch, calls)
     t0 = time.time()
@@ -99,9 +99,7 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_runs_only_the_rest_bit_for_bit(
     resume_s = time.time() - t0
     assert sum(calls) == 20  # only the remaining updates ran
     assert resumed["seeds"] == full["seeds"]
-    assert (tmp_path / "runs" / "cut" / "checkpoint-ilq.msgpack").read_bytes() == (
-        tmp_path / "runs" / "full" / "checkpoint-ilq.msgpack"
-    ).read_bytes()
+    assert ilq.read_checkpoint(tmp_path / "runs" / "cut")[1] == ilq.read_checkpoint(tmp_path / "runs" / "full")[1]
     # the resumed run's wall time counts both invocations, and the finished run cannot be resumed again
     assert cut_wall > 0 and cut_wall + 0.5 * resume_s < resumed["wall_time_s"] <= cut_wall + resume_s + 0.5
     before = (tmp_path / "runs" / "cut" / "summary.json").read_bytes()
@@ -138,12 +136,12 @@ def _variant(stopped_run, tmp_path, damage=None, remove=None):
 @pytest.mark.parametrize(
     "name,payload",
     [
-        ("checkpoint-ilq.msgpack", b"\x00garbage"),
-        ("checkpoint.json", b"{not json"),
-        ("checkpoint.json", b"[20]"),
-        ("checkpoint.json", b'{"updates": 20}'),
+        ("checkpoint.msgpack", b"\x00garbage"),
+        ("checkpoint.msgpack", b"{not msgpack"),
+        ("checkpoint.msgpack", b"\x91\x14"),  # a msgpack list [20], not a checkpoint
+        ("checkpoint.msgpack", b"\x81\xa7updates\x14"),  # {"updates": 20} alone
         ("args.json", b"[1, 2"),
-        ("checkpoint-ilq.msgpack", b""),
+        ("checkpoint.msgpack", b""),
     ],
 )
 def test_damaged_run_files_give_one_error_naming_the_file_and_nothing_is_deleted(stopped_run, tmp_path, name, payload):
@@ -155,8 +153,8 @@ def test_damaged_run_files_give_one_error_naming_the_file_and_nothing_is_deleted
 
 
 def test_resume_without_checkpoint_is_an_error_not_a_fresh_start(stopped_run, tmp_path):
-    run = _variant(stopped_run, tmp_path, remove="checkpoint-ilq.msgpack")
-    with pytest.raises(ilq.ILQError, match="checkpoint-ilq.msgpack is missing"):
+    run = _variant(stopped_run, tmp_path, remove="checkpoint.msgpack")
+    with pytest.raises(ilq.ILQError, match="checkpoint.msgpack is missing"):
         ilq.train(ilq.Args(resume=str(run)))
 
 
