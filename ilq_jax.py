@@ -1520,12 +1520,16 @@ class Interrupted(Exception):
 @contextlib.contextmanager
 def deferred_signals():
     """Ctrl-C and SIGTERM set a flag that the loop reads between jitted calls (checkpoint, one line, exit code 128 +
-    the signal); a second one acts at once. Nothing is interrupted inside XLA or MuJoCo."""
+    the signal). A second one ends the process at once with that exit code, without unwinding through a jitted call
+    (raising inside JAX's dispatch could crash the interpreter): the last checkpoint stays the run's."""
     stop = {"signal": None}
 
     def handler(signum, frame):
+        if stop["signal"] is not None:
+            print(f"[ilq] {signal.Signals(signum).name} again: exit code {128 + signum}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)
         stop["signal"] = signum
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -2360,7 +2364,7 @@ def resume_args(args: Args) -> Args:
     what = f"a JSON {type(saved).__name__}, not an object of settings"
     if isinstance(saved, dict):
         problems = dict(missing=[flag(k) for k in names if k not in saved], unknown=[k for k in saved if k not in names])
-        defaults = {k: getattr(Args(), k) for k in names}  # a value of another type than its default's (None: any)
+        defaults = dataclasses.asdict(resolve_args(Args()))  # a value of another type than the default's (None: any)
         kinds = lambda d: object if d is None else (int, float) if isinstance(d, float) else type(d)  # noqa: E731
         problems["mistyped"] = [f"{flag(k)} = {v!r}" for k, v in saved.items() if not isinstance(v, kinds(defaults.get(k, v)))]
         what = "; ".join(f"{problem} {', '.join(keys)}" for problem, keys in problems.items() if keys)

@@ -31,11 +31,10 @@ def deviations(cfg, state, frozen, frozen_bf16, keys) -> dict:
     """{quantity: (float32 values, bfloat16 values)} over the minibatches of `keys`, the same draws for both."""
 
     def parts(fr, key):
-        k_batch, k_target, _ = jax.random.split(key, 3)  # minibatch and target keys as ilq_jax.minibatch_targets
-        idx = jax.random.randint(k_batch, (cfg.batch_size,), 0, fr.data.rewards.shape[0])
+        idx, _, k_target, _ = ilq.minibatch_draws(cfg, fr, key)
         batch = jax.tree_util.tree_map(lambda x: x[idx], fr.data)
-        t = ilq.ilb_targets(cfg, state, fr, batch, None, k_target)
-        _, _, k_img, _, k_beh = ilq.target_keys(k_target)
+        t = ilq.ilb_targets(cfg, state, fr, batch, None, k_target)  # draws its behaviour actions with its own key
+        _, _, k_img, _, k_beh = jax.random.split(k_target, 5)  # ilb_targets' keys
         s_img = ilq.dynamics_step(fr.dynamics, t.s_ood, t.a_ood, k_img)[0]
         a_beh = ilq.diffusion_sample(fr.behavior, batch.observations, k_beh, cfg.num_behavior_samples)
         return dict(s_img=s_img, a_beh=a_beh, y_img=t.y_img, y_lmt=t.y_lmt, y_ood=t.y_ood)
@@ -66,7 +65,7 @@ def main(argv=None):
     args = ilq.resolve_args(ilq.Args(env_id=a.dataset, dataset_path=a.dataset_path, budget=a.budget, download=False))
     data, info = ilq.load_dataset(args)
     dynamics, behavior = ilq.load_or_pretrain(args, data, info)
-    cfg = ilq.learner_config(args, ilq.effective_hparams(args, info), info)
+    cfg = ilq.learner_config(args, info)
     frozen = ilq.Frozen(data, dynamics, behavior)
     frozen_bf16 = ilq.Frozen(data, ilq.low_precision(dynamics), ilq.low_precision(behavior))
     state = ilq.init_train_state(cfg, jax.random.PRNGKey(a.seed))

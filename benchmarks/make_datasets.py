@@ -414,19 +414,8 @@ def make_medium_datasets(a) -> None:
     env = ilq.make_d4rl_locomotion(a.robot)
     eval_envs = gym.vector.SyncVectorEnv([partial(ilq.make_d4rl_locomotion, a.robot) for _ in range(a.eval_episodes)])
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    cfg = ilq.ILQConfig(
-        obs_dim,
-        act_dim,
-        eta=1.0,
-        delta=0.0,
-        penalty_coef=0.0,
-        critic_lr=3e-4,
-        actor_lr=3e-4,
-        entropy=True,
-        cosine_lr=False,
-        total_steps=a.max_steps,
-        num_hidden=SAC_HIDDEN_LAYERS,
-    )
+    # online SAC (sac_update) on ilq_jax's networks and optimisers: no ILQ target, so eta / delta play no part
+    cfg = ilq.ILQConfig.for_task(None, obs_dim, act_dim, a.max_steps, eta=1.0, critic_lr=3e-4, num_hidden=SAC_HIDDEN_LAYERS)
     k_init, k_act, k_update, k_rollout = jax.random.split(jax.random.PRNGKey(a.seed), 4)
     state = ilq.init_train_state(cfg, k_init)
     update = make_sac_step(cfg)

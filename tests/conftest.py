@@ -43,19 +43,46 @@ def run_training_cli(tmp_path, run_name, *argv, timeout=900):
 
 import pytest  # noqa: E402
 
+# The tiny run of the CLI tests: a 3000-step generated dataset, 40 updates, an evaluation every 20, small networks.
+TINY_RUN = dict(random_dataset_steps=3000, total_steps=40, updates_per_call=10, eval_interval=20, eval_episodes=2,
+                dynamics_epochs=1, diffusion_steps=100, hidden_dim=32, dynamics_hidden=32, batch_size=32,
+                num_behavior_samples=3)  # fmt: skip
+
+
+def tiny_flags(**kw) -> list:
+    """The tiny run as command-line flags; kw: other values (None leaves a flag out)."""
+    return [x for k, v in {**TINY_RUN, **kw}.items() if v is not None for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+TINY = tiny_flags()
+
+
+def tiny_args(tmp_path, **kw):
+    """The tiny run as ilq_jax.Args, its model cache in tmp_path."""
+    import ilq_jax as ilq
+
+    return ilq.Args(**{**TINY_RUN, "model_dir": str(tmp_path / "models"), **kw})
+
+
+def tiny_config(obs_dim=5, act_dim=2, total_steps=100, **overrides):
+    """A small ILQConfig for the tests with random networks: ILQConfig.for_task with settings away from 0 and 1."""
+    import ilq_jax as ilq
+
+    kw = dict(eta=0.7, delta=0.3, penalty_coef=0.5, critic_lr=1e-3, actor_lr=1e-3, batch_size=8, num_behavior_samples=4,
+              num_ood_actions=2, hidden_dim=32, num_hidden=2)  # fmt: skip
+    return ilq.ILQConfig.for_task(None, obs_dim, act_dim, total_steps, **{**kw, **overrides})
+
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run stopped after 20 of 40 updates (--stop-after), with its checkpoint (one per test module)."""
-    from test_learner import _tiny_args
-
     import ilq_jax as ilq
 
     tmp = tmp_path_factory.mktemp("stopped")
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
-        assert ilq.train(_tiny_args(tmp, run_name="half", stop_after=20)) == {}
+        assert ilq.train(tiny_args(tmp, run_name="half", stop_after=20)) == {}
     finally:
         os.chdir(cwd)
     return tmp / "runs" / "half"

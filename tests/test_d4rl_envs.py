@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import run_training_cli
+from conftest import run_training_cli, tiny_flags
 
 import ilq_jax as ilq
 from benchmarks import make_datasets as md
@@ -597,28 +597,7 @@ def test_pipeline_end_to_end_on_locally_made_d4rl_format_data(task, make, tmp_pa
         timeout=600,
     )
     assert made.returncode == 0, made.stderr[-3000:]
-    tiny = [
-        "--total-steps",
-        "20",
-        "--updates-per-call",
-        "10",
-        "--eval-interval",
-        "10",
-        "--eval-episodes",
-        "2",
-        "--dynamics-epochs",
-        "1",
-        "--diffusion-steps",
-        "20",
-        "--hidden-dim",
-        "32",
-        "--dynamics-hidden",
-        "32",
-        "--batch-size",
-        "32",
-        "--num-behavior-samples",
-        "3",
-    ]
+    tiny = tiny_flags(random_dataset_steps=None, total_steps=20, eval_interval=10, diffusion_steps=20)
     _, summary = run_training_cli(tmp_path, "e2e", "--env-id", task, "--dataset-path", str(data), *tiny)
     assert summary["evaluation"]["env"] == ("D4RL-maze2d-umaze" if make == "maze2d" else "D4RL-pen-human")
     assert "LOCALLY MADE" in summary["dataset"]["source"] and "NOT a D4RL dataset" in summary["dataset"]["source"]

@@ -15,8 +15,9 @@ import threading
 import h5py
 import numpy as np
 import pytest
+from conftest import TINY
+from conftest import tiny_args as _tiny_args
 from test_data import write_d4rl
-from test_learner import TINY, _tiny_args
 from test_models import tiny_problem
 
 import ilq_jax as ilq

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_training_cli
+from conftest import run_training_cli, tiny_config
 
 import ilq_jax as ilq
 from benchmarks.tabular_ilb import TabularMDP, ilb_fixed_point, limitation_value, one_step_backup
@@ -255,25 +255,7 @@ def train_state(cfg, actor_params, critic_params, target_params, log_alpha):
 
 
 def make_setup(seed=0, family="hopper", **overrides):
-    kw = dict(
-        obs_dim=OBS,
-        act_dim=ACT,
-        eta=0.7,
-        delta=0.3,
-        penalty_coef=0.5,
-        critic_lr=1e-3,
-        actor_lr=1e-3,
-        entropy=True,
-        cosine_lr=False,
-        total_steps=100,
-        batch_size=B,
-        num_behavior_samples=M,
-        num_ood_actions=N_OOD,
-        hidden_dim=16,
-        num_hidden=2,
-    )
-    kw.update(overrides)
-    cfg = ilq.ILQConfig(**kw)
+    cfg = tiny_config(OBS, ACT, batch_size=B, num_behavior_samples=M, num_ood_actions=N_OOD, hidden_dim=16, **overrides)
     rng = np.random.default_rng(seed)
     f32 = jnp.float32
     # Dynamics: random swish layers; a small output layer (|s' - s| ~ 0.05) and sigma ~ 0.03, so an imagined state

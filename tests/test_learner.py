@@ -1,7 +1,6 @@
 """The ILQ learner: the fused jitted ILB target against a plain step-by-step computation of Eq. 16-20,
 its invariants, gradient isolation, determinism, NaN handling, and the CLI (summary.json, resume)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_training_cli
+from conftest import TINY, run_training_cli, tiny_config
+from conftest import tiny_args as _tiny_args
 
 import ilq_jax as ilq
 
@@ -20,25 +20,7 @@ OBS, ACT, B, N_OOD, M = 5, 2, 8, 2, 4
 
 def setup(seed=0, family="hopper", **overrides):
     """Random (untrained) networks and models: the target must be right for any parameters."""
-    kw = dict(
-        obs_dim=OBS,
-        act_dim=ACT,
-        eta=0.7,
-        delta=0.3,
-        penalty_coef=0.5,
-        critic_lr=1e-3,
-        actor_lr=1e-3,
-        entropy=True,
-        cosine_lr=False,
-        total_steps=100,
-        batch_size=B,
-        num_behavior_samples=M,
-        num_ood_actions=N_OOD,
-        hidden_dim=32,
-        num_hidden=2,
-    )
-    kw.update(overrides)
-    cfg = ilq.ILQConfig(**kw)
+    cfg = tiny_config(OBS, ACT, batch_size=B, num_behavior_samples=M, num_ood_actions=N_OOD, **overrides)
     k = jax.random.split(jax.random.PRNGKey(seed), 8)
     dyn_net = ilq.DynamicsEnsemble(OBS + 1, 3, 16, 4)
     dyn = ilq.DynamicsModel(
@@ -301,52 +283,10 @@ def test_numeric_flags_are_validated_before_any_work():
     assert ilq.resolve_args(ilq.Args(total_steps=50)).total_steps == 50
 
 
-TINY = [
-    "--random-dataset-steps",
-    "3000",
-    "--total-steps",
-    "40",
-    "--updates-per-call",
-    "10",
-    "--eval-interval",
-    "20",
-    "--eval-episodes",
-    "2",
-    "--dynamics-epochs",
-    "1",
-    "--diffusion-steps",
-    "100",
-    "--hidden-dim",
-    "32",
-    "--dynamics-hidden",
-    "32",
-    "--batch-size",
-    "32",
-    "--num-behavior-samples",
-    "3",
-]
-
-
-def _tiny_args(tmp_path, **kw):
-    return ilq.Args(
-        random_dataset_steps=3000,
-        total_steps=40,
-        updates_per_call=10,
-        eval_interval=20,
-        eval_episodes=2,
-        dynamics_epochs=1,
-        diffusion_steps=100,
-        hidden_dim=32,
-        dynamics_hidden=32,
-        batch_size=32,
-        num_behavior_samples=3,
-        model_dir=str(tmp_path / "models"),
-        **kw,
-    )
-
-
 def test_cli_tiny_run_writes_summary(tmp_path):
     out, summary = run_training_cli(tmp_path, "tiny", *TINY)
+    first = out.stdout.splitlines()[0]  # the budget, why, and the flag that changes it
+    assert first.startswith("[ilq] budget 'cpu': data generated here") and "--budget cpu|paper" in first, first
     for key in (
         "final_normalized_score",
         "dataset_mean_normalized_return",
@@ -444,8 +384,10 @@ README_SNIPPET_RUN = r"""
 import sys, types
 for name in ("gymnasium", "minari", "h5py", "tyro", "tensorboard"):  # Part II's libraries: importing one fails
     sys.modules[name] = None
-text = open(sys.argv[1]).read()
-module = sys.modules["ilq_jax"] = types.ModuleType("ilq_jax")  # `import ilq_jax` gives Part I alone
+sys.path.insert(0, sys.argv[1])
+import ilq_jax  # the whole file imports without them
+module = sys.modules["ilq_jax"] = types.ModuleType("ilq_jax")  # and Part I copied alone is enough for the snippet
+text = open(ilq_jax.__file__).read()
 exec(compile(text[: text.index("\n# Part II")], "part_one", "exec"), module.__dict__)
 readme = open(sys.argv[2]).read()
 snippet = readme.split("**Use ILQ in your own code**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
@@ -454,11 +396,12 @@ exec(compile(snippet, "README snippet", "exec"), {})
 
 
 def test_the_readme_snippet_runs_on_part_one_alone():
-    """The README's "use ILQ in your own code" snippet, taken from the README's text, runs with `ilq_jax` being Part I
-    alone (Part II's libraries cannot be imported) and prints the shape of 10 updates' losses."""
+    """`import ilq_jax` works where gymnasium, tyro, h5py, minari and tensorboard cannot be imported, and the README's
+    "use ILQ in your own code" snippet, taken from the README's text, runs with `ilq_jax` being Part I alone and prints
+    the shape of 10 updates' losses."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        [sys.executable, "-c", README_SNIPPET_RUN, os.path.join(root, "ilq_jax.py"), os.path.join(root, "README.md")],
+        [sys.executable, "-c", README_SNIPPET_RUN, root, os.path.join(root, "README.md")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -481,3 +424,15 @@ def test_adroit_alpha_reading_is_a_flag_zero_by_default_or_fixed():
         assert float(new_state.log_alpha) == float(state.log_alpha)  # not tuned
         _, metrics = ilq.ilq_update(cfg, state, frozen, key)
         assert float(metrics["losses/alpha"]) == pytest.approx(fixed)
+
+
+def test_the_default_budget_is_the_papers_on_an_accelerator_and_the_short_one_on_cpu(monkeypatch):
+    """The card's command (a D4RL name, no --budget) runs the paper's 1e6 updates on a GPU/TPU, the CPU budget here;
+    the data generated here keep the short budget everywhere; --budget always wins."""
+    d4rl = ilq.Args(env_id="walker2d-medium-replay")
+    assert (ilq.resolve_args(d4rl).budget, ilq.resolve_args(d4rl).total_steps) == ("cpu", 5_000)
+    monkeypatch.setattr(ilq.jax, "default_backend", lambda: "gpu")  # the platform faked as a GPU
+    assert (ilq.resolve_args(d4rl).budget, ilq.resolve_args(d4rl).total_steps) == ("paper", 1_000_000)
+    assert "gpu" in ilq.default_budget(d4rl.env_id)[1] and "--budget" not in ilq.default_budget(d4rl.env_id)[1]
+    assert ilq.resolve_args(ilq.Args()).budget == "cpu"  # ilq-local/hopper/random-v0
+    assert ilq.resolve_args(ilq.Args(env_id="walker2d-medium-replay", budget="cpu")).budget == "cpu"

@@ -3,7 +3,6 @@ method and seed; the behaviour samples of a chunk of updates drawn in one chain 
 (at the paper's sizes); evaluation in a worker process equals evaluation in the training loop; the learner axis
 split over two devices gives the same learners."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from test_learner import _tiny_args, setup
+from conftest import tiny_args as _tiny_args
+from test_learner import setup
 
 import ilq_jax as ilq
 
@@ -56,8 +56,7 @@ def test_each_method_seed_learner_of_the_batch_is_the_single_run_of_that_method_
 def paper_sized():
     """Hopper's sizes and the paper's networks (Table 3), random parameters and data."""
     obs, act = 11, 3
-    cfg = ilq.ILQConfig(obs, act, eta=0.8, delta=-0.5, penalty_coef=1.0, critic_lr=3e-4, actor_lr=1e-4, entropy=True,
-                        cosine_lr=False, total_steps=1000)  # fmt: skip
+    cfg = ilq.ILQConfig.for_task("hopper-medium-replay", obs, act, total_steps=1000)  # eta 0.8, delta -0.5, penalty 1
     k = jax.random.split(jax.random.PRNGKey(0), 6)
     n = 2000
     data = ilq.Transitions(jax.random.normal(k[0], (n, obs)), jax.random.uniform(k[1], (n, act), minval=-1, maxval=1),

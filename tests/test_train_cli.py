@@ -3,7 +3,6 @@
 folder can be damaged or misused ending in one clear error."""
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -16,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_training_cli
-from test_learner import TINY, _tiny_args, setup
+from conftest import TINY, run_training_cli
+from conftest import tiny_args as _tiny_args
+from test_learner import setup
 
 import ilq_jax as ilq
 import pretrain_models
@@ -216,7 +216,7 @@ def test_every_flag_of_ilq_jax_is_documented_none_is_explained_and_booleans_are_
         if f.type in ("bool", "FlagOrPaper"):  # one style: --flag / --no-flag
             assert options[name].startswith(f"{name}, --no-{name[2:]}"), options[name]
     assert "{None,True,False}" not in text and "True|False" not in text
-    assert "5-10 min on 2 CPU cores" in options["--budget"]  # measured: 4 min 55 s and 10 min 25 s (README)
+    assert "5-10 min on 2 CPU cores" in options["--budget"]  # measured: 4 min 55 s and 10 min 25 s (benchmarks/RESULTS.md)
     assert "(Tables 3-6)" in text  # the description says where None values come from
 
 

@@ -9,8 +9,7 @@ import sys
 
 import h5py
 import numpy as np
-from conftest import run_training_cli
-from test_learner import TINY
+from conftest import TINY, run_training_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

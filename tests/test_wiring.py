@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_learner import _tiny_args
+from conftest import tiny_args as _tiny_args
 
 import ilq_jax as ilq
 
