@@ -814,6 +814,7 @@ def train_diffusion(
 import contextlib
 import json
 import os
+import shutil
 import sys
 from typing import Literal
 
@@ -843,12 +844,12 @@ class RunFlags:
     # no-limitation (Sec. 5.4's ablations); None: one method, ilq or what --no-imagination / --no-limitation make it
     methods: Optional[str] = None
     run_name: Optional[str] = None  # run folder under runs/ (None: <dataset>__<exp-name>__<seed>__<unix time>)
-    # continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after may be added
-    # (None: a new run)
+    # continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after, --time-box-min
+    # and --eval-workers may be added (None: a new run)
     resume: Optional[str] = None
     stop_after: Optional[int] = None  # stop after this many updates in this call, with a checkpoint (None: run to the end)
-    # end the run at the first evaluation after this many minutes since the start, as a finished run whose summary says
-    # how far it got (None: all --total-steps)
+    # end the run at the first evaluation after this many minutes of this invocation, with a checkpoint and a summary
+    # that says how far it got; --resume continues it (None: no time box)
     time_box_min: Optional[float] = None
     # cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: 5-10 min on 2 CPU cores); paper: 1e6
     # updates, 3e5 diffusion steps, 40 dynamics epochs (Table 3); None: paper on a GPU/TPU, cpu on a CPU and for the
@@ -1115,8 +1116,14 @@ def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, r
     dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
     side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
     side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
-    _atomic_write(path, flax.serialization.to_bytes(model))
-    _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(dict(side, versions=package_versions()), indent=2).encode())
+    payload, side = flax.serialization.to_bytes(model), dict(side, versions=package_versions())
+    side["msgpack_sha256"] = sha256(payload)
+    side["sidecar_sha256"] = sha256(json.dumps(side, sort_keys=True).encode())  # of everything above it
+    try:
+        _atomic_write(path, payload)
+        _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(side, indent=2).encode())
+    except OSError as e:  # a read-only or full cache: this run goes on with the model in memory
+        print(f"[models] warning: could not cache the {kind} model in {path} ({e.strerror or e}); it is used from memory")
     return model
 
 
@@ -1176,7 +1183,8 @@ def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int,
 
 def pretrained_models(args: Args, data: Transitions, info: DatasetInfo, methods: tuple, stop: dict):
     """Algorithm 1, lines 2-3 (load_or_pretrain), stoppable between jitted calls: a model trained before an interrupt
-    stays cached. Returns the frozen inputs of the update and the pretraining scalars for TensorBoard."""
+    stays cached. Returns the frozen inputs of the update, the pretraining scalars for TensorBoard, and what the run
+    trains on: each model's file and the SHA-256 of its bytes (checked on --resume)."""
     scalars = []
 
     def check():
@@ -1184,6 +1192,10 @@ def pretrained_models(args: Args, data: Transitions, info: DatasetInfo, methods:
             raise Interrupted(stop["signal"])
 
     dynamics, behavior = load_or_pretrain(args, data, info, report=PretrainProgress(lambda *s: scalars.append(s), check))
+    models = {}
+    for kind, model in zip(MODEL_KINDS, (dynamics, behavior)):
+        path = getattr(args, MODEL_KINDS[kind][0]) or artifact_path(args, info, kind)
+        models[kind] = dict(path=path, sha256=sha256(flax.serialization.to_bytes(model)))
     if args.bf16_models:
         dynamics, behavior = low_precision(dynamics), low_precision(behavior)
     bank = None
@@ -1191,7 +1203,7 @@ def pretrained_models(args: Args, data: Transitions, info: DatasetInfo, methods:
         t0 = time.time()
         bank = make_behavior_bank(behavior, data.observations, args.num_behavior_samples, args.pretrain_seed)
         print(f"[models] behaviour bank: {bank.shape[0]} states x {bank.shape[1]} actions in {time.time() - t0:.1f}s")
-    return Frozen(data, dynamics, behavior, bank), scalars
+    return Frozen(data, dynamics, behavior, bank), scalars, models
 
 
 # -------------------------------------------------------------------------- Algorithm 1, lines 4-12: the training loop
@@ -1241,11 +1253,24 @@ def train(args: Args) -> dict:
     # learner (m, s) starts as the single run of method m with --seed s would: init and update keys from s alone
     seed_keys = jnp.stack([jax.random.PRNGKey(s) for _, s in learners])
     template = jax.eval_shape(jax.vmap(partial(init_train_state, cfg)), seed_keys)
-    state, progress = load_checkpoint(run_dir, template) if args.resume else (None, new_progress())
 
     with deferred_signals() as stop, contextlib.ExitStack() as on_exit:  # closes the folder lock, logs, workers
+        # --- the run folder: taken (locked) before minutes of pretraining; a new one is removed if training never starts ---
+        with errors_as(f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."):
+            os.makedirs(run_dir, exist_ok=bool(args.resume))
+            on_exit.callback(lock_run_folder(run_dir).close)
+        if not args.resume:  # (a run folder without a checkpoint never trained: it goes)
+            on_exit.callback(lambda: os.path.exists(os.path.join(run_dir, CHECKPOINT)) or shutil.rmtree(run_dir, True))
+        state, progress = load_checkpoint(run_dir, template) if args.resume else (None, new_progress())
+        inputs = dict(dataset=dict(name=info.name, fingerprint=info.fingerprint))  # what the run trains on
+        if args.resume:
+            same_inputs(run_dir, progress["inputs"], inputs)
+
         # --- Algorithm 1, lines 2-3: the frozen models (cached, or pretrained now; stoppable between jitted calls) ---
-        frozen, pretrain_scalars = pretrained_models(args, data, info, methods, stop)
+        frozen, pretrain_scalars, models = pretrained_models(args, data, info, methods, stop)
+        inputs.update(models)
+        if args.resume:
+            same_inputs(run_dir, progress["inputs"], inputs)
         # --- Algorithm 1, line 1: the learners, on the devices; the update of many (method, seed) learners ---
         state = jax.vmap(partial(init_train_state, cfg))(seed_keys) if state is None else state
         run_keys = jnp.stack([jax.random.fold_in(k, 1) for k in seed_keys])
@@ -1255,11 +1280,11 @@ def train(args: Args) -> dict:
         update_keys = jax.jit(jax.vmap(lambda rk, us: jax.vmap(partial(jax.random.fold_in, rk))(us), in_axes=(0, None)))
         print(f"[ilq] {len(learners)} learner(s) in one jitted call; train state {seed_bytes / 2**20:.1f} MiB per learner")
 
-        # --- the run folder (made now that the models exist, and locked), its logs and the evaluator ---
-        with errors_as(f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."):
-            os.makedirs(run_dir, exist_ok=bool(args.resume))
-            on_exit.callback(lock_run_folder(run_dir).close)
-            if not args.resume:  # its settings, a checkpoint at update 0 (a run folder always has one), pretraining curves
+        # --- a new run's files: its settings, a checkpoint at update 0 (a run folder always has one), pretraining curves;
+        # then the learners' logs and the evaluator ---
+        if not args.resume:
+            progress["inputs"] = inputs
+            with errors_as(f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."):
                 _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
                 save_checkpoint(run_dir, state, progress)
                 log = TensorBoard(os.path.join(run_dir, "pretrain"))
@@ -1271,7 +1296,7 @@ def train(args: Args) -> dict:
         for w in writers:
             on_exit.callback(w.close)
         workers = args.eval_workers if args.eval_workers is not None else int(jax.default_backend() != "cpu")
-        evaluator = Evaluator(info, cfg, len(learners), args.eval_episodes, workers)
+        evaluator = Evaluator(info, cfg, len(learners), args.eval_episodes, workers, run_dir)
         on_exit.callback(evaluator.close)
         wall_before, last_print, start = progress["wall_time_s"], time.time(), progress["updates"]
         while progress["updates"] < args.total_steps:
@@ -1393,7 +1418,8 @@ def learners_policy(cfg: ILQConfig, n_learners: int, episodes: int):
 
 def new_progress() -> dict:
     """The progress record of a run, saved in every checkpoint: updates done, the evaluations so far, times."""
-    return dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], train_time_s=0.0, wall_time_s=0.0)
+    times = dict(train_time_s=0.0, wall_time_s=0.0)
+    return dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], inputs={}, **times)
 
 
 def summarize(progress: dict, seeds: list, rows: slice) -> dict:
@@ -1432,7 +1458,8 @@ def write_summary(
     summary.update(dataset_mean_normalized_return=None if ds_norm is None else float(ds_norm.mean()))
     summary.update(dataset_mean_return=float(info.episode_returns.mean()), evaluation=evaluation)
     summary.update(updates_per_second=progress["updates"] / progress["train_time_s"], train_time_s=progress["train_time_s"])
-    summary.update(wall_time_s=progress["wall_time_s"], train_state_bytes_per_seed=int(state_bytes), learners=len(methods) * n)
+    summary.update(inputs=progress["inputs"], wall_time_s=progress["wall_time_s"], learners=len(methods) * n)
+    summary.update(train_state_bytes_per_seed=int(state_bytes))
     summary.update(updates=progress["updates"], ended_by_time_box=progress["updates"] < args.total_steps)
     dataset = dict(name=info.name, source=info.source, fingerprint=info.fingerprint, ref_min=info.ref_min)
     summary.update(dataset=dict(dataset, ref_max=info.ref_max), args=dataclasses.asdict(args))
@@ -1458,9 +1485,9 @@ def write_summary(
 
 
 def parse_args(argv: list) -> Args:
-    """The command line as Args; with --resume only --stop-after may be given (even a flag equal to its default)."""
+    """The command line as Args; --resume refuses every flag that would change a learner, even one given its default."""
     if "--resume" in {a.split("=")[0] for a in argv}:
-        only_stop_after_with_resume(sorted({a.split("=")[0] for a in argv if a.startswith("--")}))
+        refuse_flags_with_resume(sorted({a.split("=")[0] for a in argv if a.startswith("--")}))
     return parse_flags(Args, argv)
 
 
@@ -2254,6 +2281,10 @@ def package_versions() -> dict:
     return out
 
 
+def sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
 def _atomic_write(path: str, payload: bytes) -> None:
     """path holds the old bytes or the new ones, never a part; a failed write (a full disk) leaves no temporary file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -2298,6 +2329,9 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
     with errors_as(f"The sidecar '{side_path}' of '{path}' is damaged", advice):
         side = json.loads(open(side_path).read())
         ds, config = side.get("dataset", {}), dict(side["config"])
+        written = {k: v for k, v in side.items() if k != "sidecar_sha256"}
+        if sha256(json.dumps(written, sort_keys=True).encode()) != side["sidecar_sha256"]:
+            raise ValueError("it was changed since it was written: its content does not match its sidecar_sha256")
         if side.get("kind") in MODEL_KINDS:  # what the cache reads: the training length and the reported metric
             metric = side["metrics"][MODEL_KINDS[side["kind"]][3]]
             if not (isinstance(side["trained"], int) and isinstance(metric, (int, float))):
@@ -2316,7 +2350,10 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
     init = partial(init_dynamics, family=info.family) if kind == "dynamics" else init_behavior
     template = jax.eval_shape(partial(init, info.obs_dim, info.act_dim, **config))
     with errors_as(f"'{path}' does not match its sidecar's architecture or is damaged", advice):
-        model = flax.serialization.from_bytes(template, open(path, "rb").read())
+        raw = open(path, "rb").read()
+        if sha256(raw) != side["msgpack_sha256"]:
+            raise ValueError("its bytes do not match the msgpack_sha256 its sidecar records")
+        model = flax.serialization.from_bytes(template, raw)
         if [x.shape for x in jax.tree_util.tree_leaves(model)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
             raise ValueError("its arrays have other shapes than the sidecar's architecture")
     return model, side
@@ -2343,9 +2380,13 @@ def lock_run_folder(run_dir: str):
     return handle
 
 
-def only_stop_after_with_resume(flags: list) -> None:
-    """--resume continues a run with its saved settings: only --stop-after may come with it."""
-    if flags := [f for f in flags if f not in ("--resume", "--stop-after")]:
+RESUME_MAY_SET = ("resume", "stop_after", "time_box_min", "eval_workers")  # they change no learner
+
+
+def refuse_flags_with_resume(flags: list) -> None:
+    """--resume continues a run with its saved settings: only --stop-after, --time-box-min and --eval-workers may come
+    with it."""
+    if flags := [f for f in flags if f not in map(flag, RESUME_MAY_SET)]:
         raise ILQError(
             f"--resume continues a run with its saved settings; drop {', '.join(flags)} (to train longer, start a new "
             "run with a larger --total-steps)."
@@ -2355,7 +2396,7 @@ def only_stop_after_with_resume(flags: list) -> None:
 def resume_args(args: Args) -> Args:
     """The saved settings of the run in --resume; refused when other flags are set or the saved file lacks a setting
     of this version or has one it does not know."""
-    only_stop_after_with_resume([flag(f.name) for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default])
+    refuse_flags_with_resume([flag(f.name) for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default])
     saved = _read_run_file(args.resume, "args.json", "no run of ilq_jax.py")
     names, where = (
         [f.name for f in dataclasses.fields(Args)],
@@ -2373,10 +2414,11 @@ def resume_args(args: Args) -> Args:
             f"{where} does not hold this version's settings ({what}). It was written by another version of ilq_jax.py "
             "or edited; start a new run (nothing was changed in the run folder)."
         )
-    if os.path.exists(os.path.join(args.resume, "summary.json")):
-        summary = os.path.join(args.resume, "summary.json")
+    summary = os.path.join(args.resume, "summary.json")
+    if os.path.exists(summary) and read_checkpoint(args.resume)[0]["updates"] >= saved["total_steps"]:
         raise ILQError(f"--resume {args.resume}: the run has finished; its results are in {summary}.")
-    return dataclasses.replace(Args(**saved), resume=args.resume, stop_after=args.stop_after)
+    given = {k: getattr(args, k) for k in RESUME_MAY_SET if getattr(args, k) is not None}  # a time-boxed run goes on
+    return dataclasses.replace(Args(**saved), **{"stop_after": None, "time_box_min": None, **given})
 
 
 def _read_run_file(run_dir: str, name: str, what: str):
@@ -2396,7 +2438,7 @@ def save_checkpoint(run_dir: str, state: TrainState, progress: dict) -> None:
     """The run's one checkpoint: every learner's train state and the progress record in one file with the state's
     SHA-256, written by rename, so the previous checkpoint stays whole until the new one is (a full disk, kill -9)."""
     state_bytes = flax.serialization.to_bytes(jax.device_get(state))
-    record = dict(progress=json.dumps(progress), sha256=hashlib.sha256(state_bytes).hexdigest(), state=state_bytes)
+    record = dict(progress=json.dumps(progress), sha256=sha256(state_bytes), state=state_bytes)
     with errors_as(f"Could not write a checkpoint into {run_dir}", "Free disk space and --resume the run."):
         _atomic_write(os.path.join(run_dir, CHECKPOINT), flax.serialization.msgpack_serialize(record))
 
@@ -2408,11 +2450,21 @@ def read_checkpoint(run_dir: str) -> tuple[dict, bytes]:
     with errors_as(f"--resume {run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
         record = flax.serialization.msgpack_restore(raw)
         progress, state_bytes = json.loads(record["progress"]), record["state"]
-        if hashlib.sha256(state_bytes).hexdigest() != record["sha256"]:
+        if sha256(state_bytes) != record["sha256"]:
             raise ValueError("its train state does not match its SHA-256")
         if not (isinstance(progress, dict) and set(new_progress()) <= set(progress)):
             raise ValueError(f"its progress record lacks {sorted(set(new_progress()) - set(progress))}")
     return progress, state_bytes
+
+
+def same_inputs(run_dir: str, saved: dict, inputs: dict) -> None:
+    """--resume trains on what the run started with: refused when the dataset or a model changed since."""
+    if changed := [k for k, v in inputs.items() if saved.get(k) != v]:
+        was = "; ".join(f"{k} {saved.get(k)} then, {inputs[k]} now" for k in changed)
+        raise ILQError(
+            f"--resume {run_dir}: the {' and the '.join(changed)} changed since the run started ({was}). A resumed run "
+            "trains on what it started with: restore it, or start a new run (nothing was changed in the run folder)."
+        )
 
 
 def load_checkpoint(run_dir: str, template: TrainState) -> tuple[TrainState, dict]:
@@ -2503,10 +2555,18 @@ class TensorBoard:
         self.writer.close()
 
 
-def _evaluation_worker(info, cfg, n_learners, episodes, tasks, results) -> None:
-    """A worker process: its own envs and CPU policy; (step, params, seeds) in, (step, returns or an error) out."""
+def _evaluation_worker(info, cfg, n_learners, episodes, tasks, results, parent: int) -> None:
+    """A worker process: its own envs and CPU policy; (step, params, seeds) in, (step, returns or an error) out. It ends
+    when its training process is gone, even one killed with kill -9 (then it is no longer this process's parent)."""
     envs, policy = make_env(info, n_learners * episodes), learners_policy(cfg, n_learners, episodes)
-    for step, params, seeds in iter(tasks.get, None):
+    while os.getppid() == parent:
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if task is None:
+            break
+        step, params, seeds = task
         try:
             results.put((step, evaluate(envs, policy, params, seeds).reshape(n_learners, episodes)))
         except Exception as e:  # reported by the training process as one paragraph
@@ -2519,8 +2579,8 @@ class Evaluator:
     goes on. Either way the same envs, start seeds and deterministic policy, so the same returns; results come
     back in the order they were asked for."""
 
-    def __init__(self, info: DatasetInfo, cfg: ILQConfig, n_learners: int, episodes: int, workers: int):
-        self.shape, self.pending, self.done = (n_learners, episodes), [], {}
+    def __init__(self, info: DatasetInfo, cfg: ILQConfig, n_learners: int, episodes: int, workers: int, run_dir: str = "RUN"):
+        self.shape, self.pending, self.done, self.run_dir = (n_learners, episodes), [], {}, run_dir
         if workers == 0:
             self.envs, self.policy = make_env(info, n_learners * episodes), learners_policy(cfg, n_learners, episodes)
             return
@@ -2531,7 +2591,11 @@ class Evaluator:
         os.environ["JAX_PLATFORMS"] = "cpu"  # the workers leave the accelerator to training
         try:
             self.procs = [
-                ctx.Process(target=_evaluation_worker, args=(info, cfg, *self.shape, self.tasks, self.results), daemon=True)
+                ctx.Process(
+                    target=_evaluation_worker,
+                    args=(info, cfg, *self.shape, self.tasks, self.results, os.getpid()),
+                    daemon=True,
+                )
                 for _ in range(workers)
             ]
             for p in self.procs:
@@ -2550,12 +2614,18 @@ class Evaluator:
 
     def ready(self, wait: bool = False) -> list:
         """[(step, returns (learners, episodes), extra)] of the finished evaluations, in order; wait: all of them."""
-        while hasattr(self, "procs") and len(self.done) < len(self.pending) and (wait or not self.results.empty()):
+        while hasattr(self, "procs") and len(self.done) < len(self.pending):
+            if not all(p.is_alive() for p in self.procs):
+                raise ILQError(
+                    "An evaluation worker process died (killed, or out of memory?). The run's last checkpoint holds every "
+                    f"evaluation up to it: continue with `python ilq_jax.py --resume {self.run_dir} --eval-workers 0` "
+                    "(evaluation inside the training process)."
+                )
             try:
-                step, returns = self.results.get(timeout=5.0)
+                step, returns = self.results.get(wait, timeout=1.0)
             except queue.Empty:
-                if not all(p.is_alive() for p in self.procs):
-                    raise ILQError("An evaluation worker process died (out of memory?); use --eval-workers 0.") from None
+                if not wait:
+                    break
                 continue
             if isinstance(returns, str):
                 raise ILQError(f"Evaluation at update {step} failed in a worker process ({returns}).")
@@ -2576,6 +2646,9 @@ class Evaluator:
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
+        for q in (self.tasks, self.results):  # snapshots no worker will read must not hold up this process's exit
+            q.cancel_join_thread()
+            q.close()
 
 
 # ---------------------------------------------------------------------------------------------------- the command line

@@ -121,7 +121,8 @@ def test_a_dataset_smaller_than_a_minibatch_is_refused(tmp_path, monkeypatch):
 
 
 def _signal_on(tmp_path, argv, marker, signum, timeout=600):
-    """`python ilq_jax.py ARGV` in tmp_path, sent signum once marker appears in its output; (exit code, output)."""
+    """`python ilq_jax.py ARGV` in tmp_path, sent signum once marker appears in its output (or signum(send) called);
+    (exit code, output)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "ilq_jax.py"), *argv],
@@ -145,7 +146,7 @@ def _signal_on(tmp_path, argv, marker, signum, timeout=600):
     try:
         seen.wait(timeout)
         if proc.poll() is None and any(marker in line for line in lines):
-            proc.send_signal(signum)
+            signum(proc.send_signal) if callable(signum) else proc.send_signal(signum)  # a callable sends its own
         code = proc.wait(timeout)
     finally:
         if proc.poll() is None:
