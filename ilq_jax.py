@@ -962,18 +962,12 @@ BUDGETS = {  # the paper's Table 3, and one whose default run takes 5-10 minutes
     "paper": dict(total_steps=1_000_000, eval_interval=5_000, diffusion_steps=300_000, dynamics_epochs=40),
     "cpu": dict(total_steps=5_000, eval_interval=500, diffusion_steps=20_000, dynamics_epochs=10),
 }
-
-
 CHECKPOINT_EVERY = {"paper": 50_000, "cpu": 500}  # --checkpoint-interval's default (15 paper learners: ~86 MiB a file set)
-
-
 POSITIVE_INTS = (
     "total_steps eval_interval updates_per_call eval_episodes batch_size num_seeds num_behavior_samples num_ood_actions "
     "hidden_dim num_hidden dynamics_members dynamics_elites dynamics_hidden dynamics_epochs diffusion_steps diffusion_k "
     "random_dataset_steps sample_chunk checkpoint_interval"
 ).split()
-
-
 MAX_INT = 2**31 - 1  # JAX's int32 indices and counters
 
 
@@ -1125,46 +1119,6 @@ def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, r
     except OSError as e:  # a read-only or full cache: this run goes on with the model in memory
         print(f"[models] warning: could not cache the {kind} model in {path} ({e.strerror or e}); it is used from memory")
     return model
-
-
-def rate_and_time_left(done: int, total: int, seconds: float, unit: str) -> str:
-    rate = done / max(seconds, 1e-9)
-    return f"{rate:7.1f} {unit}/s | time left {(total - done) / max(rate, 1e-9):5.0f}s"
-
-
-class PretrainProgress:
-    """Part I's pretraining reports, report(name, value, step), as TensorBoard curves (given `scalar(tag, value, step)`)
-    and console lines: every dynamics epoch and the last diffusion call, and at least every PROGRESS_EVERY_S between.
-    `check()`, if given, runs first: a pending Ctrl-C or SIGTERM stops pretraining there, between two jitted calls."""
-
-    SIZES = ("dynamics/epochs", "dynamics/batches", "dynamics/batch", "diffusion/steps")  # reported, but no curves
-
-    def __init__(self, scalar=None, check=None):
-        self.scalar, self.check, self.v, self.t0, self.last = scalar, check, {}, {}, time.time()
-
-    def __call__(self, name: str, value: float, step: int) -> None:
-        if self.check:
-            self.check()
-        v, line, due = self.v, None, time.time() - self.last >= PROGRESS_EVERY_S
-        v[name] = value
-        seconds = time.time() - self.t0.setdefault(name.split("/")[0], time.time())
-        if name == "dynamics/batch" and due:  # inside a long epoch
-            batches, epochs = int(v["dynamics/batches"]), int(v["dynamics/epochs"])
-            line = f"[dynamics] epoch {step:3d}/{epochs} | batch {int(value)}/{batches} | "
-            line += rate_and_time_left((step - 1) * batches + value, epochs * batches, seconds, "batches")
-        elif name == "dynamics/holdout_mse_elites":  # the last report of an epoch
-            mse = np.array([v[f"dynamics/holdout_mse_member_{i}"] for i in range(sum("_member_" in k for k in v))])
-            line = f"[dynamics] epoch {step:3d}/{int(v['dynamics/epochs'])} | train loss {v['dynamics/train_loss']:9.4f} | "
-            line += f"holdout MSE per member {np.array2string(mse, precision=4, separator=' ')} | elites {value:.4f} | "
-            line += rate_and_time_left(step, v["dynamics/epochs"], seconds, "epochs")
-        elif name == "diffusion/loss" and (due or step == v["diffusion/steps"]):
-            line = f"[diffusion] step {step:7d}/{int(v['diffusion/steps'])} | loss {value:.4f} | "
-            line += rate_and_time_left(step, v["diffusion/steps"], seconds, "steps")
-        if self.scalar and name not in self.SIZES:
-            self.scalar(name, float(value), step)
-        if line:
-            print(line, flush=True)
-            self.last = time.time()
 
 
 def low_precision(model):
@@ -1375,17 +1329,6 @@ def train(args: Args) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- evaluation of a snapshot
-
-
-def flatten_obs(obs) -> np.ndarray:
-    """Flatten (nested, batched) Dict observations along the last axis: `observation` first, then the other keys
-    sorted; `achieved_goal` is dropped when `observation` exists (PointMaze: observation(4) || desired_goal(2))."""
-    if not isinstance(obs, dict):
-        return np.asarray(obs, dtype=np.float32)
-    keys = sorted(obs)
-    if "observation" in keys:
-        keys = ["observation"] + [k for k in keys if k not in ("observation", "achieved_goal")]
-    return np.concatenate([flatten_obs(obs[k]) for k in keys], axis=-1)
 
 
 def evaluate(envs, policy, params, seed) -> np.ndarray:
@@ -1624,30 +1567,16 @@ D4RL_REF_SCORES = {  # d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE (v1/v2 reuse 
     "maze2d-large-dense": (30.569041, 303.4857382709002),
     "pen": (96.262799, 3076.8331017826877),
 }
-
-
 D4RL_SIZES = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6), "maze2d": (4, 2), "pen": (45, 24)}
-
-
 GENERATED_DATA_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}  # random-v0
-
-
 D4RL_MAZE = {"umaze": "PointMaze_UMaze-v3", "medium": "PointMaze_Medium-v3", "large": "PointMaze_Large-v3"}
-
-
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
-
-
 D4RL_NAMES = (
     [f"{e}-{k}" for e in GENERATED_DATA_ENVS for k in ("random", "medium", "medium-replay", "medium-expert", "expert")]
     + [f"maze2d-{m}{d}" for m in D4RL_MAZE for d in ("", "-dense")]
     + ["pen-human", "pen-cloned"]
 )
-
-
 LOCAL_NAMESPACE = "ilq-local"  # Minari namespace of datasets made here (never D4RL data)
-
-
 LOCAL_RE = re.compile(LOCAL_NAMESPACE + r"/(hopper|walker2d|halfcheetah)/(random|medium|medium-replay)-v\d+")
 
 
@@ -1847,6 +1776,17 @@ def load_d4rl(args: Args, task: str, version: Optional[str]) -> tuple[dict, dict
     return arrays, dict(info, ref_min=ref_min, ref_max=ref_max)
 
 
+def flatten_obs(obs) -> np.ndarray:
+    """Flatten (nested, batched) Dict observations along the last axis: `observation` first, then the other keys
+    sorted; `achieved_goal` is dropped when `observation` exists (PointMaze: observation(4) || desired_goal(2))."""
+    if not isinstance(obs, dict):
+        return np.asarray(obs, dtype=np.float32)
+    keys = sorted(obs)
+    if "observation" in keys:
+        keys = ["observation"] + [k for k in keys if k not in ("observation", "achieved_goal")]
+    return np.concatenate([flatten_obs(obs[k]) for k in keys], axis=-1)
+
+
 def minari_arrays(dataset) -> dict:
     """Minari episodes -> flat transitions. An episode has T+1 observations; the TD mask is `terminations` only: a
     truncation (time limit) never cuts bootstrapping."""
@@ -2040,8 +1980,6 @@ def describe_dataset(data: Transitions, info: DatasetInfo) -> str:
 # D4RL maze2d (-v1) and pen (-v0/-v1) are rebuilt as thin wrappers over Gymnasium-Robotics' physics (same MJCF): D4RL's
 # frame, observation, target, reward, reset and episode end.
 D4RL_LOCOMOTION_V4 = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4"}
-
-
 D4RL_MAZE2D = {  # D4RL's layouts ('#' wall, 'O' empty, 'G' goal), rows top to bottom, and time limits
     "umaze": dict(gym_id="PointMaze_UMaze", max_episode_steps=300, layout=("#####", "#GOO#", "###O#", "#OOO#", "#####")),
     "medium": dict(gym_id="PointMaze_Medium", max_episode_steps=600, layout=(
@@ -2050,11 +1988,7 @@ D4RL_MAZE2D = {  # D4RL's layouts ('#' wall, 'O' empty, 'G' goal), rows top to b
         "############", "#OOOO#OOOOO#", "#O##O#O#O#O#", "#OOOOOO#OOO#", "#O####O###O#",
         "#OO#O#OOOOO#", "##O#O#O#O###", "#OO#OOO#OGO#", "############")),
 }  # fmt: skip
-
-
 D4RL_QPOS_OFFSET = 0.2  # D4RL's particle body sits at (1.2, 1.2) and cell (r, c) is centred at (r + 1, c + 1)
-
-
 D4RL_PEN_STEPS = 100  # pen-v0/v1's time limit (its drop rule: D4RL_PEN_DROP_Z, with the termination functions)
 
 
@@ -2533,7 +2467,7 @@ def shard_learners(state: TrainState, frozen: Frozen, run_keys, n_learners: int)
     return jax.device_put(state, split), jax.device_put(frozen, copy), jax.device_put(run_keys, split)
 
 
-# ---------------------------------------------------------------------------------- TensorBoard and evaluation workers
+# ----------------------------------------------------------------- logs: TensorBoard, progress lines; evaluation workers
 
 
 class TensorBoard:
@@ -2553,6 +2487,46 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def rate_and_time_left(done: int, total: int, seconds: float, unit: str) -> str:
+    rate = done / max(seconds, 1e-9)
+    return f"{rate:7.1f} {unit}/s | time left {(total - done) / max(rate, 1e-9):5.0f}s"
+
+
+class PretrainProgress:
+    """Part I's pretraining reports, report(name, value, step), as TensorBoard curves (given `scalar(tag, value, step)`)
+    and console lines: every dynamics epoch and the last diffusion call, and at least every PROGRESS_EVERY_S between.
+    `check()`, if given, runs first: a pending Ctrl-C or SIGTERM stops pretraining there, between two jitted calls."""
+
+    SIZES = ("dynamics/epochs", "dynamics/batches", "dynamics/batch", "diffusion/steps")  # reported, but no curves
+
+    def __init__(self, scalar=None, check=None):
+        self.scalar, self.check, self.v, self.t0, self.last = scalar, check, {}, {}, time.time()
+
+    def __call__(self, name: str, value: float, step: int) -> None:
+        if self.check:
+            self.check()
+        v, line, due = self.v, None, time.time() - self.last >= PROGRESS_EVERY_S
+        v[name] = value
+        seconds = time.time() - self.t0.setdefault(name.split("/")[0], time.time())
+        if name == "dynamics/batch" and due:  # inside a long epoch
+            batches, epochs = int(v["dynamics/batches"]), int(v["dynamics/epochs"])
+            line = f"[dynamics] epoch {step:3d}/{epochs} | batch {int(value)}/{batches} | "
+            line += rate_and_time_left((step - 1) * batches + value, epochs * batches, seconds, "batches")
+        elif name == "dynamics/holdout_mse_elites":  # the last report of an epoch
+            mse = np.array([v[f"dynamics/holdout_mse_member_{i}"] for i in range(sum("_member_" in k for k in v))])
+            line = f"[dynamics] epoch {step:3d}/{int(v['dynamics/epochs'])} | train loss {v['dynamics/train_loss']:9.4f} | "
+            line += f"holdout MSE per member {np.array2string(mse, precision=4, separator=' ')} | elites {value:.4f} | "
+            line += rate_and_time_left(step, v["dynamics/epochs"], seconds, "epochs")
+        elif name == "diffusion/loss" and (due or step == v["diffusion/steps"]):
+            line = f"[diffusion] step {step:7d}/{int(v['diffusion/steps'])} | loss {value:.4f} | "
+            line += rate_and_time_left(step, v["diffusion/steps"], seconds, "steps")
+        if self.scalar and name not in self.SIZES:
+            self.scalar(name, float(value), step)
+        if line:
+            print(line, flush=True)
+            self.last = time.time()
 
 
 def _evaluation_worker(info, cfg, n_learners, episodes, tasks, results, parent: int) -> None:
