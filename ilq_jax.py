@@ -2045,8 +2045,8 @@ class D4RLMaze2d(gym.Wrapper if gym else object):
     """D4RL maze2d-{umaze,medium,large}[-dense]-v1 on Gymnasium-Robotics' PointMaze_*-v3 physics: observation
     [qpos(2), qvel(2)] in D4RL's frame, action Box(-1, 1, 2) on D4RL's axes, fixed target at the goal cell, reward
     1{dist <= 0.5} (dense: exp(-dist)), never terminates; reset: a cell uniform over the empty cells and the goal cell,
-    qpos noise U(+-0.1), qvel N(0, 0.1^2). No time limit here (make_d4rl_maze2d adds D4RL's). reset(options={"qpos",
-    "qvel"}) starts from a given D4RL-frame state; set_target moves the target (data collection)."""
+    qpos noise U(+-0.1), qvel N(0, 0.1^2). No time limit here (make_d4rl_maze2d adds D4RL's). The data maker's
+    subclass (benchmarks/make_datasets.py) adds a movable target and given start states."""
 
     def __init__(self, maze: str = "umaze", dense: bool = False):
         _robotics()
@@ -2064,26 +2064,22 @@ class D4RLMaze2d(gym.Wrapper if gym else object):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float64)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 
-    def set_target(self, target) -> None:
-        self.target = np.asarray(target, np.float64).copy()
-        self.env.unwrapped.goal = d4rl_to_gym_pos(self.maze_obj, self.target)
-        self.env.unwrapped.update_target_site_pos()
-
     def _obs(self, gym_obs) -> np.ndarray:
         return np.concatenate([gym_to_d4rl_pos(self.maze_obj, gym_obs[:2]), gym_to_d4rl_vec(gym_obs[2:4])])
 
     def reset(self, *, seed=None, options=None):
         self.env.reset(seed=seed)  # seeds the library's RNG; its own goal and start are replaced below
-        rng, options = self.env.unwrapped.np_random, options or {}
-        if "qpos" in options:
-            qpos, qvel = np.asarray(options["qpos"], np.float64), np.asarray(options.get("qvel", np.zeros(2)), np.float64)
-        else:
-            qpos = np.asarray(self.cells[int(rng.integers(len(self.cells)))], np.float64) + rng.uniform(-0.1, 0.1, 2)
-            qvel = rng.standard_normal(2) * 0.1
+        rng = self.env.unwrapped.np_random
+        qpos = np.asarray(self.cells[int(rng.integers(len(self.cells)))], np.float64) + rng.uniform(-0.1, 0.1, 2)
+        return self.start(qpos, rng.standard_normal(2) * 0.1), {}
+
+    def start(self, qpos, qvel) -> np.ndarray:
+        """The particle at a D4RL-frame state (qpos, qvel), the target site at self.target; the observation."""
         self.env.unwrapped.point_env.set_state(d4rl_to_gym_pos(self.maze_obj, qpos), d4rl_to_gym_vec(qvel))
-        self.set_target(self.target)
+        self.env.unwrapped.goal = d4rl_to_gym_pos(self.maze_obj, self.target)
+        self.env.unwrapped.update_target_site_pos()
         data = self.env.unwrapped.point_env.data
-        return self._obs(np.concatenate([data.qpos, data.qvel])), {}
+        return self._obs(np.concatenate([data.qpos, data.qvel]))
 
     def step(self, action):
         gym_obs, _, _, truncated, _ = self.env.step(d4rl_to_gym_vec(np.asarray(action).reshape(2)).astype(np.float32))

@@ -218,6 +218,22 @@ def _pack(obs, act, rew, term, tout, nobs) -> dict:
     )
 
 
+class CollectingMaze2d(ilq.D4RLMaze2d):
+    """ilq_jax's D4RL maze2d env with what collecting data needs and evaluating does not: a target that moves
+    (set_target, D4RL's waypoints) and a start at a given D4RL-frame state (reset(options={"qpos", "qvel"}))."""
+
+    def set_target(self, target) -> None:
+        self.target = np.asarray(target, np.float64).copy()
+        self.env.unwrapped.goal = ilq.d4rl_to_gym_pos(self.maze_obj, self.target)
+        self.env.unwrapped.update_target_site_pos()
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed)
+        if options and "qpos" in options:
+            obs = self.start(np.asarray(options["qpos"], np.float64), np.asarray(options.get("qvel", (0, 0)), np.float64))
+        return obs, info
+
+
 def make_maze2d_dataset(
     maze: str, dense: bool, n_steps: int, seed: int, action_noise: float = 0.5, reward_on_next_obs: bool = False
 ) -> dict:
@@ -235,7 +251,7 @@ def make_maze2d_dataset(
     every t; D4RL's script instead repeats the last observation after a reached goal.
     Arrays in D4RL's HDF5 layout (float32; terminals/timeouts bool) plus next_observations.
     """
-    env = ilq.D4RLMaze2d(maze, dense)
+    env = CollectingMaze2d(maze, dense)
     rng = np.random.default_rng(seed)
     ctrl = WaypointController(maze, rng)
     horizon = ilq.D4RL_MAZE2D[maze]["max_episode_steps"]

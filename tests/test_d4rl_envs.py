@@ -33,15 +33,22 @@ def _eval_env_spec(task):
 
 de = types.SimpleNamespace(**{k: getattr(ilq, k) for k in dir(ilq) if not k.startswith("__")})
 de.__dict__.update(
-    {k: getattr(md, k) for k in ("WaypointController", "make_maze2d_dataset", "make_pen_dataset", "d4rl_maze2d_reward")}
+    {
+        k: getattr(md, k)
+        for k in ("WaypointController", "make_maze2d_dataset", "make_pen_dataset", "d4rl_maze2d_reward", "CollectingMaze2d")
+    }
 )
 de.d4rl_eval_env_spec = _eval_env_spec
+# the evaluation env as the data maker drives it: a given start state (reset options), D4RL's time limit
+de.make_collecting_maze2d = lambda maze, dense=False: gym.wrappers.TimeLimit(
+    md.CollectingMaze2d(maze, dense), ilq.D4RL_MAZE2D[maze]["max_episode_steps"]
+)
 OPEN = {m: set(de.maze2d_cells(m)[0]) for m in de.D4RL_MAZE2D}
 
 
 @pytest.fixture(scope="module")
 def umaze():
-    env = de.make_d4rl_maze2d("umaze", dense=False)
+    env = de.make_collecting_maze2d("umaze", dense=False)
     yield env
     env.close()
 
@@ -75,7 +82,7 @@ def test_goal_cells_time_limits_and_spaces():
 
 @pytest.mark.parametrize("maze", ["umaze", "medium", "large"])
 def test_mapping_is_librarys_cell_centres_plus_offset(maze):
-    env = de.D4RLMaze2d(maze)
+    env = de.CollectingMaze2d(maze)
     m = env.maze_obj
     for r, c in OPEN[maze]:
         # D4RL qpos (r - 0.2, c - 0.2) is the centre of cell (r, c), the library's cell_rowcol_to_xy
@@ -99,7 +106,7 @@ def test_mapping_is_librarys_cell_centres_plus_offset(maze):
     ],
 )
 def test_known_qpos_maps_to_expected_observation(maze, qpos, gym_xy):
-    env = de.make_d4rl_maze2d(maze, dense=False)
+    env = de.make_collecting_maze2d(maze, dense=False)
     obs, _ = env.reset(seed=0, options={"qpos": qpos, "qvel": (0.3, -0.2)})
     data = env.unwrapped.point_env.data
     np.testing.assert_allclose(data.qpos, gym_xy, atol=1e-12)  # where the library's particle is
@@ -134,7 +141,7 @@ def test_walls_at_d4rl_height_give_the_same_trajectory():
     import mujoco
 
     def run(lower):
-        env = de.D4RLMaze2d("umaze")
+        env = de.CollectingMaze2d("umaze")
         m = env.unwrapped.point_env.model
         if lower:  # D4RL's walls span z in [-0.2, 0.2]; the library's [0, 0.4]
             names = [mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_GEOM, g) or "" for g in range(m.ngeom)]
@@ -187,7 +194,7 @@ def test_sparse_reward_radius(umaze):
 
 
 def test_dense_reward():
-    env = de.make_d4rl_maze2d("umaze", dense=True)
+    env = de.make_collecting_maze2d("umaze", dense=True)
     obs, _ = env.reset(seed=0, options={"qpos": (1.0, 2.0), "qvel": (0, 0)})
     _, reward, *_ = env.step((0, 0))
     assert reward == pytest.approx(np.exp(-1.0), abs=1e-12)
@@ -200,7 +207,7 @@ def test_dense_reward():
 
 @pytest.mark.parametrize("maze", ["umaze", "medium", "large"])
 def test_never_terminates_and_truncates_at_d4rl_limit(maze):
-    env = de.make_d4rl_maze2d(maze, dense=False)
+    env = de.make_collecting_maze2d(maze, dense=False)
     env.reset(seed=1)
     rng = np.random.default_rng(1)
     limit = de.D4RL_MAZE2D[maze]["max_episode_steps"]
