@@ -8,12 +8,13 @@ the usual Bellman target. Every action of the current policy is treated as out-o
 
     python ilq_jax.py                 # offline default: a generated random-policy Hopper dataset, 5-10 min on 2 CPU cores
     python ilq_jax.py --env-id hopper-medium-replay --dataset-path hopper_medium_replay-v2.hdf5
-    python ilq_jax.py --env-id walker2d-medium-replay --budget paper       # the paper's 1e6 updates
+    python ilq_jax.py --env-id walker2d-medium-replay   # the paper's 1e6 updates on a GPU/TPU (--budget cpu|paper)
     python ilq_jax.py --methods ilq,no-imagination,no-limitation --num-seeds 5   # the paper's protocol, one program
     python ilq_jax.py --help          # every flag; None means "the paper's value for this dataset"
 
-Part I (ILQ itself) imports only jax, flax, optax, chex and numpy and can be copied alone. Part II runs it: command
-line, datasets (D4RL, Minari, generated), model cache, checkpoints, logging, the training loop.
+Part I (ILQ itself) imports only jax, flax, optax, chex and numpy and can be copied alone. Part II runs it: flags,
+the settings of a run, the frozen models, the training loop (train), evaluation, the summary. Part III is plumbing a
+reader of the algorithm may skip: datasets (D4RL, Minari, generated), evaluation envs, model and run files, logs.
 
     paper                                           Part I
     Eq. 5     dynamics model, maximum likelihood    DynamicsEnsemble, dynamics_loss, train_dynamics; dynamics_step
@@ -27,8 +28,9 @@ line, datasets (D4RL, Minari, generated), model cache, checkpoints, logging, the
                                                     of updates; Part II's --behavior-bank: make_behavior_bank)
     Eq. 21    actor ("vanilla SAC") and alpha       actor_alpha_update, sample_action
     Alg. 1    lines 2-3, pretraining                train_dynamics, train_diffusion
-    Alg. 1    lines 4-12, training                  ilq_update = minibatch_targets + learn (one step); make_update_fn
-                                                    (many steps of many (method, seed) learners in one jit)
+    Alg. 1    lines 4-12, training                  ilq_update = minibatch_draws + minibatch_targets + learn (one
+                                                    step); make_update_fn (many steps of many (method, seed)
+                                                    learners in one jit); Part II's train runs it
     Sec. 5.4  ablations                             METHODS: ILQ, w/o imagination, w/o limitation
 
 Where the paper is silent or ambiguous, this file chooses (each choice is repeated at its code):
@@ -1187,7 +1189,7 @@ def train(args: Args) -> dict:
         f"{hp['critic_lr']} / actor {hp['actor_lr']}, entropy {hp['entropy']}, cosine lr {hp['cosine_lr']}{over}"
     )
     methods, seeds = learner_methods(args), list(range(args.seed, args.seed + args.num_seeds))
-    learners = [(m, s) for m in methods for s in seeds]  # the learner axis: method-major (method_block)
+    learners = [(m, s) for m in methods for s in seeds]  # the learner axis: method-major (method_rows)
     name = args.run_name or f"{slug(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", name)
     if not args.resume and os.path.exists(run_dir):
@@ -1213,8 +1215,8 @@ def train(args: Args) -> dict:
         with errors_as(f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."):
             os.makedirs(run_dir, exist_ok=bool(args.resume))
             on_exit.callback(lock_run_folder(run_dir).close)
-        if not args.resume:  # (a run folder without a checkpoint never trained: it goes)
-            on_exit.callback(lambda: os.path.exists(os.path.join(run_dir, CHECKPOINT)) or shutil.rmtree(run_dir, True))
+        if not args.resume:
+            on_exit.callback(remove_if_never_trained, run_dir)
         state, progress = load_checkpoint(run_dir, template) if args.resume else (None, new_progress())
         inputs = dict(dataset=dict(name=info.name, fingerprint=info.fingerprint))  # what the run trains on
         if args.resume:
@@ -1569,11 +1571,10 @@ D4RL_REF_SCORES = {  # d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE (v1/v2 reuse 
 }
 D4RL_SIZES = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6), "maze2d": (4, 2), "pen": (45, 24)}
 GENERATED_DATA_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}  # random-v0
-D4RL_MAZE = {"umaze": "PointMaze_UMaze-v3", "medium": "PointMaze_Medium-v3", "large": "PointMaze_Large-v3"}
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/"
 D4RL_NAMES = (
     [f"{e}-{k}" for e in GENERATED_DATA_ENVS for k in ("random", "medium", "medium-replay", "medium-expert", "expert")]
-    + [f"maze2d-{m}{d}" for m in D4RL_MAZE for d in ("", "-dense")]
+    + [f"maze2d-{m}{d}" for m in ("umaze", "medium", "large") for d in ("", "-dense")]
     + ["pen-human", "pen-cloned"]
 )
 LOCAL_NAMESPACE = "ilq-local"  # Minari namespace of datasets made here (never D4RL data)
@@ -2295,6 +2296,15 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
 def slug(name: str) -> str:
     """A name as one path component (run folders, model cache folders)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def remove_if_never_trained(run_dir: str) -> None:
+    """A new run folder without a checkpoint never started training (stopped or failed while pretraining): it goes,
+    and its parent with it when that is left empty."""
+    if not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(run_dir) or ".")
 
 
 def lock_run_folder(run_dir: str):
