@@ -1004,9 +1004,9 @@ def resolve_args(args: Args) -> Args:
         bad.append(str(e))
     if args.stop_after is not None and args.stop_after <= 0:
         bad.append(f"--stop-after ({args.stop_after}) must be a positive integer")
-    for name in ("seed", "eval_seed", "pretrain_seed"):
-        if getattr(args, name) < 0:
-            bad.append(f"{flag(name)} ({getattr(args, name)}) must be >= 0 (JAX and Gymnasium take non-negative seeds)")
+    for name in ("seed", "eval_seed", "pretrain_seed"):  # JAX's 32-bit keys: 2**32 + 1 would be the seed 1
+        if not 0 <= getattr(args, name) <= MAX_INT:
+            bad.append(f"{flag(name)} ({getattr(args, name)}) must lie in 0..{MAX_INT} (JAX takes non-negative 32-bit seeds)")
     floats = [f.name for f in dataclasses.fields(Args) if isinstance(getattr(args, f.name), float)]
     bad += [f"{flag(n)} ({getattr(args, n)}) must be a finite number" for n in floats if not math.isfinite(getattr(args, n))]
     for name in ("critic_lr", "actor_lr", "dynamics_lr", "diffusion_lr"):

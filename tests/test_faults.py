@@ -354,3 +354,16 @@ def test_a_download_cut_short_is_an_error_and_leaves_nothing(tmp_path, monkeypat
             ilq.load_dataset(ilq.Args(env_id="hopper-medium-v2"))
     assert requested == [PATH]
     assert os.listdir(tmp_path / "d4rl") == []  # neither the .part nor the final file
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Issue 28: the Minari folder, signals while generating, dataset files, memory, seeds
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["seed", "eval_seed", "pretrain_seed"])
+def test_a_seed_above_2_31_is_refused_naming_its_flag(name):
+    ilq.resolve_args(ilq.Args(**{name: ilq.MAX_INT}))
+    with pytest.raises(ilq.ILQError, match=rf"^{ilq.flag(name)} \(4294967297\) must lie in 0\.\.2147483647") as e:
+        ilq.resolve_args(ilq.Args(**{name: 2**32 + 1}))  # with 32-bit keys the same learner as 1
+    assert str(e.value).count("--") == 1
