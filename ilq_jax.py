@@ -1695,8 +1695,9 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
     import h5py
 
     keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
-    if os.path.isdir(path):
-        raise ILQError(f"'{path}' is a directory, not an HDF5 file: give the path of the D4RL HDF5 file itself.")
+    if os.path.exists(path) and not os.path.isfile(path):  # open() of a FIFO would wait for a writer forever
+        kind = "a directory" if os.path.isdir(path) else "a special file (a FIFO, a socket or a device)"
+        raise ILQError(f"'{path}' is {kind}, not a regular file: give the path of the D4RL HDF5 file itself.")
     try:  # a file that cannot be opened is not called truncated or corrupt
         open(path, "rb").close()
     except OSError as e:

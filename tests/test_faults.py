@@ -237,7 +237,7 @@ def test_per_transition_arrays_with_two_columns_are_refused_naming_the_key_and_i
 
 def test_a_directory_is_called_a_directory_not_a_corrupt_file(tmp_path):
     os.mkdir(tmp_path / "hopper.hdf5")
-    with pytest.raises(ilq.ILQError, match="is a directory, not an HDF5 file") as e:
+    with pytest.raises(ilq.ILQError, match="is a directory, not a regular file") as e:
         _load(dataset_path=str(tmp_path / "hopper.hdf5"))
     assert "truncated or corrupt" not in str(e.value)
 
@@ -359,6 +359,31 @@ def test_a_download_cut_short_is_an_error_and_leaves_nothing(tmp_path, monkeypat
 # ------------------------------------------------------------------------------------------------------------------
 # Issue 28: the Minari folder, signals while generating, dataset files, memory, seeds
 # ------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _alarm(seconds: int):
+    """A TimeoutError after seconds, even inside a blocking open() (SIGALRM interrupts it)."""
+
+    def timeout(signum, frame):
+        raise TimeoutError(f"still waiting after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/null"])
+def test_a_fifo_or_a_device_is_refused_at_once_as_not_a_regular_file(tmp_path, special):
+    path = str(tmp_path / "h.hdf5") if special == "fifo" else special
+    if special == "fifo":
+        os.mkfifo(path)  # open() would wait for a writer forever
+    with _alarm(20), pytest.raises(ilq.ILQError, match=rf"'{path}' is a special file .*, not a regular file"):
+        _load(dataset_path=path)
 
 
 @pytest.mark.parametrize("name", ["seed", "eval_seed", "pretrain_seed"])
