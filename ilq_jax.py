@@ -1724,6 +1724,8 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
         )
     if scalars := [k for k, v in raw.items() if v.ndim == 0]:
         raise ILQError(f"'{path}' is not a usable D4RL-format file: {scalars} are single values, not arrays. {advice}")
+    if odd := [f"`{k}` has dtype {v.dtype.str}" for k, v in raw.items() if v.dtype.kind not in "biuf"]:
+        raise ILQError(f"'{path}' is not a usable D4RL-format file: {', '.join(odd)}; every array must hold numbers. {advice}")
     n = len(raw["observations"])
     if any(len(v) != n for v in raw.values()):
         raise ILQError(f"'{path}' is inconsistent: its arrays have lengths { {k: len(v) for k, v in raw.items()} }. {advice}")

@@ -361,6 +361,12 @@ def test_a_download_cut_short_is_an_error_and_leaves_nothing(tmp_path, monkeypat
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def test_rewards_stored_as_byte_strings_are_refused_naming_the_key_and_its_dtype(tmp_path):
+    write_d4rl(tmp_path / "h.hdf5", rewards=np.array([b"high"] * 12))
+    with pytest.raises(ilq.ILQError, match=r"`rewards` has dtype \|S4; every array must hold numbers"):
+        _load(dataset_path=str(tmp_path / "h.hdf5"))
+
+
 @contextlib.contextmanager
 def _alarm(seconds: int):
     """A TimeoutError after seconds, even inside a blocking open() (SIGALRM interrupts it)."""
