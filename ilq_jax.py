@@ -1913,8 +1913,18 @@ def load_minari(args: Args) -> tuple[dict, dict]:
     dataset_id, steps = args.env_id, args.random_dataset_steps
     if generated and steps != RANDOM_DATASET_STEPS:  # keyed by its size: a smoke test's data never serves a default run
         dataset_id = re.sub(r"-v(\d+)$", rf"-{steps}steps-v\1", args.env_id)
-    root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    root = os.path.expanduser(os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets"))
     folder = os.path.join(root, dataset_id)
+    try:  # Minari makes its folder on every call, and writes there what it generates or downloads
+        os.makedirs(root, exist_ok=True)
+        problem = None if os.path.isdir(folder) or os.access(root, os.W_OK) else "is read-only"
+    except OSError as e:
+        problem = f"cannot be made ({e.strerror})"
+    if problem:
+        raise ILQError(
+            f"The Minari folder {root} {problem}, so '{dataset_id}' cannot be {'generated' if generated else 'downloaded'} "
+            "there. Make it writable, or set MINARI_DATASETS_PATH to a writable folder."
+        )
     advice = f"Delete its folder {folder} (or run `minari delete {dataset_id}`) and download or generate it again."
     damaged = f"The local Minari dataset '{dataset_id}' is damaged", advice
     with errors_as(*damaged):

@@ -361,6 +361,20 @@ def test_a_download_cut_short_is_an_error_and_leaves_nothing(tmp_path, monkeypat
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def test_a_minari_folder_that_cannot_be_written_is_named_not_called_damaged(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")  # below a regular file the folder cannot be made, not even by root
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "file" / "minari"))
+    with pytest.raises(ilq.ILQError, match=r"The Minari folder .*/file/minari cannot be made \(Not a directory\)") as e:
+        ilq.load_dataset(ilq.Args(random_dataset_steps=300))
+    assert "MINARI_DATASETS_PATH" in str(e.value) and "damaged" not in str(e.value)
+    os.mkdir(tmp_path / "ro")  # an existing folder this user may not write (root may write any: os.access is faked)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "ro"))
+    monkeypatch.setattr(ilq.os, "access", lambda path, mode: not str(path).startswith(str(tmp_path / "ro")))
+    with pytest.raises(ilq.ILQError, match=r"The Minari folder .*/ro is read-only, so '.*random-300steps-v0' cannot be"):
+        ilq.load_dataset(ilq.Args(random_dataset_steps=300))
+    assert os.listdir(tmp_path / "ro") == []
+
+
 def test_rewards_stored_as_byte_strings_are_refused_naming_the_key_and_its_dtype(tmp_path):
     write_d4rl(tmp_path / "h.hdf5", rewards=np.array([b"high"] * 12))
     with pytest.raises(ilq.ILQError, match=r"`rewards` has dtype \|S4; every array must hold numbers"):
