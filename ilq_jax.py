@@ -1509,8 +1509,9 @@ def errors_as(what: str, advice: str):
         raise ILQError(f"{what} ({type(e).__name__}: {str(e)[:200]}). {advice}") from None
 
 
-class Interrupted(Exception):
-    """SIGINT (Ctrl-C) or SIGTERM (SLURM, docker stop, timeout) ended the run after a checkpoint."""
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (SLURM, docker stop, timeout) ended the command: after a checkpoint in training, else
+    where it came. Like KeyboardInterrupt no `except Exception` (errors_as, a library's) stops it: every cleanup runs."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -1541,7 +1542,14 @@ def deferred_signals():
 
 def run_cli(fn, *args) -> None:
     """Run fn(*args) as a command: an ILQError or an OS error (full disk, read-only folder) prints one paragraph (exit
-    code 2), an interrupt one line (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM)."""
+    code 2), an interrupt one line (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM). SIGTERM raises
+    Interrupted as Ctrl-C raises KeyboardInterrupt (deferred_signals defers both in training), so a half-made dataset,
+    download or file is removed on the way out."""
+
+    def terminate(signum, frame):
+        raise Interrupted(signum)
+
+    old = signal.signal(signal.SIGTERM, terminate)
     try:
         fn(*args)
     except ILQError as e:
@@ -1552,12 +1560,12 @@ def run_cli(fn, *args) -> None:
             f"error: {e.strerror or e} ({e.filename or 'a file'}). Free disk space or use a writable folder.", file=sys.stderr
         )
         sys.exit(2)
-    except Interrupted as e:
-        print(f"[ilq] interrupted ({e}); exit code {128 + e.signum}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("[ilq] interrupted (Ctrl-C); exit code 130", file=sys.stderr)
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"[ilq] interrupted ({signal.Signals(signum).name}); exit code {128 + signum}", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ------------------------------------------------------------------------------------------------------------ datasets
@@ -1844,16 +1852,16 @@ def make_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int = 
     metadata records what made it (ilq_steps, ilq_seed, ilq_env); a failure leaves no half-written dataset."""
     import minari
 
-    env = minari.DataCollector(gym.make(env_id), record_infos=False)
-    env.action_space.seed(seed)
+    env = minari.DataCollector(gym.make(env_id), record_infos=False)  # it writes to a tmpXXXX folder until the end
     t0, steps, episode = time.time(), 0, 0
-    env.reset(seed=seed)
-    print(f"[data] generating {dataset_id}: {n_steps} steps of a uniformly random policy on {env_id} (seed {seed})")
     meta = dict(dataset_id=dataset_id, algorithm_name="uniform random policy", author="ilq-jax", eval_env=env_id)
     meta.update(code_permalink="ilq_jax.py (make_random_dataset)")
     if ref_scores:
         meta.update(ref_min_score=ref_scores[0], ref_max_score=ref_scores[1])
-    try:
+    try:  # env.close() removes the tmpXXXX folder
+        env.action_space.seed(seed)
+        env.reset(seed=seed)
+        print(f"[data] generating {dataset_id}: {n_steps} steps of a uniformly random policy on {env_id} (seed {seed})")
         while steps < n_steps:  # the policy is uniform: a fresh sample of the action space each step
             _, _, term, trunc, _ = env.step(env.action_space.sample())
             steps += 1

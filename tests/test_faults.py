@@ -375,6 +375,14 @@ def test_a_minari_folder_that_cannot_be_written_is_named_not_called_damaged(tmp_
     assert os.listdir(tmp_path / "ro") == []
 
 
+def test_sigterm_while_generating_the_dataset_exits_143_and_leaves_no_partial_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    code, out = _signal_on(tmp_path, ["--random-dataset-steps", "200000"], "[data] generating", signal.SIGTERM)
+    assert code == 143, out[-3000:]
+    assert out.split("[data] generating")[1].splitlines()[1:] == ["[ilq] interrupted (SIGTERM); exit code 143"], out
+    assert os.listdir(tmp_path / "minari") == []  # neither Minari's tmpXXXX folder nor a partial dataset
+
+
 def test_rewards_stored_as_byte_strings_are_refused_naming_the_key_and_its_dtype(tmp_path):
     write_d4rl(tmp_path / "h.hdf5", rewards=np.array([b"high"] * 12))
     with pytest.raises(ilq.ILQError, match=r"`rewards` has dtype \|S4; every array must hold numbers"):
