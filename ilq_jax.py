@@ -2465,25 +2465,35 @@ def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) 
 
 def memory_check(cfg: ILQConfig, args: Args, info: DatasetInfo, transitions: int, n_learners: int) -> int:
     """Bytes of one learner's train state, after refusing a run whose learners, data and models cannot fit in the
-    memory JAX can use (estimated from shapes alone: nothing is allocated)."""
+    memory JAX can use (estimated from shapes alone: nothing is allocated), naming the flag that lowers the largest
+    share."""
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     state = nbytes(jax.eval_shape(partial(init_train_state, cfg), jax.random.PRNGKey(0)))
-    rows = cfg.batch_size * (2 + 2 * cfg.num_ood_actions + cfg.num_behavior_samples * args.sample_chunk)
-    work = rows * max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations of one update
+    row = max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations of one row of one update
+    chunk = 1 if args.behavior_bank else min(args.sample_chunk, args.updates_per_call)  # make_update_fn's, at most a call
     dyn = {k: v for k, v in model_settings(args, "dynamics").items() if k != "lr"}
     models = nbytes(jax.eval_shape(lambda: init_dynamics(info.obs_dim, info.act_dim, info.family, **dyn).params))
     models += nbytes(jax.eval_shape(lambda: init_behavior(info.obs_dim, info.act_dim, args.diffusion_k).params))
-    data = (2 * info.obs_dim + info.act_dim + 2) * 4 * transitions
-    need = n_learners * (state + work) + data + models
+    n, fewer = n_learners, "fewer --num-seeds / --methods or " if n_learners > 1 else ""
+    shares = {  # bytes, and what lowers them
+        "train state": (n * state, f"{fewer}a smaller --hidden-dim"),
+        "work space": (n * cfg.batch_size * (2 + 2 * cfg.num_ood_actions) * row, f"{fewer}a smaller --batch-size"),
+        f"behaviour samples of {chunk} update(s) drawn at once": (
+            n * cfg.batch_size * cfg.num_behavior_samples * chunk * row,
+            fewer + (f"a smaller --sample-chunk ({args.sample_chunk})" if chunk > 1 else "a smaller --num-behavior-samples"),
+        ),
+        "data": ((2 * info.obs_dim + info.act_dim + 2) * 4 * transitions, "a smaller dataset"),
+        "models": (models, "a smaller --dynamics-hidden or --dynamics-members"),
+    }
+    need, top = sum(v for v, _ in shares.values()), max(shares, key=lambda k: shares[k][0])
     device = jax.devices()[0]
     limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
     limit = limit or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if need > 0.9 * limit:
+        parts = ", ".join(f"{v / 2**20:.0f} MiB of {k}" for k, (v, _) in shares.items())
         raise ILQError(
-            f"{n_learners} learner(s) need about {need / 2**30:.1f} GiB ({state / 2**20:.1f} MiB of train state and "
-            f"{work / 2**20:.0f} MiB of work space each, {data / 2**20:.0f} MiB of data, {models / 2**20:.0f} MiB of "
-            f"models), but {device.platform} has {limit / 2**30:.1f} GiB available: use fewer --num-seeds / --methods "
-            "or smaller networks."
+            f"{n} learner(s) need about {need / 2**30:.1f} GiB ({parts}), but {device.platform} has {limit / 2**30:.1f} "
+            f"GiB available: the largest share is the {top}; use {shares[top][1]}."
         )
     return state
 

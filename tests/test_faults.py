@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 
 import h5py
 import numpy as np
@@ -412,6 +413,20 @@ def test_a_fifo_or_a_device_is_refused_at_once_as_not_a_regular_file(tmp_path, s
         os.mkfifo(path)  # open() would wait for a writer forever
     with _alarm(20), pytest.raises(ilq.ILQError, match=rf"'{path}' is a special file .*, not a regular file"):
         _load(dataset_path=path)
+
+
+def test_memory_check_caps_the_sample_chunk_at_the_call_and_names_the_flag_to_lower(monkeypatch):
+    args = ilq.Args(sample_chunk=100_000, updates_per_call=250, hidden_dim=256, batch_size=256)
+    cfg = ilq.ILQConfig.for_task(None, 11, 3, 1000, batch_size=256, num_behavior_samples=10, hidden_dim=256)
+    info = types.SimpleNamespace(obs_dim=11, act_dim=3, family="hopper")
+    gib = {}
+    monkeypatch.setattr(ilq.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 2**20, "SC_AVPHYS_PAGES": gib["free"] * 1024}[name])
+    gib["free"] = 64  # 250 updates' behaviour samples fit; 100 000 would not (about 1953 GiB)
+    assert ilq.memory_check(cfg, args, info, 10_000, 1) > 0
+    gib["free"] = 1
+    with pytest.raises(ilq.ILQError, match=r"largest share is the behaviour samples of 250 update\(s\) drawn at once") as e:
+        ilq.memory_check(cfg, args, info, 10_000, 1)
+    assert "use a smaller --sample-chunk (100000)" in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["seed", "eval_seed", "pretrain_seed"])
