@@ -857,7 +857,8 @@ class RunFlags:
     total_steps: Optional[int] = None  # gradient updates of each learner (None: from --budget, cpu 5000, paper 1e6)
     updates_per_call: int = 250  # updates fused into one jitted lax.scan call (the last call may be shorter)
     sample_chunk: int = 10  # updates whose fresh behaviour samples are drawn together in one diffusion chain (same values)
-    # updates between checkpoints (None: from --budget, cpu 500, paper 50000); an interrupt always checkpoints
+    # updates between checkpoints (None: from --budget, cpu 500, paper 50000); a first Ctrl-C or SIGTERM in training
+    # checkpoints; a second exits at once, and kill -9 at any time, keeping the last checkpoint
     checkpoint_interval: Optional[int] = None
 
 
@@ -916,9 +917,13 @@ class ModelFlags:
     dynamics_elites: int = 5  # elite members, chosen by holdout MSE (MOPO's 5)
     dynamics_hidden: int = 200  # width of the dynamics layers (the paper's 200)
     dynamics_layers: int = 4  # hidden layers of the dynamics networks (the paper's 4; MOPO's weight decays need 4)
-    dynamics_epochs: Optional[int] = None  # dynamics training epochs (None: from --budget, cpu 10, paper 40)
+    # dynamics training epochs (None: from --budget, cpu 10, paper 40); a cached model
+    # trained at least as long is used instead
+    dynamics_epochs: Optional[int] = None
     dynamics_lr: float = 1e-3  # dynamics learning rate (the paper's 1e-3)
-    diffusion_steps: Optional[int] = None  # diffusion training steps (None: from --budget, cpu 2e4, paper 3e5)
+    # diffusion training steps (None: from --budget, cpu 2e4, paper 3e5); a cached model
+    # trained at least as long is used instead
+    diffusion_steps: Optional[int] = None
     diffusion_k: int = 5  # K, the number of diffusion steps (Diffusion-QL's 5, VP schedule)
     diffusion_lr: float = 3e-4  # diffusion learning rate (the paper's 3e-4)
 
