@@ -1548,8 +1548,7 @@ def deferred_signals():
 def run_cli(fn, *args) -> None:
     """Run fn(*args) as a command: an ILQError or an OS error (full disk, read-only folder) prints one paragraph (exit
     code 2), an interrupt one line (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM). SIGTERM raises
-    Interrupted as Ctrl-C raises KeyboardInterrupt (deferred_signals defers both in training), so a half-made dataset,
-    download or file is removed on the way out."""
+    Interrupted as Ctrl-C raises KeyboardInterrupt (until deferred_signals), so no half-made file stays behind."""
 
     def terminate(signum, frame):
         raise Interrupted(signum)
@@ -2470,23 +2469,20 @@ def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) 
 
 def memory_check(cfg: ILQConfig, args: Args, info: DatasetInfo, transitions: int, n_learners: int) -> int:
     """Bytes of one learner's train state, after refusing a run whose learners, data and models cannot fit in the
-    memory JAX can use (estimated from shapes alone: nothing is allocated), naming the flag that lowers the largest
-    share."""
+    memory JAX can use (estimated from shapes alone: nothing is allocated), with the flag that lowers the most."""
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     state = nbytes(jax.eval_shape(partial(init_train_state, cfg), jax.random.PRNGKey(0)))
-    row = max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations of one row of one update
-    chunk = 1 if args.behavior_bank else min(args.sample_chunk, args.updates_per_call)  # make_update_fn's, at most a call
     dyn = {k: v for k, v in model_settings(args, "dynamics").items() if k != "lr"}
     models = nbytes(jax.eval_shape(lambda: init_dynamics(info.obs_dim, info.act_dim, info.family, **dyn).params))
     models += nbytes(jax.eval_shape(lambda: init_behavior(info.obs_dim, info.act_dim, args.diffusion_k).params))
     n, fewer = n_learners, "fewer --num-seeds / --methods or " if n_learners > 1 else ""
+    rows = n * cfg.batch_size * max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations a row
+    chunk = 1 if args.behavior_bank else min(args.sample_chunk, args.updates_per_call)  # make_update_fn's, at most a call
+    lower = f"a smaller --sample-chunk ({args.sample_chunk})" if chunk > 1 else "a smaller --num-behavior-samples"
     shares = {  # bytes, and what lowers them
         "train state": (n * state, f"{fewer}a smaller --hidden-dim"),
-        "work space": (n * cfg.batch_size * (2 + 2 * cfg.num_ood_actions) * row, f"{fewer}a smaller --batch-size"),
-        f"behaviour samples of {chunk} update(s) drawn at once": (
-            n * cfg.batch_size * cfg.num_behavior_samples * chunk * row,
-            fewer + (f"a smaller --sample-chunk ({args.sample_chunk})" if chunk > 1 else "a smaller --num-behavior-samples"),
-        ),
+        "work space": (rows * (2 + 2 * cfg.num_ood_actions), f"{fewer}a smaller --batch-size"),
+        f"behaviour samples of {chunk} update(s) drawn at once": (rows * cfg.num_behavior_samples * chunk, fewer + lower),
         "data": ((2 * info.obs_dim + info.act_dim + 2) * 4 * transitions, "a smaller dataset"),
         "models": (models, "a smaller --dynamics-hidden or --dynamics-members"),
     }
