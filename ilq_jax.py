@@ -860,7 +860,8 @@ class RunFlags:
     total_steps: Optional[int] = None  # gradient updates of each learner (None: from --budget, cpu 5000, paper 1e6)
     updates_per_call: int = 250  # updates fused into one jitted lax.scan call (the last call may be shorter)
     sample_chunk: int = 10  # updates whose fresh behaviour samples are drawn together in one diffusion chain (same values)
-    # updates between checkpoints (None: from --budget, cpu 500, paper 50000); an interrupt always checkpoints
+    # updates between checkpoints (None: from --budget, cpu 500, paper 50000); a first Ctrl-C or SIGTERM in training
+    # checkpoints; a second exits at once, and kill -9 at any time, keeping the last checkpoint
     checkpoint_interval: Optional[int] = None
 
 
@@ -919,9 +920,13 @@ class ModelFlags:
     dynamics_elites: int = 5  # elite members, chosen by holdout MSE (MOPO's 5)
     dynamics_hidden: int = 200  # width of the dynamics layers (the paper's 200)
     dynamics_layers: int = 4  # hidden layers of the dynamics networks (the paper's 4; MOPO's weight decays need 4)
-    dynamics_epochs: Optional[int] = None  # dynamics training epochs (None: from --budget, cpu 10, paper 40)
+    # dynamics training epochs (None: from --budget, cpu 10, paper 40); a cached model
+    # trained at least as long is used instead
+    dynamics_epochs: Optional[int] = None
     dynamics_lr: float = 1e-3  # dynamics learning rate (the paper's 1e-3)
-    diffusion_steps: Optional[int] = None  # diffusion training steps (None: from --budget, cpu 2e4, paper 3e5)
+    # diffusion training steps (None: from --budget, cpu 2e4, paper 3e5); a cached model
+    # trained at least as long is used instead
+    diffusion_steps: Optional[int] = None
     diffusion_k: int = 5  # K, the number of diffusion steps (Diffusion-QL's 5, VP schedule)
     diffusion_lr: float = 3e-4  # diffusion learning rate (the paper's 3e-4)
 
@@ -1001,9 +1006,9 @@ def resolve_args(args: Args) -> Args:
         bad.append(str(e))
     if args.stop_after is not None and args.stop_after <= 0:
         bad.append(f"--stop-after ({args.stop_after}) must be a positive integer")
-    for name in ("seed", "eval_seed", "pretrain_seed"):
-        if getattr(args, name) < 0:
-            bad.append(f"{flag(name)} ({getattr(args, name)}) must be >= 0 (JAX and Gymnasium take non-negative seeds)")
+    for name in ("seed", "eval_seed", "pretrain_seed"):  # JAX's 32-bit keys: 2**32 + 1 would be the seed 1
+        if not 0 <= getattr(args, name) <= MAX_INT:
+            bad.append(f"{flag(name)} ({getattr(args, name)}) must lie in 0..{MAX_INT} (JAX takes non-negative 32-bit seeds)")
     floats = [f.name for f in dataclasses.fields(Args) if isinstance(getattr(args, f.name), float)]
     bad += [f"{flag(n)} ({getattr(args, n)}) must be a finite number" for n in floats if not math.isfinite(getattr(args, n))]
     for name in ("critic_lr", "actor_lr", "dynamics_lr", "diffusion_lr"):
@@ -1481,8 +1486,9 @@ def errors_as(what: str, advice: str):
         raise ILQError(f"{what} ({type(e).__name__}: {str(e)[:200]}). {advice}") from None
 
 
-class Interrupted(Exception):
-    """SIGINT (Ctrl-C) or SIGTERM (SLURM, docker stop, timeout) ended the run after a checkpoint."""
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (SLURM, docker stop, timeout) ended the command: after a checkpoint in training, else
+    where it came. Like KeyboardInterrupt no `except Exception` (errors_as, a library's) stops it: every cleanup runs."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -1513,7 +1519,13 @@ def deferred_signals():
 
 def run_cli(fn, *args) -> None:
     """Run fn(*args) as a command: an ILQError or an OS error (full disk, read-only folder) prints one paragraph (exit
-    code 2), an interrupt one line (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM)."""
+    code 2), an interrupt one line (exit code 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM). SIGTERM raises
+    Interrupted as Ctrl-C raises KeyboardInterrupt (until deferred_signals), so no half-made file stays behind."""
+
+    def terminate(signum, frame):
+        raise Interrupted(signum)
+
+    old = signal.signal(signal.SIGTERM, terminate)
     try:
         fn(*args)
     except ILQError as e:
@@ -1524,12 +1536,12 @@ def run_cli(fn, *args) -> None:
             f"error: {e.strerror or e} ({e.filename or 'a file'}). Free disk space or use a writable folder.", file=sys.stderr
         )
         sys.exit(2)
-    except Interrupted as e:
-        print(f"[ilq] interrupted ({e}); exit code {128 + e.signum}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("[ilq] interrupted (Ctrl-C); exit code 130", file=sys.stderr)
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"[ilq] interrupted ({signal.Signals(signum).name}); exit code {128 + signum}", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ------------------------------------------------------------------------------------------------------------ datasets
@@ -1652,8 +1664,9 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
     import h5py
 
     keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
-    if os.path.isdir(path):
-        raise ILQError(f"'{path}' is a directory, not an HDF5 file: give the path of the D4RL HDF5 file itself.")
+    if os.path.exists(path) and not os.path.isfile(path):  # open() of a FIFO would wait for a writer forever
+        kind = "a directory" if os.path.isdir(path) else "a special file (a FIFO, a socket or a device)"
+        raise ILQError(f"'{path}' is {kind}, not a regular file: give the path of the D4RL HDF5 file itself.")
     try:  # a file that cannot be opened is not called truncated or corrupt
         open(path, "rb").close()
     except OSError as e:
@@ -1680,6 +1693,8 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
         )
     if scalars := [k for k, v in raw.items() if v.ndim == 0]:
         raise ILQError(f"'{path}' is not a usable D4RL-format file: {scalars} are single values, not arrays. {advice}")
+    if odd := [f"`{k}` has dtype {v.dtype.str}" for k, v in raw.items() if v.dtype.kind not in "biuf"]:
+        raise ILQError(f"'{path}' is not a usable D4RL-format file: {', '.join(odd)}; every array must hold numbers. {advice}")
     n = len(raw["observations"])
     if any(len(v) != n for v in raw.values()):
         raise ILQError(f"'{path}' is inconsistent: its arrays have lengths { {k: len(v) for k, v in raw.items()} }. {advice}")
@@ -1809,16 +1824,16 @@ def make_random_dataset(dataset_id: str, env_id: str, n_steps: int, seed: int = 
     metadata records what made it (ilq_steps, ilq_seed, ilq_env); a failure leaves no half-written dataset."""
     import minari
 
-    env = minari.DataCollector(gym.make(env_id), record_infos=False)
-    env.action_space.seed(seed)
+    env = minari.DataCollector(gym.make(env_id), record_infos=False)  # it writes to a tmpXXXX folder until the end
     t0, steps, episode = time.time(), 0, 0
-    env.reset(seed=seed)
-    print(f"[data] generating {dataset_id}: {n_steps} steps of a uniformly random policy on {env_id} (seed {seed})")
     meta = dict(dataset_id=dataset_id, algorithm_name="uniform random policy", author="ilq-jax", eval_env=env_id)
     meta.update(code_permalink="ilq_jax.py (make_random_dataset)")
     if ref_scores:
         meta.update(ref_min_score=ref_scores[0], ref_max_score=ref_scores[1])
-    try:
+    try:  # env.close() removes the tmpXXXX folder
+        env.action_space.seed(seed)
+        env.reset(seed=seed)
+        print(f"[data] generating {dataset_id}: {n_steps} steps of a uniformly random policy on {env_id} (seed {seed})")
         while steps < n_steps:  # the policy is uniform: a fresh sample of the action space each step
             _, _, term, trunc, _ = env.step(env.action_space.sample())
             steps += 1
@@ -1878,8 +1893,18 @@ def load_minari(args: Args) -> tuple[dict, dict]:
     dataset_id, steps = args.env_id, args.random_dataset_steps
     if generated and steps != RANDOM_DATASET_STEPS:  # keyed by its size: a smoke test's data never serves a default run
         dataset_id = re.sub(r"-v(\d+)$", rf"-{steps}steps-v\1", args.env_id)
-    root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    root = os.path.expanduser(os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets"))
     folder = os.path.join(root, dataset_id)
+    try:  # Minari makes its folder on every call, and writes there what it generates or downloads
+        os.makedirs(root, exist_ok=True)
+        problem = None if os.path.isdir(folder) or os.access(root, os.W_OK) else "is read-only"
+    except OSError as e:
+        problem = f"cannot be made ({e.strerror})"
+    if problem:
+        raise ILQError(
+            f"The Minari folder {root} {problem}, so '{dataset_id}' cannot be {'generated' if generated else 'downloaded'} "
+            "there. Make it writable, or set MINARI_DATASETS_PATH to a writable folder."
+        )
     advice = f"Delete its folder {folder} (or run `minari delete {dataset_id}`) and download or generate it again."
     damaged = f"The local Minari dataset '{dataset_id}' is damaged", advice
     with errors_as(*damaged):
@@ -2436,25 +2461,32 @@ def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) 
 
 def memory_check(cfg: ILQConfig, args: Args, info: DatasetInfo, transitions: int, n_learners: int) -> int:
     """Bytes of one learner's train state, after refusing a run whose learners, data and models cannot fit in the
-    memory JAX can use (estimated from shapes alone: nothing is allocated)."""
+    memory JAX can use (estimated from shapes alone: nothing is allocated), with the flag that lowers the most."""
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     state = nbytes(jax.eval_shape(partial(init_train_state, cfg), jax.random.PRNGKey(0)))
-    rows = cfg.batch_size * (2 + 2 * cfg.num_ood_actions + cfg.num_behavior_samples * args.sample_chunk)
-    work = rows * max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations of one update
     dyn = {k: v for k, v in model_settings(args, "dynamics").items() if k != "lr"}
     models = nbytes(jax.eval_shape(lambda: init_dynamics(info.obs_dim, info.act_dim, info.family, **dyn).params))
     models += nbytes(jax.eval_shape(lambda: init_behavior(info.obs_dim, info.act_dim, args.diffusion_k).params))
-    data = (2 * info.obs_dim + info.act_dim + 2) * 4 * transitions
-    need = n_learners * (state + work) + data + models
+    n, fewer = n_learners, "fewer --num-seeds / --methods or " if n_learners > 1 else ""
+    rows = n * cfg.batch_size * max(cfg.hidden_dim, args.dynamics_hidden, 256) * 4 * 8  # a few live activations a row
+    chunk = 1 if args.behavior_bank else min(args.sample_chunk, args.updates_per_call)  # make_update_fn's, at most a call
+    lower = f"a smaller --sample-chunk ({args.sample_chunk})" if chunk > 1 else "a smaller --num-behavior-samples"
+    shares = {  # bytes, and what lowers them
+        "train state": (n * state, f"{fewer}a smaller --hidden-dim"),
+        "work space": (rows * (2 + 2 * cfg.num_ood_actions), f"{fewer}a smaller --batch-size"),
+        f"behaviour samples of {chunk} update(s) drawn at once": (rows * cfg.num_behavior_samples * chunk, fewer + lower),
+        "data": ((2 * info.obs_dim + info.act_dim + 2) * 4 * transitions, "a smaller dataset"),
+        "models": (models, "a smaller --dynamics-hidden or --dynamics-members"),
+    }
+    need, top = sum(v for v, _ in shares.values()), max(shares, key=lambda k: shares[k][0])
     device = jax.devices()[0]
     limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
     limit = limit or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if need > 0.9 * limit:
+        parts = ", ".join(f"{v / 2**20:.0f} MiB of {k}" for k, (v, _) in shares.items())
         raise ILQError(
-            f"{n_learners} learner(s) need about {need / 2**30:.1f} GiB ({state / 2**20:.1f} MiB of train state and "
-            f"{work / 2**20:.0f} MiB of work space each, {data / 2**20:.0f} MiB of data, {models / 2**20:.0f} MiB of "
-            f"models), but {device.platform} has {limit / 2**30:.1f} GiB available: use fewer --num-seeds / --methods "
-            "or smaller networks."
+            f"{n} learner(s) need about {need / 2**30:.1f} GiB ({parts}), but {device.platform} has {limit / 2**30:.1f} "
+            f"GiB available: the largest share is the {top}; use {shares[top][1]}."
         )
     return state
 

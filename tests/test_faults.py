@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 
 import h5py
 import numpy as np
@@ -238,7 +239,7 @@ def test_per_transition_arrays_with_two_columns_are_refused_naming_the_key_and_i
 
 def test_a_directory_is_called_a_directory_not_a_corrupt_file(tmp_path):
     os.mkdir(tmp_path / "hopper.hdf5")
-    with pytest.raises(ilq.ILQError, match="is a directory, not an HDF5 file") as e:
+    with pytest.raises(ilq.ILQError, match="is a directory, not a regular file") as e:
         _load(dataset_path=str(tmp_path / "hopper.hdf5"))
     assert "truncated or corrupt" not in str(e.value)
 
@@ -355,3 +356,83 @@ def test_a_download_cut_short_is_an_error_and_leaves_nothing(tmp_path, monkeypat
             ilq.load_dataset(ilq.Args(env_id="hopper-medium-v2"))
     assert requested == [PATH]
     assert os.listdir(tmp_path / "d4rl") == []  # neither the .part nor the final file
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Issue 28: the Minari folder, signals while generating, dataset files, memory, seeds
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_minari_folder_that_cannot_be_written_is_named_not_called_damaged(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")  # below a regular file the folder cannot be made, not even by root
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "file" / "minari"))
+    with pytest.raises(ilq.ILQError, match=r"The Minari folder .*/file/minari cannot be made \(Not a directory\)") as e:
+        ilq.load_dataset(ilq.Args(random_dataset_steps=300))
+    assert "MINARI_DATASETS_PATH" in str(e.value) and "damaged" not in str(e.value)
+    os.mkdir(tmp_path / "ro")  # an existing folder this user may not write (root may write any: os.access is faked)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "ro"))
+    monkeypatch.setattr(ilq.os, "access", lambda path, mode: not str(path).startswith(str(tmp_path / "ro")))
+    with pytest.raises(ilq.ILQError, match=r"The Minari folder .*/ro is read-only, so '.*random-300steps-v0' cannot be"):
+        ilq.load_dataset(ilq.Args(random_dataset_steps=300))
+    assert os.listdir(tmp_path / "ro") == []
+
+
+def test_sigterm_while_generating_the_dataset_exits_143_and_leaves_no_partial_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    code, out = _signal_on(tmp_path, ["--random-dataset-steps", "200000"], "[data] generating", signal.SIGTERM)
+    assert code == 143, out[-3000:]
+    assert out.split("[data] generating")[1].splitlines()[1:] == ["[ilq] interrupted (SIGTERM); exit code 143"], out
+    assert os.listdir(tmp_path / "minari") == []  # neither Minari's tmpXXXX folder nor a partial dataset
+
+
+def test_rewards_stored_as_byte_strings_are_refused_naming_the_key_and_its_dtype(tmp_path):
+    write_d4rl(tmp_path / "h.hdf5", rewards=np.array([b"high"] * 12))
+    with pytest.raises(ilq.ILQError, match=r"`rewards` has dtype \|S4; every array must hold numbers"):
+        _load(dataset_path=str(tmp_path / "h.hdf5"))
+
+
+@contextlib.contextmanager
+def _alarm(seconds: int):
+    """A TimeoutError after seconds, even inside a blocking open() (SIGALRM interrupts it)."""
+
+    def timeout(signum, frame):
+        raise TimeoutError(f"still waiting after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/null"])
+def test_a_fifo_or_a_device_is_refused_at_once_as_not_a_regular_file(tmp_path, special):
+    path = str(tmp_path / "h.hdf5") if special == "fifo" else special
+    if special == "fifo":
+        os.mkfifo(path)  # open() would wait for a writer forever
+    with _alarm(20), pytest.raises(ilq.ILQError, match=rf"'{path}' is a special file .*, not a regular file"):
+        _load(dataset_path=path)
+
+
+def test_memory_check_caps_the_sample_chunk_at_the_call_and_names_the_flag_to_lower(monkeypatch):
+    args = ilq.Args(sample_chunk=100_000, updates_per_call=250, hidden_dim=256, batch_size=256)
+    cfg = ilq.ILQConfig.for_task(None, 11, 3, 1000, batch_size=256, num_behavior_samples=10, hidden_dim=256)
+    info = types.SimpleNamespace(obs_dim=11, act_dim=3, family="hopper")
+    gib = {}
+    monkeypatch.setattr(ilq.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 2**20, "SC_AVPHYS_PAGES": gib["free"] * 1024}[name])
+    gib["free"] = 64  # 250 updates' behaviour samples fit; 100 000 would not (about 1953 GiB)
+    assert ilq.memory_check(cfg, args, info, 10_000, 1) > 0
+    gib["free"] = 1
+    with pytest.raises(ilq.ILQError, match=r"largest share is the behaviour samples of 250 update\(s\) drawn at once") as e:
+        ilq.memory_check(cfg, args, info, 10_000, 1)
+    assert "use a smaller --sample-chunk (100000)" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["seed", "eval_seed", "pretrain_seed"])
+def test_a_seed_above_2_31_is_refused_naming_its_flag(name):
+    ilq.resolve_args(ilq.Args(**{name: ilq.MAX_INT}))
+    with pytest.raises(ilq.ILQError, match=rf"^{ilq.flag(name)} \(4294967297\) must lie in 0\.\.2147483647") as e:
+        ilq.resolve_args(ilq.Args(**{name: 2**32 + 1}))  # with 32-bit keys the same learner as 1
+    assert str(e.value).count("--") == 1
