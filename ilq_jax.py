@@ -2032,7 +2032,8 @@ D4RL_PEN_STEPS = 100  # pen-v0/v1's time limit (its drop rule: D4RL_PEN_DROP_Z, 
 
 
 class EvalEnv(NamedTuple):
-    """An evaluation env: its name, a maker of one env, and how it differs from the data's env ("" if it does not)."""
+    """An evaluation env: its name, a maker of one env (make(render_mode="rgb_array") for videos), and how it differs
+    from the data's env ("" if it does not)."""
 
     id: str
     make: Any
@@ -2087,10 +2088,10 @@ class D4RLMaze2d(gym.Wrapper if gym else object):
     qpos noise U(+-0.1), qvel N(0, 0.1^2). No time limit here (make_d4rl_maze2d adds D4RL's). reset(options={"qpos",
     "qvel"}) starts from a given D4RL-frame state; set_target moves the target (data collection)."""
 
-    def __init__(self, maze: str = "umaze", dense: bool = False):
+    def __init__(self, maze: str = "umaze", dense: bool = False, render_mode: Optional[str] = None):
         _robotics()
         gym_id = D4RL_MAZE2D[maze]["gym_id"] + ("Dense" if dense else "") + "-v3"
-        base = gym.make(gym_id, continuing_task=True, reset_target=False).unwrapped
+        base = gym.make(gym_id, continuing_task=True, reset_target=False, render_mode=render_mode).unwrapped
         with contextlib.suppress(OSError):  # the library leaves the maze's MJCF in a temporary file; it is loaded now
             os.remove(base.tmp_xml_file_path)
         super().__init__(base)
@@ -2131,17 +2132,17 @@ class D4RLMaze2d(gym.Wrapper if gym else object):
         return obs, float(np.exp(-dist)) if self.dense else float(dist <= 0.5), False, truncated, {"distance": dist}
 
 
-def make_d4rl_maze2d(maze: str, dense: bool) -> gym.Env:
-    return gym.wrappers.TimeLimit(D4RLMaze2d(maze, dense), D4RL_MAZE2D[maze]["max_episode_steps"])
+def make_d4rl_maze2d(maze: str, dense: bool, render_mode: Optional[str] = None) -> gym.Env:
+    return gym.wrappers.TimeLimit(D4RLMaze2d(maze, dense, render_mode), D4RL_MAZE2D[maze]["max_episode_steps"])
 
 
 class D4RLPen(gym.Wrapper if gym else object):
     """Gymnasium-Robotics' AdroitHandPen-v1 (D4RL's MJCF, 45-d observation, dense reward) with D4RL pen-v0/v1's end:
     terminated when the pen drops (its z, obs[26], below 0.075). make_d4rl_pen adds the 100-step limit."""
 
-    def __init__(self):
+    def __init__(self, render_mode: Optional[str] = None):
         _robotics()
-        super().__init__(gym.make("AdroitHandPen-v1").unwrapped)
+        super().__init__(gym.make("AdroitHandPen-v1", render_mode=render_mode).unwrapped)
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -2149,8 +2150,8 @@ class D4RLPen(gym.Wrapper if gym else object):
         return obs, reward, bool(terminated) or dropped, truncated, dict(info, dropped=dropped)
 
 
-def make_d4rl_pen() -> gym.Env:
-    return gym.wrappers.TimeLimit(D4RLPen(), D4RL_PEN_STEPS)
+def make_d4rl_pen(render_mode: Optional[str] = None) -> gym.Env:
+    return gym.wrappers.TimeLimit(D4RLPen(render_mode), D4RL_PEN_STEPS)
 
 
 V2_MASS_FIELDS = ("body_mass", "body_inertia", "body_ipos", "body_iquat")  # what restore_v2_masses sets
@@ -2189,10 +2190,10 @@ def restore_v2_masses(env: gym.Env) -> None:
     mujoco.mj_setConst(model, env.unwrapped.data)
 
 
-def make_d4rl_locomotion(family: str) -> gym.Env:
+def make_d4rl_locomotion(family: str, render_mode: Optional[str] = None) -> gym.Env:
     with warnings.catch_warnings():  # "-v4 is out of date": chosen on purpose, -v4 reproduces D4RL's -v2
         warnings.filterwarnings("ignore", message=r".*is out of date.*")
-        env = gym.make(D4RL_LOCOMOTION_V4[family])
+        env = gym.make(D4RL_LOCOMOTION_V4[family], render_mode=render_mode)
     restore_v2_masses(env)
     return gym.wrappers.TransformAction(env, lambda a: np.clip(a, -1.0, 1.0), env.action_space)  # D4RL's clip
 
