@@ -951,7 +951,8 @@ class EvaluationFlags:
 class Args(RunFlags, DataFlags, ILQFlags, ModelFileFlags, EvaluationFlags):
     """Train ILQ (Imagination-Limited Q-Learning, IJCAI 2025) on an offline dataset and evaluate it. A flag whose
     default is None takes the paper's value for the dataset (Tables 3-6) or the --budget's value, as its help says;
-    the effective values are printed at start. Boolean flags come as --flag / --no-flag."""
+    the effective values are printed at start. Boolean flags come as --flag / --no-flag. `python ilq_jax.py --plot
+    runs/<run-name>` redraws a finished run's curves.png from its summary.json."""
 
 
 # ----------------------------------------------------------------------------------------------- the settings of a run
@@ -1450,7 +1451,9 @@ def write_summary(
                 f"[ilq] {m}: final normalised score (mean of the last {last} evaluations) {s['final_normalized_score']:.2f}"
                 f"{spread} | dataset mean normalised return {summary['dataset_mean_normalized_return']:.2f}"
             )
-    print(f"[ilq] results: {run_dir}/summary.json")
+    advice = f"install matplotlib (requirements.txt) and redraw it with python ilq_jax.py --plot {run_dir}"
+    drawn = optional_output("curves.png was not drawn", advice, plot_curves, summary, os.path.join(run_dir, "curves.png"))
+    print(f"[ilq] results: {run_dir}/summary.json" + (", curves.png (learning curves)" if drawn else ""))
     return summary
 
 
@@ -1466,6 +1469,8 @@ def parse_args(argv: list) -> Args:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--plot"]:  # no training flag: redraws a finished run (Args' description, shown by --help, says so)
+        return run_cli(redraw_curves, argv[1:])
     run_cli(lambda: train(parse_args(argv)))
 
 
@@ -2577,6 +2582,65 @@ class Evaluator:
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
+
+
+# -------------------------------------------------------------------------------------------------- figures and videos
+
+
+def optional_output(what: str, advice: str, fn, *args) -> bool:
+    """fn(*args) for an extra of a run (a figure): a failure is said in one sentence and the run goes on."""
+    try:
+        fn(*args)
+        return True
+    except Exception as e:
+        print(f"[ilq] {what} ({type(e).__name__}: {str(e)[:200]}); {advice}.", flush=True)
+        return False
+
+
+def plot_curves(summary: dict, path: str) -> dict:
+    """The learning curves of a run, from its summary.json, as a PNG: per method the mean over its seeds against
+    updates with a band of +- one std (none for one seed) and the dataset's own mean dashed; beside it Q(data), the
+    mean Q on dataset actions (the over-optimism check of Fig. 10). Normalised scores, or raw returns where the dataset
+    has no reference scores. Returns what it drew: {method: {steps, mean, std, q_mean, q_std}}, over seeds."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no display
+
+    normalized, steps, n = summary["dataset_mean_normalized_return"] is not None, summary["eval_steps"], summary["num_seeds"]
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_s, ax_q = fig.subplots(1, 2)
+    drawn = {}
+    for color, (m, result) in enumerate(summary["methods"].items()):
+        scores = [s["normalized_scores"] if normalized else np.mean(s["returns"], -1) for s in result["seeds"]]
+        drawn[m] = dict(steps=steps)
+        for ax, key, values in ((ax_s, "", scores), (ax_q, "q_", [s["q_data"] for s in result["seeds"]])):
+            mean, std = np.mean(values, 0), np.std(values, 0)
+            ax.plot(steps, mean, marker="os^Dv"[color % 5], ms=5, fillstyle="none", color=f"C{color}", label=m)  # may coincide
+            if n > 1:
+                ax.fill_between(steps, mean - std, mean + std, color=f"C{color}", alpha=0.2, lw=0)
+            drawn[m].update({key + "mean": mean.tolist(), key + "std": std.tolist()})
+    dataset = summary["dataset_mean_normalized_return" if normalized else "dataset_mean_return"]
+    ax_s.axhline(dataset, color="gray", ls="--", label="dataset mean")
+    spread = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
+    ylabel = f"normalised score ({spread})" if normalized else f"return, no reference scores ({spread})"
+    ax_s.set(xlabel="updates", ylabel=ylabel)
+    ax_q.set(xlabel="updates", ylabel=f"Q(data) ({spread})", title="Q(data): mean Q on dataset actions (over-optimism)")
+    reached, total = summary["updates"], summary["args"]["total_steps"]
+    budget = f"{total} updates" if reached == total else f"{reached} of {total} updates (time box)"
+    fig.suptitle(f"{summary['dataset']['name']}, {budget}")
+    ax_s.legend()
+    fig.savefig(path, dpi=100)
+    return drawn
+
+
+def redraw_curves(argv: list) -> None:
+    """python ilq_jax.py --plot runs/<run-name>: the run's curves.png again, from its summary.json."""
+    if len(argv) != 1:
+        raise ILQError("--plot takes one run folder: python ilq_jax.py --plot runs/<run-name>.")
+    path = os.path.join(argv[0], "summary.json")
+    with errors_as(f"Could not read {path}", "--plot takes the folder of a finished run (runs/<run-name>)"):
+        summary = json.load(open(path))
+    with errors_as(f"Could not draw {argv[0]}/curves.png", "Install matplotlib (requirements.txt)."):
+        plot_curves(summary, os.path.join(argv[0], "curves.png"))
+    print(f"[ilq] {argv[0]}/curves.png")
 
 
 # ---------------------------------------------------------------------------------------------------- the command line
