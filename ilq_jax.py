@@ -945,6 +945,10 @@ class EvaluationFlags:
     # worker processes that evaluate snapshots while training goes on (0: in the training loop; None: 1 when JAX runs
     # on an accelerator, else 0); the results are the same either way
     eval_workers: Optional[int] = None
+    # one evaluation episode of each method's first seed (deterministic policy, evaluation env) on video at the end of
+    # training: runs/<run-name>/videos/<method>-update<step>.mp4
+    capture_video: bool = False
+    capture_video_every: Optional[int] = None  # also at every K-th evaluation; implies --capture-video (None: the end only)
 
 
 @dataclass
@@ -997,6 +1001,8 @@ def resolve_args(args: Args) -> Args:
     bad += [f"{flag(n)} ({getattr(args, n)}) must be at most {MAX_INT}" for n in POSITIVE_INTS if getattr(args, n) > MAX_INT]
     if args.time_box_min is not None and not args.time_box_min > 0:
         bad.append(f"--time-box-min ({args.time_box_min}) must be positive")
+    if args.capture_video_every is not None and args.capture_video_every <= 0:
+        bad.append(f"--capture-video-every ({args.capture_video_every}) must be a positive integer")
     if args.eval_workers is not None and not 0 <= args.eval_workers <= 64:
         bad.append(f"--eval-workers ({args.eval_workers}) must lie in 0..64")
     try:
@@ -1274,6 +1280,7 @@ def train(args: Args) -> dict:
         workers = args.eval_workers if args.eval_workers is not None else int(jax.default_backend() != "cpu")
         evaluator = Evaluator(info, cfg, len(learners), args.eval_episodes, workers)
         on_exit.callback(evaluator.close)
+        videos = VideoRecorder(args, info, cfg, methods, len(learners), run_dir)  # --capture-video (else it does nothing)
         wall_before, last_print, start = progress["wall_time_s"], time.time(), progress["updates"]
         while progress["updates"] < args.total_steps:
             # --- one call: up to --updates-per-call updates, ending at the next evaluation, checkpoint or stop ---
@@ -1305,7 +1312,8 @@ def train(args: Args) -> dict:
                 last_print = time.time()
 
             # --- evaluate a snapshot when due (in worker processes with --eval-workers: training goes on) ---
-            if step % args.eval_interval == 0 or step == args.total_steps:
+            evaluated = step % args.eval_interval == 0 or step == args.total_steps
+            if evaluated:
                 index = len(progress["eval_steps"]) + len(evaluator.pending)
                 seeds_e = evaluation_seeds(args.eval_seed, index, args.eval_episodes, len(learners))
                 evaluator.submit(step, state.actor_params, seeds_e, np.mean(metrics["losses/q_data"], 1).tolist())
@@ -1315,6 +1323,8 @@ def train(args: Args) -> dict:
             ending = "interrupted" if stop["signal"] else "done" if step == args.total_steps else None
             ending = ending or ("time box" if boxed and step % args.eval_interval == 0 else None)
             ending = ending or ("stopped (--stop-after)" if args.stop_after and step - start >= args.stop_after else None)
+            if evaluated and ending != "interrupted":  # videos of the snapshot just evaluated, before the state is donated
+                videos(index, step, state.actor_params, last=ending in ("done", "time box"))
 
             # --- finished evaluations in order; a checkpoint when due holds every evaluation up to it ---
             due = bool(ending) or step % args.checkpoint_interval == 0
@@ -2587,8 +2597,14 @@ class Evaluator:
 # -------------------------------------------------------------------------------------------------- figures and videos
 
 
+# MuJoCo picks its OpenGL backend when it is imported, Gymnasium's renderer when it draws; GLFW (their default) needs a
+# display, EGL does not (Mesa's EGL renders on a CPU). Only --capture-video renders. Linux only: elsewhere "egl" is invalid.
+if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and "MUJOCO_GL" not in os.environ:
+    os.environ["MUJOCO_GL"] = "egl"
+
+
 def optional_output(what: str, advice: str, fn, *args) -> bool:
-    """fn(*args) for an extra of a run (a figure): a failure is said in one sentence and the run goes on."""
+    """fn(*args) for an extra of a run (a figure, a video): a failure is said in one sentence and the run goes on."""
     try:
         fn(*args)
         return True
@@ -2636,11 +2652,74 @@ def redraw_curves(argv: list) -> None:
     if len(argv) != 1:
         raise ILQError("--plot takes one run folder: python ilq_jax.py --plot runs/<run-name>.")
     path = os.path.join(argv[0], "summary.json")
-    with errors_as(f"Could not read {path}", "--plot takes the folder of a finished run (runs/<run-name>)"):
+    with errors_as(f"Could not read {path}", "--plot takes the folder of a finished run (runs/<run-name>)."):
         summary = json.load(open(path))
     with errors_as(f"Could not draw {argv[0]}/curves.png", "Install matplotlib (requirements.txt)."):
         plot_curves(summary, os.path.join(argv[0], "curves.png"))
     print(f"[ilq] {argv[0]}/curves.png")
+
+
+VIDEO_ADVICE = (
+    "videos need imageio and imageio-ffmpeg (pip install -r requirements.txt) and an OpenGL renderer for MuJoCo (without "
+    "a display: MUJOCO_GL=egl with libEGL, from apt install libegl1, or MUJOCO_GL=osmesa); this run goes on without them"
+)
+
+
+class VideoRecorder:
+    """--capture-video: one evaluation episode (the first start state of that evaluation) of the deterministic policy
+    of each method's first seed, in the evaluation env, at the end of training and every --capture-video-every
+    evaluations: videos/<method>-update<step>.mp4, the reset frame then one frame per step. In the training process,
+    between jitted calls. The encoder and a first frame are checked before training; a failure is said once."""
+
+    def __init__(self, args: Args, info: DatasetInfo, cfg: ILQConfig, methods: tuple, n_learners: int, run_dir: str):
+        self.args, self.info, self.methods, self.n = args, info, methods, n_learners
+        self.folder, self.every = os.path.join(run_dir, "videos"), args.capture_video_every
+        self.policy = jax.jit(partial(deterministic_action, cfg.actor))
+        wanted = args.capture_video or self.every is not None
+        self.on = wanted and optional_output("--capture-video: no video can be made", VIDEO_ADVICE, self.check)
+
+    def check(self) -> None:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()  # the encoder's binary
+        with contextlib.closing(self.info.eval_env.make(render_mode="rgb_array")) as env:
+            env.reset(seed=0)
+            if env.render() is None:
+                raise ILQError(f"{self.info.eval_env.id} renders no image")
+
+    def __call__(self, index: int, step: int, actor_params, last: bool) -> None:
+        """After evaluation `index` (0, 1, ...) at `step`: the videos when due, from every learner's actor_params."""
+        if not (self.on and (last or (self.every and (index + 1) % self.every == 0))):
+            return
+        seed = evaluation_seeds(self.args.eval_seed, index, self.args.eval_episodes, 1)[0]
+        for g, m in enumerate(self.methods):
+            row = method_rows(g, self.n, len(self.methods)).start  # the method's first seed, copied out of the state
+            params = jax.device_get(jax.tree.map(lambda x: x[row], actor_params))
+            path = os.path.join(self.folder, f"{m}-update{step}.mp4")
+            self.on = optional_output(f"--capture-video: {path} was not made", VIDEO_ADVICE, self.record, path, params, seed)
+            if not self.on:
+                return
+
+    def record(self, path: str, params, seed: int) -> None:
+        import imageio
+
+        os.makedirs(self.folder, exist_ok=True)
+        steps, total, done = 0, 0.0, False
+        with contextlib.closing(self.info.eval_env.make(render_mode="rgb_array")) as env:
+            try:
+                obs, _ = env.reset(seed=seed)
+                with imageio.get_writer(path, fps=env.metadata.get("render_fps") or 30) as video:
+                    video.append_data(env.render())
+                    while not done:
+                        action = np.asarray(self.policy(params, jnp.asarray(flatten_obs(obs))[None]))[0]
+                        obs, reward, term, trunc, _ = env.step(np.clip(action, env.action_space.low, env.action_space.high))
+                        video.append_data(env.render())
+                        steps, total, done = steps + 1, total + float(reward), term or trunc
+            except BaseException:
+                with contextlib.suppress(OSError):  # no half-written video
+                    os.remove(path)
+                raise
+        print(f"[ilq] video {path}: {steps} steps, return {total:.2f}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- the command line
