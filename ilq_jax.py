@@ -953,13 +953,18 @@ class EvaluationFlags:
     # worker processes that evaluate snapshots while training goes on (0: in the training loop; None: 1 when JAX runs
     # on an accelerator, else 0); the results are the same either way
     eval_workers: Optional[int] = None
+    # one evaluation episode of each method's first seed (deterministic policy, evaluation env) on video at the end of
+    # training: runs/<run-name>/videos/<method>-update<step>.mp4
+    capture_video: bool = False
+    capture_video_every: Optional[int] = None  # also at every K-th evaluation; implies --capture-video (None: the end only)
 
 
 @dataclass
 class Args(RunFlags, DataFlags, ILQFlags, ModelFileFlags, EvaluationFlags):
     """Train ILQ (Imagination-Limited Q-Learning, IJCAI 2025) on an offline dataset and evaluate it. A flag whose
     default is None takes the paper's value for the dataset (Tables 3-6) or the --budget's value, as its help says;
-    the effective values are printed at start. Boolean flags come as --flag / --no-flag."""
+    the effective values are printed at start. Boolean flags come as --flag / --no-flag. `python ilq_jax.py --plot
+    runs/<run-name>` redraws a finished run's curves.png from its summary.json."""
 
 
 # ----------------------------------------------------------------------------------------------- the settings of a run
@@ -998,6 +1003,8 @@ def resolve_args(args: Args) -> Args:
     bad += [f"{flag(n)} ({getattr(args, n)}) must be at most {MAX_INT}" for n in POSITIVE_INTS if getattr(args, n) > MAX_INT]
     if args.time_box_min is not None and not args.time_box_min > 0:
         bad.append(f"--time-box-min ({args.time_box_min}) must be positive")
+    if args.capture_video_every is not None and args.capture_video_every <= 0:
+        bad.append(f"--capture-video-every ({args.capture_video_every}) must be a positive integer")
     if args.eval_workers is not None and not 0 <= args.eval_workers <= 64:
         bad.append(f"--eval-workers ({args.eval_workers}) must lie in 0..64")
     try:
@@ -1259,6 +1266,7 @@ def train(args: Args) -> dict:
         workers = args.eval_workers if args.eval_workers is not None else int(jax.default_backend() != "cpu")
         evaluator = Evaluator(info, cfg, len(learners), args.eval_episodes, workers, run_dir)
         on_exit.callback(evaluator.close)
+        videos = VideoRecorder(args, info, cfg, methods, len(learners), run_dir)  # --capture-video (else it does nothing)
         wall_before, last_print, start = progress["wall_time_s"], time.time(), progress["updates"]
         while progress["updates"] < args.total_steps:
             # --- one call: up to --updates-per-call updates, ending at the next evaluation, checkpoint or stop ---
@@ -1290,7 +1298,8 @@ def train(args: Args) -> dict:
                 last_print = time.time()
 
             # --- evaluate a snapshot when due (in worker processes with --eval-workers: training goes on) ---
-            if step % args.eval_interval == 0 or step == args.total_steps:
+            evaluated = step % args.eval_interval == 0 or step == args.total_steps
+            if evaluated:
                 index = len(progress["eval_steps"]) + len(evaluator.pending)
                 seeds_e = evaluation_seeds(args.eval_seed, index, args.eval_episodes, len(learners))
                 evaluator.submit(step, state.actor_params, seeds_e, np.mean(metrics["losses/q_data"], 1).tolist())
@@ -1300,6 +1309,8 @@ def train(args: Args) -> dict:
             ending = "interrupted" if stop["signal"] else "done" if step == args.total_steps else None
             ending = ending or ("time box" if boxed and step % args.eval_interval == 0 else None)
             ending = ending or ("stopped (--stop-after)" if args.stop_after and step - start >= args.stop_after else None)
+            if evaluated and ending != "interrupted":  # videos of the snapshot just evaluated, before the state is donated
+                videos(index, step, state.actor_params, last=ending in ("done", "time box"))
 
             # --- finished evaluations in order; a checkpoint when due holds every evaluation up to it ---
             due = bool(ending) or step % args.checkpoint_interval == 0
@@ -1427,7 +1438,9 @@ def write_summary(
                 f"[ilq] {m}: final normalised score (mean of the last {last} evaluations) {s['final_normalized_score']:.2f}"
                 f"{spread} | dataset mean normalised return {summary['dataset_mean_normalized_return']:.2f}"
             )
-    print(f"[ilq] results: {run_dir}/summary.json")
+    advice = f"install matplotlib (requirements.txt) and redraw it with python ilq_jax.py --plot {run_dir}"
+    drawn = optional_output("curves.png was not drawn", advice, plot_curves, summary, os.path.join(run_dir, "curves.png"))
+    print(f"[ilq] results: {run_dir}/summary.json" + (", curves.png (learning curves)" if drawn else ""))
     return summary
 
 
@@ -1443,6 +1456,8 @@ def parse_args(argv: list) -> Args:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--plot"]:  # no training flag: redraws a finished run (Args' description, shown by --help, says so)
+        return run_cli(redraw_curves, argv[1:])
     run_cli(lambda: train(parse_args(argv)))
 
 
@@ -2019,7 +2034,8 @@ D4RL_PEN_STEPS = 100  # pen-v0/v1's time limit (its drop rule: D4RL_PEN_DROP_Z, 
 
 
 class EvalEnv(NamedTuple):
-    """An evaluation env: its name, a maker of one env, and how it differs from the data's env ("" if it does not)."""
+    """An evaluation env: its name, a maker of one env (make(render_mode="rgb_array") for videos), and how it differs
+    from the data's env ("" if it does not)."""
 
     id: str
     make: Any
@@ -2074,10 +2090,10 @@ class D4RLMaze2d(gym.Wrapper if gym else object):
     qpos noise U(+-0.1), qvel N(0, 0.1^2). No time limit here (make_d4rl_maze2d adds D4RL's). The data maker's
     subclass (benchmarks/make_datasets.py) adds a movable target and given start states."""
 
-    def __init__(self, maze: str = "umaze", dense: bool = False):
+    def __init__(self, maze: str = "umaze", dense: bool = False, render_mode: Optional[str] = None):
         _robotics()
         gym_id = D4RL_MAZE2D[maze]["gym_id"] + ("Dense" if dense else "") + "-v3"
-        base = gym.make(gym_id, continuing_task=True, reset_target=False).unwrapped
+        base = gym.make(gym_id, continuing_task=True, reset_target=False, render_mode=render_mode).unwrapped
         with contextlib.suppress(OSError):  # the library leaves the maze's MJCF in a temporary file; it is loaded now
             os.remove(base.tmp_xml_file_path)
         super().__init__(base)
@@ -2114,17 +2130,17 @@ class D4RLMaze2d(gym.Wrapper if gym else object):
         return obs, float(np.exp(-dist)) if self.dense else float(dist <= 0.5), False, truncated, {"distance": dist}
 
 
-def make_d4rl_maze2d(maze: str, dense: bool) -> gym.Env:
-    return gym.wrappers.TimeLimit(D4RLMaze2d(maze, dense), D4RL_MAZE2D[maze]["max_episode_steps"])
+def make_d4rl_maze2d(maze: str, dense: bool, render_mode: Optional[str] = None) -> gym.Env:
+    return gym.wrappers.TimeLimit(D4RLMaze2d(maze, dense, render_mode), D4RL_MAZE2D[maze]["max_episode_steps"])
 
 
 class D4RLPen(gym.Wrapper if gym else object):
     """Gymnasium-Robotics' AdroitHandPen-v1 (D4RL's MJCF, 45-d observation, dense reward) with D4RL pen-v0/v1's end:
     terminated when the pen drops (its z, obs[26], below 0.075). make_d4rl_pen adds the 100-step limit."""
 
-    def __init__(self):
+    def __init__(self, render_mode: Optional[str] = None):
         _robotics()
-        super().__init__(gym.make("AdroitHandPen-v1").unwrapped)
+        super().__init__(gym.make("AdroitHandPen-v1", render_mode=render_mode).unwrapped)
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -2132,8 +2148,8 @@ class D4RLPen(gym.Wrapper if gym else object):
         return obs, reward, bool(terminated) or dropped, truncated, dict(info, dropped=dropped)
 
 
-def make_d4rl_pen() -> gym.Env:
-    return gym.wrappers.TimeLimit(D4RLPen(), D4RL_PEN_STEPS)
+def make_d4rl_pen(render_mode: Optional[str] = None) -> gym.Env:
+    return gym.wrappers.TimeLimit(D4RLPen(render_mode), D4RL_PEN_STEPS)
 
 
 V2_MASS_FIELDS = ("body_mass", "body_inertia", "body_ipos", "body_iquat")  # what restore_v2_masses sets
@@ -2172,10 +2188,10 @@ def restore_v2_masses(env: gym.Env) -> None:
     mujoco.mj_setConst(model, env.unwrapped.data)
 
 
-def make_d4rl_locomotion(family: str) -> gym.Env:
+def make_d4rl_locomotion(family: str, render_mode: Optional[str] = None) -> gym.Env:
     with warnings.catch_warnings():  # "-v4 is out of date": chosen on purpose, -v4 reproduces D4RL's -v2
         warnings.filterwarnings("ignore", message=r".*is out of date.*")
-        env = gym.make(D4RL_LOCOMOTION_V4[family])
+        env = gym.make(D4RL_LOCOMOTION_V4[family], render_mode=render_mode)
     restore_v2_masses(env)
     return gym.wrappers.TransformAction(env, lambda a: np.clip(a, -1.0, 1.0), env.action_space)  # D4RL's clip
 
@@ -2661,6 +2677,134 @@ class Evaluator:
         for q in (self.tasks, self.results):  # snapshots no worker will read must not hold up this process's exit
             q.cancel_join_thread()
             q.close()
+
+
+# -------------------------------------------------------------------------------------------------- figures and videos
+
+
+# MuJoCo picks its OpenGL backend when it is imported, Gymnasium's renderer when it draws; GLFW (their default) needs a
+# display, EGL does not (Mesa's EGL renders on a CPU). Only --capture-video renders. Linux only: elsewhere "egl" is invalid.
+if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and "MUJOCO_GL" not in os.environ:
+    os.environ["MUJOCO_GL"] = "egl"
+
+
+def optional_output(what: str, advice: str, fn, *args) -> bool:
+    """fn(*args) for an extra of a run (a figure, a video): a failure is said in one sentence and the run goes on."""
+    try:
+        fn(*args)
+        return True
+    except Exception as e:
+        print(f"[ilq] {what} ({type(e).__name__}: {str(e)[:200]}); {advice}.", flush=True)
+        return False
+
+
+def plot_curves(summary: dict, path: str) -> dict:
+    """The learning curves of a run, from its summary.json, as a PNG: per method the mean over its seeds against
+    updates with a band of +- one std (none for one seed) and the dataset's own mean dashed; beside it Q(data), the
+    mean Q on dataset actions (the over-optimism check of Fig. 10). Normalised scores, or raw returns where the dataset
+    has no reference scores. Returns what it drew: {method: {steps, mean, std, q_mean, q_std}}, over seeds."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no display
+
+    normalized, steps, n = summary["dataset_mean_normalized_return"] is not None, summary["eval_steps"], summary["num_seeds"]
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_s, ax_q = fig.subplots(1, 2)
+    drawn = {}
+    for color, (m, result) in enumerate(summary["methods"].items()):
+        scores = [s["normalized_scores"] if normalized else np.mean(s["returns"], -1) for s in result["seeds"]]
+        drawn[m] = dict(steps=steps)
+        for ax, key, values in ((ax_s, "", scores), (ax_q, "q_", [s["q_data"] for s in result["seeds"]])):
+            mean, std = np.mean(values, 0), np.std(values, 0)
+            ax.plot(steps, mean, marker="os^Dv"[color % 5], ms=5, fillstyle="none", color=f"C{color}", label=m)  # may coincide
+            if n > 1:
+                ax.fill_between(steps, mean - std, mean + std, color=f"C{color}", alpha=0.2, lw=0)
+            drawn[m].update({key + "mean": mean.tolist(), key + "std": std.tolist()})
+    dataset = summary["dataset_mean_normalized_return" if normalized else "dataset_mean_return"]
+    ax_s.axhline(dataset, color="gray", ls="--", label="dataset mean")
+    spread = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
+    ylabel = f"normalised score ({spread})" if normalized else f"return, no reference scores ({spread})"
+    ax_s.set(xlabel="updates", ylabel=ylabel)
+    ax_q.set(xlabel="updates", ylabel=f"Q(data) ({spread})", title="Q(data): mean Q on dataset actions (over-optimism)")
+    reached, total = summary["updates"], summary["args"]["total_steps"]
+    budget = f"{total} updates" if reached == total else f"{reached} of {total} updates (time box)"
+    fig.suptitle(f"{summary['dataset']['name']}, {budget}")
+    ax_s.legend()
+    fig.savefig(path, dpi=100)
+    return drawn
+
+
+def redraw_curves(argv: list) -> None:
+    """python ilq_jax.py --plot runs/<run-name>: the run's curves.png again, from its summary.json."""
+    if len(argv) != 1:
+        raise ILQError("--plot takes one run folder: python ilq_jax.py --plot runs/<run-name>.")
+    path = os.path.join(argv[0], "summary.json")
+    with errors_as(f"Could not read {path}", "--plot takes the folder of a finished run (runs/<run-name>)."):
+        summary = json.load(open(path))
+    with errors_as(f"Could not draw {argv[0]}/curves.png", "Install matplotlib (requirements.txt)."):
+        plot_curves(summary, os.path.join(argv[0], "curves.png"))
+    print(f"[ilq] {argv[0]}/curves.png")
+
+
+VIDEO_ADVICE = (
+    "videos need imageio and imageio-ffmpeg (pip install -r requirements.txt) and an OpenGL renderer for MuJoCo (without "
+    "a display: MUJOCO_GL=egl with libEGL, from apt install libegl1, or MUJOCO_GL=osmesa); this run goes on without them"
+)
+
+
+class VideoRecorder:
+    """--capture-video: one evaluation episode (the first start state of that evaluation) of the deterministic policy
+    of each method's first seed, in the evaluation env, at the end of training and every --capture-video-every
+    evaluations: videos/<method>-update<step>.mp4, the reset frame then one frame per step. In the training process,
+    between jitted calls. The encoder and a first frame are checked before training; a failure is said once."""
+
+    def __init__(self, args: Args, info: DatasetInfo, cfg: ILQConfig, methods: tuple, n_learners: int, run_dir: str):
+        self.args, self.info, self.methods, self.n = args, info, methods, n_learners
+        self.folder, self.every = os.path.join(run_dir, "videos"), args.capture_video_every
+        self.policy = jax.jit(partial(deterministic_action, cfg.actor))
+        wanted = args.capture_video or self.every is not None
+        self.on = wanted and optional_output("--capture-video: no video can be made", VIDEO_ADVICE, self.check)
+
+    def check(self) -> None:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()  # the encoder's binary
+        with contextlib.closing(self.info.eval_env.make(render_mode="rgb_array")) as env:
+            env.reset(seed=0)
+            if env.render() is None:
+                raise ILQError(f"{self.info.eval_env.id} renders no image")
+
+    def __call__(self, index: int, step: int, actor_params, last: bool) -> None:
+        """After evaluation `index` (0, 1, ...) at `step`: the videos when due, from every learner's actor_params."""
+        if not (self.on and (last or (self.every and (index + 1) % self.every == 0))):
+            return
+        seed = evaluation_seeds(self.args.eval_seed, index, self.args.eval_episodes, 1)[0]
+        for g, m in enumerate(self.methods):
+            row = method_rows(g, self.n, len(self.methods)).start  # the method's first seed, copied out of the state
+            params = jax.device_get(jax.tree.map(lambda x: x[row], actor_params))
+            path = os.path.join(self.folder, f"{m}-update{step}.mp4")
+            self.on = optional_output(f"--capture-video: {path} was not made", VIDEO_ADVICE, self.record, path, params, seed)
+            if not self.on:
+                return
+
+    def record(self, path: str, params, seed: int) -> None:
+        import imageio
+
+        os.makedirs(self.folder, exist_ok=True)
+        steps, total, done = 0, 0.0, False
+        with contextlib.closing(self.info.eval_env.make(render_mode="rgb_array")) as env:
+            try:
+                obs, _ = env.reset(seed=seed)
+                with imageio.get_writer(path, fps=env.metadata.get("render_fps") or 30) as video:
+                    video.append_data(env.render())
+                    while not done:
+                        action = np.asarray(self.policy(params, jnp.asarray(flatten_obs(obs))[None]))[0]
+                        obs, reward, term, trunc, _ = env.step(np.clip(action, env.action_space.low, env.action_space.high))
+                        video.append_data(env.render())
+                        steps, total, done = steps + 1, total + float(reward), term or trunc
+            except BaseException:
+                with contextlib.suppress(OSError):  # no half-written video
+                    os.remove(path)
+                raise
+        print(f"[ilq] video {path}: {steps} steps, return {total:.2f}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- the command line

@@ -20,8 +20,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -119,30 +117,6 @@ def table(summary: dict, task, wall_s: float, rehearse: bool, out_md_command: st
     return "\n".join(lines)
 
 
-def figure(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_s, ax_q) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = summary["eval_steps"]
-    for m in METHODS:
-        seeds = summary["methods"][m]["seeds"]
-        scores = np.array([[np.nan if v is None else v for v in s["normalized_scores"]] for s in seeds], float)
-        q = np.array([s["q_data"] for s in seeds], float)
-        (line,) = ax_s.plot(steps, scores.mean(0), label=NAMES[m])
-        ax_s.fill_between(
-            steps, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2, color=line.get_color()
-        )
-        ax_q.plot(steps, q.mean(0), label=NAMES[m], color=line.get_color())
-    ax_s.set(xlabel="updates", ylabel="normalised score (mean ± std over seeds)", title=summary["dataset"]["name"])
-    ax_q.set(xlabel="updates", ylabel="mean Q on dataset actions", title="over-optimism check")
-    ax_s.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ilq-local/hopper/medium-replay-v0", help="a D4RL name or a Minari id")
@@ -178,7 +152,7 @@ def main(argv=None):
     print(text)
     open(os.path.join(out, "protocol.md"), "w").write(text + "\n")
     shutil.copy(os.path.join(run_dir, "summary.json"), os.path.join(out, "summary.json"))
-    figure(summary, os.path.join(out, "curves.png"))
+    ilq.plot_curves(summary, os.path.join(out, "curves.png"))  # the run's own figure (also in the run folder)
     if a.out_md:
         section = a.section or "protocol-" + ilq.slug(a.dataset)
         write_section(a.out_md, section, text + f"\n\n![curves](figures/{section}.png)")
