@@ -974,13 +974,19 @@ BUDGETS = {  # the paper's Table 3, and one whose default run takes 5-10 minutes
     "paper": dict(total_steps=1_000_000, eval_interval=5_000, diffusion_steps=300_000, dynamics_epochs=40),
     "cpu": dict(total_steps=5_000, eval_interval=500, diffusion_steps=20_000, dynamics_epochs=10),
 }
-CHECKPOINT_EVERY = {"paper": 50_000, "cpu": 500}  # --checkpoint-interval's default (15 paper learners: ~86 MiB a file set)
-POSITIVE_INTS = (
-    "total_steps eval_interval updates_per_call eval_episodes batch_size num_seeds num_behavior_samples num_ood_actions "
-    "hidden_dim num_hidden dynamics_members dynamics_elites dynamics_hidden dynamics_epochs diffusion_steps diffusion_k "
-    "random_dataset_steps sample_chunk checkpoint_interval"
-).split()
-MAX_INT = 2**31 - 1  # JAX's int32 indices and counters
+CHECKPOINT_EVERY = {"paper": 50_000, "cpu": 500}  # --checkpoint-interval's default (15 paper learners: ~86 MiB a file)
+MAX_INT = 2**31 - 1  # JAX's int32 indices and counters, and its 32-bit seeds (2**32 + 1 would be the seed 1)
+RULES = (  # (flags, what each must be, the test) for resolve_args; a flag left None is the paper's or the budget's
+    ("total_steps eval_interval updates_per_call eval_episodes batch_size num_seeds num_behavior_samples num_ood_actions "
+     "hidden_dim num_hidden dynamics_members dynamics_elites dynamics_hidden dynamics_epochs diffusion_steps diffusion_k "
+     "random_dataset_steps sample_chunk checkpoint_interval stop_after capture_video_every",
+     f"be a positive integer at most {MAX_INT}", lambda v: 0 < v <= MAX_INT),
+    ("seed eval_seed pretrain_seed", f"lie in 0..{MAX_INT} (JAX's seeds are 32-bit)", lambda v: 0 <= v <= MAX_INT),
+    ("time_box_min critic_lr actor_lr dynamics_lr diffusion_lr", "be positive and finite", lambda v: 0 < v < math.inf),
+    ("eta gamma tau", "lie in [0, 1]", lambda v: 0 <= v <= 1),
+    ("penalty_coef fixed_alpha", "be >= 0 and finite", lambda v: 0 <= v < math.inf),
+    ("eval_workers", "lie in 0..64", lambda v: 0 <= v <= 64),
+)  # fmt: skip
 
 
 def default_budget(env_id: str) -> tuple[str, str]:
@@ -999,34 +1005,12 @@ def resolve_args(args: Args) -> Args:
     args = dataclasses.replace(args, **{k: v for k, v in BUDGETS[args.budget].items() if getattr(args, k) is None})
     if args.checkpoint_interval is None:
         args = dataclasses.replace(args, checkpoint_interval=CHECKPOINT_EVERY[args.budget])
-    bad = [f"{flag(n)} ({getattr(args, n)}) must be a positive integer" for n in POSITIVE_INTS if getattr(args, n) <= 0]
-    bad += [f"{flag(n)} ({getattr(args, n)}) must be at most {MAX_INT}" for n in POSITIVE_INTS if getattr(args, n) > MAX_INT]
-    if args.time_box_min is not None and not args.time_box_min > 0:
-        bad.append(f"--time-box-min ({args.time_box_min}) must be positive")
-    if args.capture_video_every is not None and args.capture_video_every <= 0:
-        bad.append(f"--capture-video-every ({args.capture_video_every}) must be a positive integer")
-    if args.eval_workers is not None and not 0 <= args.eval_workers <= 64:
-        bad.append(f"--eval-workers ({args.eval_workers}) must lie in 0..64")
+    values = [(n, getattr(args, n), must, ok) for names, must, ok in RULES for n in names.split()]
+    bad = [f"{flag(n)} ({v}) must {must}" for n, v, must, ok in values if v is not None and not ok(v)]
     try:
         learner_methods(args)
     except ILQError as e:
         bad.append(str(e))
-    if args.stop_after is not None and args.stop_after <= 0:
-        bad.append(f"--stop-after ({args.stop_after}) must be a positive integer")
-    for name in ("seed", "eval_seed", "pretrain_seed"):  # JAX's 32-bit keys: 2**32 + 1 would be the seed 1
-        if not 0 <= getattr(args, name) <= MAX_INT:
-            bad.append(f"{flag(name)} ({getattr(args, name)}) must lie in 0..{MAX_INT} (JAX takes non-negative 32-bit seeds)")
-    floats = [f.name for f in dataclasses.fields(Args) if isinstance(getattr(args, f.name), float)]
-    bad += [f"{flag(n)} ({getattr(args, n)}) must be a finite number" for n in floats if not math.isfinite(getattr(args, n))]
-    for name in ("critic_lr", "actor_lr", "dynamics_lr", "diffusion_lr"):
-        if getattr(args, name) is not None and math.isfinite(getattr(args, name)) and not getattr(args, name) > 0:
-            bad.append(f"{flag(name)} ({getattr(args, name)}) must be positive")
-    for name in ("eta", "gamma", "tau"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
-            bad.append(f"{flag(name)} ({getattr(args, name)}) must lie in [0, 1]")
-    for name in ("penalty_coef", "fixed_alpha"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            bad.append(f"{flag(name)} ({getattr(args, name)}) must be >= 0")
     if args.dynamics_elites > args.dynamics_members:
         bad.append(f"--dynamics-elites ({args.dynamics_elites}) cannot exceed --dynamics-members ({args.dynamics_members})")
     if args.dynamics_layers != len(DYNAMICS_WEIGHT_DECAY) - 1:
@@ -1124,14 +1108,7 @@ def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, r
     dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
     side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
     side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
-    payload, side = flax.serialization.to_bytes(model), dict(side, versions=package_versions())
-    side["msgpack_sha256"] = sha256(payload)
-    side["sidecar_sha256"] = sha256(json.dumps(side, sort_keys=True).encode())  # of everything above it
-    try:
-        _atomic_write(path, payload)
-        _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(side, indent=2).encode())
-    except OSError as e:  # a read-only or full cache: this run goes on with the model in memory
-        print(f"[models] warning: could not cache the {kind} model in {path} ({e.strerror or e}); it is used from memory")
+    save_artifact(path, kind, model, side)
     return model
 
 
@@ -2285,6 +2262,19 @@ def artifact_path(args: Args, info: DatasetInfo, kind: str) -> str:
     return os.path.join(
         os.path.expanduser(args.model_dir), f"{slug(info.name)}-{info.fingerprint[:12]}", f"{kind}-{key}.msgpack"
     )
+
+
+def save_artifact(path: str, kind: str, model, side: dict) -> None:
+    """A trained model and its sidecar (what a reader needs without loading the model, and the SHA-256 of both, which
+    load_artifact checks). A read-only or full cache costs a warning: the run goes on with the model in memory."""
+    payload, side = flax.serialization.to_bytes(model), dict(side, versions=package_versions())
+    side["msgpack_sha256"] = sha256(payload)
+    side["sidecar_sha256"] = sha256(json.dumps(side, sort_keys=True).encode())  # of everything above it
+    try:
+        _atomic_write(path, payload)
+        _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(side, indent=2).encode())
+    except OSError as e:
+        print(f"[models] warning: could not cache the {kind} model in {path} ({e.strerror or e}); it is used from memory")
 
 
 def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
