@@ -255,7 +255,9 @@ def train_state(cfg, actor_params, critic_params, target_params, log_alpha):
 
 
 def make_setup(seed=0, family="hopper", **overrides):
-    cfg = tiny_config(OBS, ACT, batch_size=B, num_behavior_samples=M, num_ood_actions=N_OOD, hidden_dim=16, **overrides)
+    cfg = tiny_config(
+        OBS, ACT, **{**dict(batch_size=B, num_behavior_samples=M, num_ood_actions=N_OOD, hidden_dim=16), **overrides}
+    )
     rng = np.random.default_rng(seed)
     f32 = jnp.float32
     # Dynamics: random swish layers; a small output layer (|s' - s| ~ 0.05) and sigma ~ 0.03, so an imagined state

@@ -20,7 +20,7 @@ OBS, ACT, B, N_OOD, M = 5, 2, 8, 2, 4
 
 def setup(seed=0, family="hopper", **overrides):
     """Random (untrained) networks and models: the target must be right for any parameters."""
-    cfg = tiny_config(OBS, ACT, batch_size=B, num_behavior_samples=M, num_ood_actions=N_OOD, **overrides)
+    cfg = tiny_config(OBS, ACT, **{**dict(batch_size=B, num_behavior_samples=M, num_ood_actions=N_OOD), **overrides})
     k = jax.random.split(jax.random.PRNGKey(seed), 8)
     dyn_net = ilq.DynamicsEnsemble(OBS + 1, 3, 16, 4)
     dyn = ilq.DynamicsModel(
