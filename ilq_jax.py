@@ -2672,12 +2672,6 @@ class Evaluator:
 # -------------------------------------------------------------------------------------------------- figures and videos
 
 
-# MuJoCo picks its OpenGL backend when it is imported, Gymnasium's renderer when it draws; GLFW (their default) needs a
-# display, EGL does not (Mesa's EGL renders on a CPU). Only --capture-video renders. Linux only: elsewhere "egl" is invalid.
-if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and "MUJOCO_GL" not in os.environ:
-    os.environ["MUJOCO_GL"] = "egl"
-
-
 def optional_output(what: str, advice: str, fn, *args) -> bool:
     """fn(*args) for an extra of a run (a figure, a video): a failure is said in one sentence and the run goes on."""
     try:
@@ -2751,6 +2745,10 @@ class VideoRecorder:
         self.folder, self.every = os.path.join(run_dir, "videos"), args.capture_video_every
         self.policy = jax.jit(partial(deterministic_action, cfg.actor))
         wanted = args.capture_video or self.every is not None
+        # Gymnasium's MuJoCo renderer reads MUJOCO_GL when it first draws: GLFW (the default) needs a display, EGL does
+        # not (Mesa's EGL renders on a CPU). Set only when videos are asked for; Linux only (elsewhere "egl" is invalid)
+        if wanted and sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and "MUJOCO_GL" not in os.environ:
+            os.environ["MUJOCO_GL"] = "egl"
         self.on = wanted and optional_output("--capture-video: no video can be made", VIDEO_ADVICE, self.check)
 
     def check(self) -> None:

@@ -55,7 +55,7 @@ def umaze():
 
 @pytest.fixture(scope="module")
 def large():
-    env = de.make_d4rl_maze2d("large", dense=False)
+    env = de.make_collecting_maze2d("large", dense=False)
     yield env
     env.close()
 
