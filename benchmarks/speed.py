@@ -79,6 +79,25 @@ def counted_flops(fn, *args) -> float:
         return flops_of(jax.jit(lambda *x: fn(*x)).lower(*args).compile())
 
 
+def config() -> ilq.ILQConfig:
+    """The one place the speed measurements build their ILQConfig: hopper sizes, the paper's hopper-random row
+    (eta 0.9, delta 1, penalty 1, learning rates 3e-4 / 1e-4), batch and width from SIZES."""
+    return ilq.ILQConfig(
+        OBS,
+        ACT,
+        eta=0.9,
+        delta=1.0,
+        penalty_coef=1.0,
+        critic_lr=3e-4,
+        actor_lr=1e-4,
+        entropy=True,
+        cosine_lr=False,
+        total_steps=1_000_000,
+        batch_size=SIZES["batch"],
+        hidden_dim=SIZES["hidden"],
+    )
+
+
 def build(bank: bool, seed: int = 0):
     """Random-weight models and a random device-resident dataset at the paper's sizes (or --tiny's)."""
     N, hidden, dyn_hidden = SIZES["n"], SIZES["hidden"], SIZES["dyn_hidden"]
@@ -106,29 +125,41 @@ def build(bank: bool, seed: int = 0):
     beh = ilq.BehaviorModel(
         noise_net.init(k[5], jnp.zeros((1, ACT)), jnp.zeros(1, jnp.int32), jnp.zeros((1, OBS))), ACT, 5, hidden
     )
-    cfg = ilq.ILQConfig(
-        OBS,
-        ACT,
-        eta=0.9,
-        delta=1.0,
-        penalty_coef=1.0,
-        critic_lr=3e-4,
-        actor_lr=1e-4,
-        entropy=True,
-        cosine_lr=False,
-        total_steps=1_000_000,
-        batch_size=SIZES["batch"],
-        hidden_dim=hidden,
-    )
+    cfg = config()
     # the bank's contents do not matter for speed: random actions, not ilq.make_behavior_bank's 100k x M samples
     behavior_bank = jax.random.uniform(k[6], (N, cfg.num_behavior_samples, ACT), minval=-1, maxval=1) if bank else None
     return cfg, ilq.Frozen(data, dyn, beh, behavior_bank), k[7]
 
 
 _FLOPS = {}
+PROGRAMS = {}  # (bank, learners, methods, updates per call) -> the compiled program fused() timed (batch_study reuses it)
 
 
 PROTOCOL = ("ilq", "no-imagination", "no-limitation")
+
+
+def learner_inputs(cfg, key, learners: int, per_call: int):
+    """A fresh train state of `learners` learners and the keys of one call of `per_call` updates, as fused() makes them
+    (the same key: the same values)."""
+    state = jax.vmap(partial(ilq.init_train_state, cfg))(jax.random.split(key, learners))
+    return state, jax.random.split(key, learners * per_call).reshape(learners, per_call, -1)
+
+
+def time_calls(compiled, state, frozen, keys, repeats: int) -> float:
+    """Median seconds of one call of a compiled update (its state donated and carried from call to call)."""
+    holder, work = {"state": state}, keys.shape[0] * keys.shape[1]
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], frozen, keys)
+        jax.block_until_ready(metrics)
+
+    if work < 100 or repeats < 3:
+        run()  # warm-up (for long calls the median of 3+ repeats already leaves a slow first call out)
+    return median_time(
+        run,
+        repeats if work >= 100 else 5 * repeats,
+        min_time=(0.2 if SIZES["matmul"] else 2.0) if work < 100 else 0.0,
+    )
 
 
 def fused(bank: bool, calls, repeats: int, seeds: int = 1, methods=None) -> dict:
@@ -144,24 +175,12 @@ def fused(bank: bool, calls, repeats: int, seeds: int = 1, methods=None) -> dict
     print(f"[speed] {name} one update: {flops / 1e9:.3f} GFLOP (XLA, scans unrolled)", flush=True)
     out = {}
     for per_call in calls:
-        state = jax.vmap(partial(ilq.init_train_state, cfg))(jax.random.split(key, learners))
-        keys = jax.random.split(key, learners * per_call).reshape(learners, per_call, -1)
+        state, keys = learner_inputs(cfg, key, learners, per_call)
         t0 = time.perf_counter()
         compiled = update.lower(state, frozen, keys).compile()
         compile_s = time.perf_counter() - t0
-        holder = {"state": state}
-
-        def run():
-            holder["state"], metrics = compiled(holder["state"], frozen, keys)
-            jax.block_until_ready(metrics)
-
-        if per_call * learners < 100 or repeats < 3:
-            run()  # warm-up (for long calls the median of 3+ repeats already leaves a slow first call out)
-        t = median_time(
-            run,
-            repeats if per_call * learners >= 100 else 5 * repeats,
-            min_time=(0.2 if SIZES["matmul"] else 2.0) if per_call * learners < 100 else 0.0,
-        )
+        PROGRAMS[(bank, learners, methods, per_call)] = compiled
+        t = time_calls(compiled, state, frozen, keys, repeats)
         out[per_call] = dict(
             updates_per_s=learners * per_call / t, per_seed=per_call / t, compile_s=compile_s, flops=flops, seeds=learners
         )
