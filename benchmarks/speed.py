@@ -3,6 +3,7 @@
     python benchmarks/speed.py                 # ~15 min on 2 CPU cores; writes the Speed section of RESULTS.md
     python benchmarks/speed.py --quick         # a smoke run (1 repeat, 1 and 10 per call): prints, writes nothing
     python benchmarks/speed.py --quick --out-md /tmp/speed.md   # a smoke run written to a file, marked as such
+    python benchmarks/speed.py --protocol-seeds 5 --batch-study  # also the 15-learner batch up close (batch_study.py)
 
 At the paper's settings (batch 256, M = 10 behaviour samples, K = 5 diffusion steps, 3 x 256 actor and critics,
 a 7 x 4 x 200 dynamics ensemble, hopper sizes: 11-dim states, 3-dim actions, 100k transitions on the device),
@@ -265,6 +266,9 @@ def peers(python: str, steps: int, repeats: int) -> dict:
 
 
 def main(argv=None):
+    sys.modules.setdefault("speed", sys.modules[__name__])  # batch_study imports this file as `speed`: one module, not two
+    import batch_study
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calls", default="1,10,100,1000", help="updates per host call to measure (one seed)")
@@ -289,7 +293,10 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="1 repeat, calls 1 and 10, seeds 1 and 2, 20 peer steps")
     p.add_argument("--tiny", action="store_true", help="tiny networks and data (a rehearsal: not the paper's sizes)")
+    batch_study.add_args(p)
     a = p.parse_args(argv)
+    if a.batch_study and not a.protocol_seeds:
+        p.error("--batch-study studies the protocol batch: give --protocol-seeds")
     if a.tiny:
         SIZES.update(TINY_SIZES)
     if a.quick:
@@ -311,6 +318,7 @@ def main(argv=None):
     protocol = {}
     for bank in (False, True) if a.protocol_seeds else ():  # the paper's protocol batch: 3 methods x N seeds
         protocol[bank] = fused(bank, [a.seed_calls], a.repeats, a.protocol_seeds, PROTOCOL)[a.seed_calls]
+    study = batch_study.run(a, protocol[False], t_start) if a.batch_study else None
     part_times = {} if a.skip_parts else parts(a.repeats)
     peer = peers(a.peers_python, a.peer_steps, a.repeats)
     load_end = os.getloadavg()
@@ -370,6 +378,8 @@ def main(argv=None):
             f"{r['updates_per_s']:.1f} | {r['per_seed']:.1f} | | "
             f"{100 * r['flops'] * r['updates_per_s'] / peak['flops_per_s']:.0f} % (ILQ's FLOPs per learner) |"
         )
+    if study:
+        lines += batch_study.markdown(study, jax.default_backend())
     if part_times:
         lines += [
             "",
@@ -415,6 +425,8 @@ def main(argv=None):
                     peak=peak,
                     per_call={str(b): results[b] for b in results},
                     by_seeds={str(b): by_seeds[b] for b in by_seeds},
+                    protocol_batch={str(b): protocol[b] for b in protocol},
+                    batch_study=study,
                     machine=machine(),
                     versions=versions,
                 ),
@@ -423,7 +435,7 @@ def main(argv=None):
     if out_md:
         write_section(out_md, a.section, f"## {a.title}\n\n" + text)
         print(f"[speed] wrote the {a.section} section of {out_md}")
-    return dict(results=results, by_seeds=by_seeds, peak=peak, text=text)
+    return dict(results=results, by_seeds=by_seeds, peak=peak, text=text, batch_study=study)
 
 
 if __name__ == "__main__":
