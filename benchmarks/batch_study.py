@@ -556,7 +556,7 @@ def markdown(r: dict, backend: str) -> list:
         v, row = by_key[k], r["rows"].get(k)
         n = v["seeds"]
         if row is None:
-            lines.append(f"| {n} | ILQ x {n} seeds | {skipped} | | | |")
+            lines.append(f"| {n} | ILQ x {n} seed{'s' if n > 1 else ''} | {skipped} | | | |")
             continue
         ratio = _num(one["per_learner"] / row["per_learner"], ".2f") if one else "n/a"
         lines.append(
