@@ -356,6 +356,8 @@ def wait_for(evaluator, submitted: int, deadline: float) -> None:
         if done < submitted:
             if time.time() > deadline:
                 raise TimeoutError("not finished within the time box")
+            if not all(p.is_alive() for p in getattr(evaluator, "procs", [])):
+                raise RuntimeError("an evaluation worker process died")
             time.sleep(0.02)
 
 
@@ -394,8 +396,8 @@ def evaluation_share(a, learners: int, deadline: float) -> list:
                 wait_for(evaluator, workers, deadline)
             wall = time.time() - t1
             rows.append(dict(workers=workers, rounds=workers, wall_s=wall, s_per_round=wall / workers, start_s=t1 - t0))
-        except TimeoutError as e:
-            rows.append(dict(workers=workers, error=str(e)))
+        except Exception as e:  # a time box overrun or a failed worker: its row says so, the command goes on
+            rows.append(dict(workers=workers, error=f"{type(e).__name__}: {str(e)[:200]}"))
             for proc in getattr(evaluator, "procs", []):
                 proc.terminate()  # at once: close() would wait for the round in progress
         finally:
@@ -474,11 +476,14 @@ def run(a, baseline: dict, t_start: float) -> dict:
             continue
         program, compile_s = compiled[v.key]
         fr, n = frozen_for(v, frozen), learners_of(v)
-        state, keys = speed.learner_inputs(cfg, key, n, per_call)
-        t = speed.time_calls(program, state, fr, keys, a.repeats)
-        row = dict(updates_per_s=n * per_call / t, per_learner=per_call / t, seconds=t, compile_s=compile_s, learners=n)
-        if v.methods == speed.PROTOCOL:
-            row.update(differences(reference, one_call(program, cfg, fr, key, n, per_call)))
+        try:
+            state, keys = speed.learner_inputs(cfg, key, n, per_call)
+            t = speed.time_calls(program, state, fr, keys, a.repeats)
+            row = dict(updates_per_s=n * per_call / t, per_learner=per_call / t, seconds=t, compile_s=compile_s, learners=n)
+            if v.methods == speed.PROTOCOL:
+                row.update(differences(reference, one_call(program, cfg, fr, key, n, per_call)))
+        except Exception as e:  # e.g. out of memory: the row says so, the command goes on
+            row = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
         out["rows"][v.key] = row
         print(f"[batch] {v.key}: {row}", flush=True)
     try:
@@ -493,7 +498,10 @@ def run(a, baseline: dict, t_start: float) -> dict:
 
     # part 4: evaluation's share, in worker processes on the CPU cores
     if left() > 30:
-        out["evaluation"] = evaluation_share(a, base_learners, deadline)
+        try:
+            out["evaluation"] = evaluation_share(a, base_learners, deadline)
+        except Exception as e:  # the evaluation env or worker setup: say why, keep the rest
+            out["evaluation"] = [dict(workers=a.eval_workers, error=f"{type(e).__name__}: {str(e)[:200]}")]
     else:
         out["skipped"].append("evaluation")
 
