@@ -51,6 +51,7 @@ COMMAND_BUFFER = "--xla_gpu_enable_command_buffer"  # XLA:GPU: the op types reco
 AUTOTUNE = "--xla_gpu_autotune_level"  # XLA:GPU: GEMM/convolution autotuning, 0 = off ... 5
 XLA_OPTIONS = {"xla_gpu_enable_command_buffer": COMMAND_BUFFER, "xla_gpu_autotune_level": AUTOTUNE}
 SAME = "same maths"
+TIME_BOX = "not run: it did not fit the time box (`--budget-s`)"
 
 
 class Variant(NamedTuple):
@@ -320,7 +321,8 @@ def run_child(argv: list, flags: str, timeout: Optional[float]) -> dict:
 
 def child_argv(a) -> list:
     argv = [sys.executable, os.path.abspath(__file__), "--one", "--seeds", str(a.protocol_seeds)]
-    return argv + ["--per-call", str(a.seed_calls), "--repeats", str(a.repeats)] + (["--tiny"] if a.tiny else [])
+    argv += ["--per-call", str(a.study_calls or a.seed_calls), "--repeats", str(a.repeats)]
+    return argv + (["--tiny"] if a.tiny else [])
 
 
 def probe() -> None:
@@ -411,6 +413,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the protocol batch up close (--batch-study; needs --protocol-seeds)")
     g.add_argument("--batch-study", action="store_true", help="after the table: scaling, variants, profile, evaluation")
     g.add_argument("--scaling", default="1,3,5,15", help="learner counts N of the scaling rows (ILQ x N seeds)")
+    g.add_argument("--study-calls", type=int, default=0, help="updates per host call in the study (0: --seed-calls)")
     g.add_argument("--profile-calls", type=int, default=20, help="updates in the profiled call (a multiple of 10)")
     g.add_argument("--eval-workers", default="1,4", help="evaluation worker processes to time")
     g.add_argument("--eval-episodes", type=int, default=10, help="episodes per learner per evaluation round")
@@ -431,9 +434,9 @@ def run(a, baseline: dict, t_start: float) -> dict:
     """The four parts, within the time box; returns the raw figures (the Markdown comes from markdown())."""
     deadline = t_start + a.budget_s if a.budget_s else float("inf")
     left = lambda: deadline - time.time()
-    seeds, per_call = a.protocol_seeds, a.seed_calls
+    seeds, per_call = a.protocol_seeds, a.study_calls or a.seed_calls
     base_learners = 3 * seeds
-    call_s = per_call / baseline["per_seed"]  # one call of the baseline
+    call_s = per_call / baseline["per_seed"]  # one call of the baseline (the table's rate)
     all_variants = variants(seeds, [int(n) for n in a.scaling.split(",") if n])
     inproc = [v for v in all_variants if not v.xla_flags]
     cfg, frozen, key = speed.build(False)
@@ -441,11 +444,14 @@ def run(a, baseline: dict, t_start: float) -> dict:
         seeds=seeds,
         learners=base_learners,
         per_call=per_call,
+        table_calls=a.seed_calls,
+        table_baseline=baseline,
         baseline=dict(baseline, seconds=call_s),
         rows={},
-        skipped=[],
+        skipped={},  # key -> why it was not run
         budget_s=a.budget_s,
         compile_threads=a.compile_threads,
+        repeats=a.repeats,
         eval_interval=a.eval_interval,
         eval_episodes=a.eval_episodes,
         eval_steps=a.eval_steps,
@@ -464,12 +470,18 @@ def run(a, baseline: dict, t_start: float) -> dict:
         lowered["profile"], budget = lower(base, cfg, frozen, key, a.profile_calls), budget - per_variant
     for v in inproc:
         if budget < per_variant:
-            out["skipped"].append(v.key)
+            out["skipped"][v.key] = TIME_BOX
             continue
         lowered[v.key], budget = lower(v, cfg, frozen, key, per_call), budget - per_variant
     print(f"[batch] compiling {len(lowered)} programs, {threads} at a time", flush=True)
     compiled = compile_all(lowered, threads)
-    base_program = base_program or compiled["baseline"][0]
+    if "baseline" in compiled:  # the study's calls differ from the table's: its own baseline, timed like the rest
+        base_program, compile_s = compiled["baseline"]
+        state, keys = speed.learner_inputs(cfg, key, base_learners, per_call)
+        t = speed.time_calls(base_program, state, frozen, keys, a.repeats)
+        out["baseline"] = dict(
+            updates_per_s=base_learners * per_call / t, per_seed=per_call / t, seconds=t, compile_s=compile_s
+        )
     reference = one_call(base_program, cfg, frozen, key, base_learners, per_call)
     for v in inproc:
         if v.key not in compiled:
@@ -492,7 +504,7 @@ def run(a, baseline: dict, t_start: float) -> dict:
             out["profile"] = profile_call(program, cfg, frozen, key, base_learners, a.profile_calls)
             print(f"[batch] profile: {out['profile']['kernels_per_update']:.0f} kernels per update", flush=True)
         else:
-            out["skipped"].append("profile")
+            out["skipped"]["profile"] = TIME_BOX
     except Exception as e:  # the profiler depends on the machine (CUPTI on a GPU): say why, keep the rest
         out["profile"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
@@ -503,12 +515,12 @@ def run(a, baseline: dict, t_start: float) -> dict:
         except Exception as e:  # the evaluation env or worker setup: say why, keep the rest
             out["evaluation"] = [dict(workers=a.eval_workers, error=f"{type(e).__name__}: {str(e)[:200]}")]
     else:
-        out["skipped"].append("evaluation")
+        out["skipped"]["evaluation"] = TIME_BOX
 
     # part 2, XLA flags: each in a fresh process that reads back the options XLA used (and one with XLA's defaults)
     flagged = [v for v in all_variants if v.xla_flags]
     if a.skip_xla_flags:
-        out["skipped"] += [v.key for v in flagged]
+        out["skipped"].update({v.key: "not run: --skip-xla-flags" for v in flagged})
         flagged = []
     if flagged and left() > 60:
         probe_argv = [sys.executable, os.path.abspath(__file__), "--probe"]
@@ -518,7 +530,7 @@ def run(a, baseline: dict, t_start: float) -> dict:
     for i in range(0, len(flagged), at_once):
         group = flagged[i : i + at_once]
         if left() < cost:
-            out["skipped"] += [v.key for v in group]
+            out["skipped"].update({v.key: TIME_BOX for v in group})
             continue
         timeout = left() if left() < float("inf") else None
         with ThreadPoolExecutor(len(group)) as pool:
@@ -540,16 +552,23 @@ def markdown(r: dict, backend: str) -> list:
     seeds, per_call, base = r["seeds"], r["per_call"], r["baseline"]
     batch = f"3 methods x {seeds} seeds"
     by_key = {v["key"]: v for v in r["variants"]}
-    skipped = "not run: it did not fit the time box (`--budget-s`)"
+    skipped = lambda k: r["skipped"].get(k, "not run")
     lines = [
         "",
         f"### The protocol batch up close ({batch} = {r['learners']} learners in one program)",
         "",
         f"Baseline: `make_update_fn(cfg, batched=True, methods=(ilq, no-imagination, no-limitation), sample_chunk=10)`, "
         f"{batch}, fresh behaviour samples, float32 models, JAX's default matmul precision, XLA's default flags, "
-        f"{per_call} updates per host call (the {batch} row above: {base['updates_per_s']:.1f} updates/s in all, "
-        f"{base['per_seed']:.1f} per learner). Programs compiled {r['compile_threads']} at a time (compile s of "
-        "programs compiled together overlap).",
+        f"{per_call} updates per host call ("
+        + (
+            f"the {batch} row above: "
+            if per_call == r["table_calls"]
+            else f"measured here; the table's row at {r['table_calls']} per call: "
+            f"{r['table_baseline']['updates_per_s']:.1f} updates/s in all; here: "
+        )
+        + f"{base['updates_per_s']:.1f} updates/s in all, {base['per_seed']:.1f} per learner). Medians of "
+        f"{r['repeats']}+ calls. Programs compiled {r['compile_threads']} at a time (the compile s of programs "
+        "compiled together overlap).",
         "",
         'Scaling. N learners = N seeds of ILQ alone in the same batch program (`methods=("ilq",)`, sample chunk 10): '
         "one method, so every learner does the same work; the protocol batch (three methods, whose ablations skip "
@@ -564,7 +583,7 @@ def markdown(r: dict, backend: str) -> list:
         v, row = by_key[k], r["rows"].get(k)
         n = v["seeds"]
         if row is None:
-            lines.append(f"| {n} | ILQ x {n} seed{'s' if n > 1 else ''} | {skipped} | | | |")
+            lines.append(f"| {n} | ILQ x {n} seed{'s' if n > 1 else ''} | {skipped(k)} | | | |")
             continue
         ratio = _num(one["per_learner"] / row["per_learner"], ".2f") if one else "n/a"
         lines.append(
@@ -611,7 +630,7 @@ def markdown(r: dict, backend: str) -> list:
                 f"`{COMMAND_BUFFER}={got[COMMAND_BUFFER]}`, `{AUTOTUNE}={got[AUTOTUNE]}`" if got else "not read back"
             )
         if row is None:
-            lines.append(f"| {label} | {v['maths']} | {skipped} | | | | |")
+            lines.append(f"| {label} | {v['maths']} | {skipped(k)} | | | | |")
         elif "error" in row:
             lines.append(f"| {label} | {v['maths']} | failed: {row['error'][:200]} | | | | |")
         else:
@@ -655,7 +674,7 @@ def markdown(r: dict, backend: str) -> list:
             f"{100 * sum(k['share'] for k in prof['top']):.1f} % |"
         )
     else:
-        lines += ["", skipped]
+        lines += ["", skipped("profile")]
     train_s = r["eval_interval"] / base["per_seed"]
     lines += [
         "",
@@ -677,7 +696,7 @@ def markdown(r: dict, backend: str) -> list:
                 f"{e['s_per_round'] / train_s:.2f} |"
             )
     if "evaluation" not in r:
-        lines.append(f"| | | {skipped} | | | |")
+        lines.append(f"| | | {skipped('evaluation')} | | | |")
     return lines
 
 
