@@ -137,17 +137,11 @@ def lower(v: Variant, cfg, frozen, key, per_call: int):
         return update.lower(state, frozen_for(v, frozen), keys)
 
 
-def compile_all(lowered: dict, threads: int) -> dict:
-    """{name: (compiled, compile seconds)}, `threads` compilations at a time (XLA releases the GIL)."""
-
-    def one(low):
-        t0 = time.perf_counter()
-        compiled = low.compile()
-        return compiled, time.perf_counter() - t0
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        futures = {k: pool.submit(one, low) for k, low in lowered.items()}
-        return {k: f.result() for k, f in futures.items()}
+def timed_compile(lowered) -> tuple:
+    """(the compiled program, compile seconds); XLA releases the GIL, so several can compile at once in threads."""
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - t0
 
 
 def one_call(compiled, cfg, frozen, key, learners: int, per_call: int):
@@ -460,21 +454,30 @@ def run(a, baseline: dict, t_start: float) -> dict:
     per_variant = baseline["compile_s"] / threads + (a.repeats + 3) * call_s  # a variant's estimated cost
     base_program = speed.PROGRAMS.get((False, base_learners, speed.PROTOCOL, per_call))
 
-    # parts 1-3: lower the in-process programs here, compile them `threads` at a time, then time them one by one
-    lowered, budget = {}, left() - 30  # the profile's and the parse's own time
+    # parts 1-3: trace the in-process programs here one by one, each compiling (`threads` at a time) while the next
+    # is traced, then time them one by one
+    futures, budget = {}, left() - 30  # the profile's and the parse's own time
     base = Variant("baseline", "baseline", seeds=seeds)
-    if base_program is None:
-        lowered["baseline"], budget = lower(base, cfg, frozen, key, per_call), budget - per_variant
-    profiled = a.profile_calls == per_call or budget >= per_variant  # the profile first: it reuses or needs a program
-    if a.profile_calls != per_call and profiled:
-        lowered["profile"], budget = lower(base, cfg, frozen, key, a.profile_calls), budget - per_variant
-    for v in inproc:
-        if budget < per_variant:
-            out["skipped"][v.key] = TIME_BOX
-            continue
-        lowered[v.key], budget = lower(v, cfg, frozen, key, per_call), budget - per_variant
-    print(f"[batch] compiling {len(lowered)} programs, {threads} at a time", flush=True)
-    compiled = compile_all(lowered, threads)
+    print(f"[batch] tracing and compiling, {threads} programs at a time", flush=True)
+    with ThreadPoolExecutor(threads) as pool:
+
+        def add(name: str, v: Variant, calls: int) -> None:
+            nonlocal budget
+            t0 = time.perf_counter()
+            futures[name] = pool.submit(timed_compile, lower(v, cfg, frozen, key, calls))
+            budget -= per_variant + time.perf_counter() - t0
+
+        if base_program is None:
+            add("baseline", base, per_call)
+        profiled = a.profile_calls == per_call or budget >= per_variant  # first: the profile reuses or needs a program
+        if a.profile_calls != per_call and profiled:
+            add("profile", base, a.profile_calls)
+        for v in inproc:
+            if budget < per_variant:
+                out["skipped"][v.key] = TIME_BOX
+                continue
+            add(v.key, v, per_call)
+        compiled = {name: f.result() for name, f in futures.items()}
     if "baseline" in compiled:  # the study's calls differ from the table's: its own baseline, timed like the rest
         base_program, compile_s = compiled["baseline"]
         state, keys = speed.learner_inputs(cfg, key, base_learners, per_call)
