@@ -398,11 +398,18 @@ def evaluation_share(a, learners: int, deadline: float) -> list:
                 proc.terminate()  # at once: close() would wait for the round in progress
         finally:
             evaluator.close()
-        print(f"[batch] evaluation, {workers} worker(s): {rows[-1]}", flush=True)
+        log(f"evaluation, {workers} worker(s): {rows[-1]}")
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------- the study
+_T0 = time.time()
+
+
+def log(text: str) -> None:
+    print(f"[batch +{time.time() - _T0:.0f}s] {text}", flush=True)
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the protocol batch up close (--batch-study; needs --protocol-seeds)")
     g.add_argument("--batch-study", action="store_true", help="after the table: scaling, variants, profile, evaluation")
@@ -426,6 +433,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(a, baseline: dict, t_start: float) -> dict:
     """The four parts, within the time box; returns the raw figures (the Markdown comes from markdown())."""
+    global _T0
+    _T0 = time.time()
     deadline = t_start + a.budget_s if a.budget_s else float("inf")
     left = lambda: deadline - time.time()
     seeds, per_call = a.protocol_seeds, a.study_calls or a.seed_calls
@@ -458,7 +467,7 @@ def run(a, baseline: dict, t_start: float) -> dict:
     # is traced, then time them one by one
     futures, budget = {}, left() - 30  # the profile's and the parse's own time
     base = Variant("baseline", "baseline", seeds=seeds)
-    print(f"[batch] tracing and compiling, {threads} programs at a time", flush=True)
+    log(f"tracing and compiling, {threads} programs at a time")
     with ThreadPoolExecutor(threads) as pool:
 
         def add(name: str, v: Variant, calls: int) -> None:
@@ -478,6 +487,7 @@ def run(a, baseline: dict, t_start: float) -> dict:
                 continue
             add(v.key, v, per_call)
         compiled = {name: f.result() for name, f in futures.items()}
+    log(f"compiled {len(compiled)} programs")
     if "baseline" in compiled:  # the study's calls differ from the table's: its own baseline, timed like the rest
         base_program, compile_s = compiled["baseline"]
         state, keys = speed.learner_inputs(cfg, key, base_learners, per_call)
@@ -500,12 +510,12 @@ def run(a, baseline: dict, t_start: float) -> dict:
         except Exception as e:  # e.g. out of memory: the row says so, the command goes on
             row = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
         out["rows"][v.key] = row
-        print(f"[batch] {v.key}: {row}", flush=True)
+        log(f"{v.key}: {row}")
     try:
         if profiled:
             program = compiled["profile"][0] if "profile" in compiled else base_program
             out["profile"] = profile_call(program, cfg, frozen, key, base_learners, a.profile_calls)
-            print(f"[batch] profile: {out['profile']['kernels_per_update']:.0f} kernels per update", flush=True)
+            log(f"profile: {out['profile']['kernels_per_update']:.0f} kernels per update")
         else:
             out["skipped"]["profile"] = TIME_BOX
     except Exception as e:  # the profiler depends on the machine (CUPTI on a GPU): say why, keep the rest
@@ -528,6 +538,7 @@ def run(a, baseline: dict, t_start: float) -> dict:
     if flagged and left() > 60:
         probe_argv = [sys.executable, os.path.abspath(__file__), "--probe"]
         out["xla_defaults"] = run_child(probe_argv, "", min(120.0, left())).get("options", {})
+        log(f"XLA's defaults: {out['xla_defaults']}")
     cost = 15 + baseline["compile_s"] + (a.repeats + 3) * call_s  # a fresh process: start, compile, time
     at_once = max(1, a.xla_runs_at_once)
     for i in range(0, len(flagged), at_once):
@@ -542,7 +553,7 @@ def run(a, baseline: dict, t_start: float) -> dict:
             if "seconds" in r:
                 r.update(updates_per_s=base_learners * per_call / r["seconds"], per_learner=per_call / r["seconds"])
             out["rows"][v.key] = r
-            print(f"[batch] {v.key}: {r}", flush=True)
+            log(f"{v.key}: {r}")
     out["variants"] = [v._asdict() for v in all_variants]
     return out
 
