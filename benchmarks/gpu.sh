@@ -7,11 +7,19 @@
 # It needs the bundle made beforehand by benchmarks/gpu_bundle.sh (wheels, dataset, pretrained models; default
 # .gpu-bundle/, or $ILQ_GPU_BUNDLE) and a Python 3.12 with a CUDA build of JAX, flax, optax, chex, numpy, h5py,
 # matplotlib and tensorboard ($PYTHON, default python3). What it lacks is installed from the bundle's wheels into
-# a temporary folder (no network). It writes into OUTDIR: speed.md / speed.json (updates/s for 1 and 1000 updates per
-# call, fresh samples and --behavior-bank, 1 and 8 vmapped seeds, the protocol batch of 3 methods x 5 seeds),
-# protocol.md, curves.png and summary.json (benchmarks/protocol.py: ILQ and its two ablations x 5 seeds as one
-# program on the bundle's dataset, time-boxed), runs.tar.gz (its logs and TensorBoard files) and log.txt.
-# $ILQ_GPU_DEADLINE_S (default 480) bounds the measurements after the install.
+# a temporary folder (no network). It writes into OUTDIR (7 files):
+#   speed.md / speed.json: updates/s for 1 and 1000 updates per call, fresh samples and --behavior-bank, 1 and 8
+#     vmapped seeds, the protocol batch of 3 methods x 5 seeds; then that 15-learner batch up close
+#     (benchmarks/batch_study.py): ILQ x 1, 3, 5, 15 seeds in the same program; one line per variant of the batch
+#     (--bf16-models, --sample-chunk 1 / 50, jax_default_matmul_precision "highest", and each in its own process
+#     XLA_FLAGS --xla_gpu_enable_command_buffer= (off) / =+WHILE,+CONDITIONAL and --xla_gpu_autotune_level=0), the
+#     maths-changing ones with their max abs difference after one call; a jax.profiler trace of one call (the 20
+#     most expensive kernels with their share, kernels per update); seconds per evaluation round of 15 learners x
+#     10 episodes with 1 and 4 worker processes against the training time between two evaluations;
+#   protocol.md, curves.png and summary.json: benchmarks/protocol.py, ILQ and its two ablations x 5 seeds as one
+#     program on the bundle's dataset, time-boxed; runs.tar.gz: its logs and TensorBoard files; log.txt.
+# $ILQ_GPU_DEADLINE_S (default 480) bounds the measurements after the install: the protocol gets at least 4 minutes
+# of it, the speed part starts no measurement that would cut into them (its rows say what it left out).
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/gpu.sh OUTDIR [--rehearse]}
 REHEARSE=$([ "${2:-}" = "--rehearse" ] && echo 1 || echo 0)

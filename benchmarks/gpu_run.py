@@ -1,11 +1,17 @@
-"""The body of benchmarks/gpu.sh (run that, not this): a short speed table, then the paper's protocol in the time left.
+"""The body of benchmarks/gpu.sh (run that, not this): a speed table, then the paper's protocol in the time left.
 
 1. Speed (benchmarks/speed.py): updates/s of train()'s compiled update for 1 and 1000 updates per host call, fresh
    behaviour samples (the paper) and --behavior-bank, 1 and 8 vmapped seeds, and the protocol batch of 3 methods x
-   --seeds seeds in one program.
+   --seeds seeds in one program; then that batch up close (benchmarks/batch_study.py): ILQ x 1, 3, 5, 15 seeds in
+   the same program, its variants (--bf16-models, sample chunk 1 / 50, matmul precision "highest", XLA command
+   buffers off / with loops and GEMM autotuning off, each XLA-flag variant in a process of its own), a profile of one
+   call (the 20 most expensive kernels, kernels per update) and evaluation's share (1 and 4 worker processes). The
+   speed part stops starting measurements when the protocol would get less than PROTOCOL_MIN_S; what it leaves out,
+   its rows say.
 2. The protocol (benchmarks/protocol.py): ILQ, ILQ w/o imagination and ILQ w/o limitation x --seeds seeds as one
    program on the bundle's dataset with its pretrained models, 10^6 updates per learner or as many as the time left
-   allows (--time-box-min: it ends at the first evaluation after the box, as a finished run that says how far it got).
+   allows, at least PROTOCOL_MIN_S (--time-box-min: it ends at the first evaluation after the box, as a finished run
+   that says how far it got).
 Writes into --out: speed.md, speed.json, protocol.md, curves.png, summary.json and runs.tar.gz (logs and TensorBoard
 files; no checkpoints): at most 8 files, each far below 16 MiB.
 """
@@ -23,6 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import protocol  # noqa: E402
 import speed  # noqa: E402
+
+PROTOCOL_MIN_S = 240.0  # the protocol's share of --deadline-s, whatever the speed part took
+OUTPUTS_S = 45.0  # writing the outputs after the protocol
 
 
 def main(argv=None):
@@ -47,6 +56,7 @@ def main(argv=None):
         "--out-md",
     ]
     common += [os.path.join(out, "speed.md"), "--json", os.path.join(out, "speed.json")]
+    study = ["--batch-study", "--eval-interval", "5000"]  # the protocol's evaluation interval at the paper's budget
     if a.rehearse:
         speed.main(
             [
@@ -62,14 +72,20 @@ def main(argv=None):
                 "--protocol-seeds",
                 "2",
                 *common,
+                *study,
+                *["--scaling", "1,6", "--profile-calls", "10", "--eval-workers", "1,2", "--eval-episodes", "2"],
+                *["--eval-steps", "50", "--compile-threads", "2", "--xla-runs-at-once", "3"],
             ]
         )
     else:
         sizes = ["--repeats", "3", "--calls", "1,1000", "--seeds", "1,8", "--seed-calls", "1000"]
-        speed.main([*sizes, "--protocol-seeds", str(a.seeds), *common])
+        budget = a.deadline_s - PROTOCOL_MIN_S - OUTPUTS_S - (time.time() - t0)
+        study += ["--scaling", "1,3,5,15", "--study-calls", "200", "--profile-calls", "20", "--eval-workers", "1,4"]
+        study += ["--compile-threads", "4"]  # the study's calls are shorter than the table's: more of it fits the box
+        speed.main([*sizes, "--protocol-seeds", str(a.seeds), *common, *study, "--budget-s", f"{budget:.0f}"])
     speed_s = time.time() - t0
     # the protocol's own box, less writing the outputs (a rehearsal is never boxed: its budget is tiny)
-    minutes = 60.0 if a.rehearse else max(1.0, (a.deadline_s - speed_s - 45) / 60)
+    minutes = 60.0 if a.rehearse else max(PROTOCOL_MIN_S / 60, (a.deadline_s - speed_s - OUTPUTS_S) / 60)
     print(f"[gpu] speed table done in {speed_s:.0f}s; protocol on {bundle['dataset']} in {minutes:.1f} min", flush=True)
 
     work = tempfile.mkdtemp(prefix="ilq-gpu-")  # the run's checkpoints stay here, not in --out

@@ -3,6 +3,7 @@
     python benchmarks/speed.py                 # ~15 min on 2 CPU cores; writes the Speed section of RESULTS.md
     python benchmarks/speed.py --quick         # a smoke run (1 repeat, 1 and 10 per call): prints, writes nothing
     python benchmarks/speed.py --quick --out-md /tmp/speed.md   # a smoke run written to a file, marked as such
+    python benchmarks/speed.py --protocol-seeds 5 --batch-study  # also the 15-learner batch up close (batch_study.py)
 
 At the paper's settings (batch 256, M = 10 behaviour samples, K = 5 diffusion steps, 3 x 256 actor and critics,
 a 7 x 4 x 200 dynamics ensemble, hopper sizes: 11-dim states, 3-dim actions, 100k transitions on the device),
@@ -79,6 +80,25 @@ def counted_flops(fn, *args) -> float:
         return flops_of(jax.jit(lambda *x: fn(*x)).lower(*args).compile())
 
 
+def config() -> ilq.ILQConfig:
+    """The one place the speed measurements build their ILQConfig: hopper sizes, the paper's hopper-random row
+    (eta 0.9, delta 1, penalty 1, learning rates 3e-4 / 1e-4), batch and width from SIZES."""
+    return ilq.ILQConfig(
+        OBS,
+        ACT,
+        eta=0.9,
+        delta=1.0,
+        penalty_coef=1.0,
+        critic_lr=3e-4,
+        actor_lr=1e-4,
+        entropy=True,
+        cosine_lr=False,
+        total_steps=1_000_000,
+        batch_size=SIZES["batch"],
+        hidden_dim=SIZES["hidden"],
+    )
+
+
 def build(bank: bool, seed: int = 0):
     """Random-weight models and a random device-resident dataset at the paper's sizes (or --tiny's)."""
     N, hidden, dyn_hidden = SIZES["n"], SIZES["hidden"], SIZES["dyn_hidden"]
@@ -106,29 +126,41 @@ def build(bank: bool, seed: int = 0):
     beh = ilq.BehaviorModel(
         noise_net.init(k[5], jnp.zeros((1, ACT)), jnp.zeros(1, jnp.int32), jnp.zeros((1, OBS))), ACT, 5, hidden
     )
-    cfg = ilq.ILQConfig(
-        OBS,
-        ACT,
-        eta=0.9,
-        delta=1.0,
-        penalty_coef=1.0,
-        critic_lr=3e-4,
-        actor_lr=1e-4,
-        entropy=True,
-        cosine_lr=False,
-        total_steps=1_000_000,
-        batch_size=SIZES["batch"],
-        hidden_dim=hidden,
-    )
+    cfg = config()
     # the bank's contents do not matter for speed: random actions, not ilq.make_behavior_bank's 100k x M samples
     behavior_bank = jax.random.uniform(k[6], (N, cfg.num_behavior_samples, ACT), minval=-1, maxval=1) if bank else None
     return cfg, ilq.Frozen(data, dyn, beh, behavior_bank), k[7]
 
 
 _FLOPS = {}
+PROGRAMS = {}  # (bank, learners, methods, updates per call) -> the compiled program fused() timed (batch_study reuses it)
 
 
 PROTOCOL = ("ilq", "no-imagination", "no-limitation")
+
+
+def learner_inputs(cfg, key, learners: int, per_call: int):
+    """A fresh train state of `learners` learners and the keys of one call of `per_call` updates, as fused() makes them
+    (the same key: the same values)."""
+    state = jax.vmap(partial(ilq.init_train_state, cfg))(jax.random.split(key, learners))
+    return state, jax.random.split(key, learners * per_call).reshape(learners, per_call, -1)
+
+
+def time_calls(compiled, state, frozen, keys, repeats: int) -> float:
+    """Median seconds of one call of a compiled update (its state donated and carried from call to call)."""
+    holder, work = {"state": state}, keys.shape[0] * keys.shape[1]
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], frozen, keys)
+        jax.block_until_ready(metrics)
+
+    if work < 100 or repeats < 3:
+        run()  # warm-up (for long calls the median of 3+ repeats already leaves a slow first call out)
+    return median_time(
+        run,
+        repeats if work >= 100 else 5 * repeats,
+        min_time=(0.2 if SIZES["matmul"] else 2.0) if work < 100 else 0.0,
+    )
 
 
 def fused(bank: bool, calls, repeats: int, seeds: int = 1, methods=None) -> dict:
@@ -144,24 +176,12 @@ def fused(bank: bool, calls, repeats: int, seeds: int = 1, methods=None) -> dict
     print(f"[speed] {name} one update: {flops / 1e9:.3f} GFLOP (XLA, scans unrolled)", flush=True)
     out = {}
     for per_call in calls:
-        state = jax.vmap(partial(ilq.init_train_state, cfg))(jax.random.split(key, learners))
-        keys = jax.random.split(key, learners * per_call).reshape(learners, per_call, -1)
+        state, keys = learner_inputs(cfg, key, learners, per_call)
         t0 = time.perf_counter()
         compiled = update.lower(state, frozen, keys).compile()
         compile_s = time.perf_counter() - t0
-        holder = {"state": state}
-
-        def run():
-            holder["state"], metrics = compiled(holder["state"], frozen, keys)
-            jax.block_until_ready(metrics)
-
-        if per_call * learners < 100 or repeats < 3:
-            run()  # warm-up (for long calls the median of 3+ repeats already leaves a slow first call out)
-        t = median_time(
-            run,
-            repeats if per_call * learners >= 100 else 5 * repeats,
-            min_time=(0.2 if SIZES["matmul"] else 2.0) if per_call * learners < 100 else 0.0,
-        )
+        PROGRAMS[(bank, learners, methods, per_call)] = compiled
+        t = time_calls(compiled, state, frozen, keys, repeats)
         out[per_call] = dict(
             updates_per_s=learners * per_call / t, per_seed=per_call / t, compile_s=compile_s, flops=flops, seeds=learners
         )
@@ -246,6 +266,9 @@ def peers(python: str, steps: int, repeats: int) -> dict:
 
 
 def main(argv=None):
+    sys.modules.setdefault("speed", sys.modules[__name__])  # batch_study imports this file as `speed`: one module, not two
+    import batch_study
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calls", default="1,10,100,1000", help="updates per host call to measure (one seed)")
@@ -270,7 +293,10 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="1 repeat, calls 1 and 10, seeds 1 and 2, 20 peer steps")
     p.add_argument("--tiny", action="store_true", help="tiny networks and data (a rehearsal: not the paper's sizes)")
+    batch_study.add_args(p)
     a = p.parse_args(argv)
+    if a.batch_study and not a.protocol_seeds:
+        p.error("--batch-study studies the protocol batch: give --protocol-seeds")
     if a.tiny:
         SIZES.update(TINY_SIZES)
     if a.quick:
@@ -292,6 +318,7 @@ def main(argv=None):
     protocol = {}
     for bank in (False, True) if a.protocol_seeds else ():  # the paper's protocol batch: 3 methods x N seeds
         protocol[bank] = fused(bank, [a.seed_calls], a.repeats, a.protocol_seeds, PROTOCOL)[a.seed_calls]
+    study = batch_study.run(a, protocol[False], t_start) if a.batch_study else None
     part_times = {} if a.skip_parts else parts(a.repeats)
     peer = peers(a.peers_python, a.peer_steps, a.repeats)
     load_end = os.getloadavg()
@@ -351,6 +378,8 @@ def main(argv=None):
             f"{r['updates_per_s']:.1f} | {r['per_seed']:.1f} | | "
             f"{100 * r['flops'] * r['updates_per_s'] / peak['flops_per_s']:.0f} % (ILQ's FLOPs per learner) |"
         )
+    if study:
+        lines += batch_study.markdown(study, jax.default_backend())
     if part_times:
         lines += [
             "",
@@ -396,6 +425,8 @@ def main(argv=None):
                     peak=peak,
                     per_call={str(b): results[b] for b in results},
                     by_seeds={str(b): by_seeds[b] for b in by_seeds},
+                    protocol_batch={str(b): protocol[b] for b in protocol},
+                    batch_study=study,
                     machine=machine(),
                     versions=versions,
                 ),
@@ -404,7 +435,7 @@ def main(argv=None):
     if out_md:
         write_section(out_md, a.section, f"## {a.title}\n\n" + text)
         print(f"[speed] wrote the {a.section} section of {out_md}")
-    return dict(results=results, by_seeds=by_seeds, peak=peak, text=text)
+    return dict(results=results, by_seeds=by_seeds, peak=peak, text=text, batch_study=study)
 
 
 if __name__ == "__main__":
