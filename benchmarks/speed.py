@@ -83,20 +83,7 @@ def counted_flops(fn, *args) -> float:
 def config() -> ilq.ILQConfig:
     """The one place the speed measurements build their ILQConfig: hopper sizes, the paper's hopper-random row
     (eta 0.9, delta 1, penalty 1, learning rates 3e-4 / 1e-4), batch and width from SIZES."""
-    return ilq.ILQConfig(
-        OBS,
-        ACT,
-        eta=0.9,
-        delta=1.0,
-        penalty_coef=1.0,
-        critic_lr=3e-4,
-        actor_lr=1e-4,
-        entropy=True,
-        cosine_lr=False,
-        total_steps=1_000_000,
-        batch_size=SIZES["batch"],
-        hidden_dim=SIZES["hidden"],
-    )
+    return ilq.ILQConfig.for_task("hopper-random", OBS, ACT, 1_000_000, batch_size=SIZES["batch"], hidden_dim=SIZES["hidden"])
 
 
 def build(bank: bool, seed: int = 0):
