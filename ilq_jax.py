@@ -1179,6 +1179,7 @@ def train(args: Args) -> dict:
     )
     methods, seeds = learner_methods(args), list(range(args.seed, args.seed + args.num_seeds))
     learners = [(m, s) for m in methods for s in seeds]  # the learner axis: method-major (method_rows)
+    names = [f"{m} seed {s}" for m, s in learners]
     name = args.run_name or f"{slug(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", name)
     if not args.resume and os.path.exists(run_dir):
@@ -1201,7 +1202,8 @@ def train(args: Args) -> dict:
 
     with deferred_signals() as stop, contextlib.ExitStack() as on_exit:  # closes the folder lock, logs, workers
         # --- the run folder: taken (locked) before minutes of pretraining; a new one is removed if training never starts ---
-        with errors_as(f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."):
+        unwritable = f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."
+        with errors_as(*unwritable):
             os.makedirs(run_dir, exist_ok=bool(args.resume))
             on_exit.callback(lock_run_folder(run_dir).close)
         if not args.resume:
@@ -1229,7 +1231,7 @@ def train(args: Args) -> dict:
         # then the learners' logs and the evaluator ---
         if not args.resume:
             progress["inputs"] = inputs
-            with errors_as(f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."):
+            with errors_as(*unwritable):
                 _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
                 save_checkpoint(run_dir, state, progress)
                 log = TensorBoard(os.path.join(run_dir, "pretrain"))
@@ -1256,7 +1258,7 @@ def train(args: Args) -> dict:
             seconds = time.time() - t0
 
             # --- log: a non-finite value stops the run; TensorBoard per learner; a progress line every 30 s ---
-            check_finite(metrics, u0 + 1, run_dir, [f"{m} seed {s}" for m, s in learners])
+            check_finite(metrics, u0 + 1, run_dir, names)
             progress["updates"] = step = u0 + n
             progress["train_time_s"] += seconds
             for i, w in enumerate(writers):
@@ -2385,10 +2387,10 @@ def resume_args(args: Args) -> Args:
             f"{where} does not hold this version's settings ({what}). It was written by another version of ilq_jax.py "
             "or edited; start a new run (nothing was changed in the run folder)."
         )
-    summary = os.path.join(args.resume, "summary.json")
-    if os.path.exists(summary) and read_checkpoint(args.resume)[0]["updates"] >= saved["total_steps"]:
+    summary = os.path.join(args.resume, "summary.json")  # a time-boxed run has one too, and goes on
+    if os.path.exists(summary) and _read_run_file(args.resume, "summary.json", "")["updates"] >= saved["total_steps"]:
         raise ILQError(f"--resume {args.resume}: the run has finished; its results are in {summary}.")
-    given = {k: getattr(args, k) for k in RESUME_MAY_SET if getattr(args, k) is not None}  # a time-boxed run goes on
+    given = {k: getattr(args, k) for k in RESUME_MAY_SET if getattr(args, k) is not None}
     return dataclasses.replace(Args(**saved), **{"stop_after": None, "time_box_min": None, **given})
 
 
@@ -2597,7 +2599,9 @@ class Evaluator:
     goes on. Either way the same envs, start seeds and deterministic policy, so the same returns; results come
     back in the order they were asked for."""
 
-    def __init__(self, info: DatasetInfo, cfg: ILQConfig, n_learners: int, episodes: int, workers: int, run_dir: str = "RUN"):
+    def __init__(
+        self, info: DatasetInfo, cfg: ILQConfig, n_learners: int, episodes: int, workers: int, run_dir="runs/<run-name>"
+    ):
         self.shape, self.pending, self.done, self.run_dir = (n_learners, episodes), [], {}, run_dir
         if workers == 0:
             self.envs, self.policy = make_env(info, n_learners * episodes), learners_policy(cfg, n_learners, episodes)
