@@ -7,14 +7,13 @@ the usual Bellman target. Every action of the current policy is treated as out-o
 (behaviour actions drawn from a diffusion model), plus a small delta. Equation numbers below are the paper's.
 
     python ilq_jax.py                 # offline default: a generated random-policy Hopper dataset, 5-10 min on 2 CPU cores
-    python ilq_jax.py --env-id hopper-medium-replay --dataset-path hopper_medium_replay-v2.hdf5
     python ilq_jax.py --env-id walker2d-medium-replay   # the paper's 1e6 updates on a GPU/TPU (--budget cpu|paper)
     python ilq_jax.py --methods ilq,no-imagination,no-limitation --num-seeds 5   # the paper's protocol, one program
-    python ilq_jax.py --help          # every flag; None means "the paper's value for this dataset"
+    python ilq_jax.py --evaluate runs/NAME --eval-episodes 100   # a trained run's policies again (--capture-video)
 
-Part I (ILQ itself) imports only jax, flax, optax, chex and numpy and can be copied alone. Part II runs it: flags,
-the settings of a run, the frozen models, the training loop (train), evaluation, the summary. Part III is plumbing a
-reader of the algorithm may skip: datasets (D4RL, Minari, generated), evaluation envs, model and run files, logs.
+Part I (ILQ itself) imports only jax, flax, optax, chex and numpy: copy the file, or this part alone, into your code.
+Part II runs it (flags, a run's settings, the frozen models, train, evaluation, the summary, load_policy); Part III is
+plumbing a reader of the algorithm may skip (datasets, evaluation envs, model and run files, logs).
 
     paper                                           Part I
     Eq. 5     dynamics model, maximum likelihood    DynamicsEnsemble, dynamics_loss, train_dynamics; dynamics_step
@@ -24,13 +23,12 @@ reader of the algorithm may skip: datasets (D4RL, Minari, generated), evaluation
     Eq. 17    in-sample target y_in                 ilb_targets
     Eq. 18    OOD target min{y_img, y_lmt} + delta  ilb_targets
     Eq. 19    imagined value y_img                  ilb_targets with dynamics_step, terminated
-    Eq. 20    limitation value y_lmt                ilb_targets with diffusion_sample (presample_behavior for a chunk
-                                                    of updates; Part II's --behavior-bank: make_behavior_bank)
+    Eq. 20    limitation value y_lmt                ilb_targets with diffusion_sample (in ilq_update)
     Eq. 21    actor ("vanilla SAC") and alpha       actor_alpha_update, sample_action
+    Alg. 1    line 1, initialisation                init_train_state
     Alg. 1    lines 2-3, pretraining                train_dynamics, train_diffusion
-    Alg. 1    lines 4-12, training                  ilq_update = minibatch_draws + minibatch_targets + learn (one
-                                                    step); make_update_fn (many steps of many (method, seed)
-                                                    learners in one jit); Part II's train runs it
+    Alg. 1    lines 4-12, training                  ilq_update (one step), make_update_fn (a jitted scan of them);
+                                                    Part II's make_learners_update: every (method, seed) learner
     Sec. 5.4  ablations                             METHODS: ILQ, w/o imagination, w/o limitation
 
 Where the paper is silent or ambiguous, this file chooses (each choice is repeated at its code):
@@ -47,9 +45,8 @@ Where the paper is silent or ambiguous, this file chooses (each choice is repeat
     diffusion sampler         Diffusion-QL's: epsilon-prediction, x0 clipped to [-1, 1], DDPM *posterior* variance
                               (Eq. 7 writes beta_k), no noise at the last step, final clip; VP schedule, K = 5;
                               M = 10 fresh samples per state in every update (--behavior-bank: sampled once)
-    alpha                     SAC's automatic temperature, target entropy -|A|, learning rate = the actor's;
-                              Adroit (pen): entropy off, read as alpha = 0 (--fixed-alpha A: a fixed alpha instead),
-                              and cosine decay to 0 of both learning rates
+    alpha                     SAC's automatic temperature, target entropy -|A|, learning rate = the actor's; Adroit
+                              (pen): entropy off read as alpha = 0 (--fixed-alpha A: fixed), both lrs cosine to 0
     done masks                (1 - terminal) in Eq. 17 with true terminations only (a time-limit truncation bootstraps)
     gradient flow             targets under stop-gradient; OOD actions detached in Eq. 16; the models stay frozen
     min / max order (Eq. 20)  per target critic the max over the same M behaviour samples at s, then min over critics
@@ -57,14 +54,12 @@ Where the paper is silent or ambiguous, this file chooses (each choice is repeat
                               summed over the two critics, which regress to the same target
     hyper-parameters          Tables 3-6 where the text disagrees (eta of medium-expert, delta != 0); datasets not in
                               the tables: eta 0.9, delta 0, no penalty, learning rates (5e-4, 3e-4)
-    networks                  tanh-Gaussian actor, log-std bounded in [-5, 2]; ReLU actor and critics; no observation
-                              or reward normalisation for them
+    networks                  tanh-Gaussian actor, log-std in [-5, 2]; ReLU actor and critics; no normalisation
     evaluation                deterministic tanh(mean), 10 episodes, fresh start seeds at every evaluation; the score
-                              is the mean of the last 10 evaluations (never the best); every 5000 updates at the
-                              paper's budget; in the env the data were recorded in: D4RL locomotion names on
-                              Gymnasium's -v4 (D4RL's -v2 model and rules) with the -v2 masses restored (MuJoCo
-                              2.1.2 changed capsule inertias), maze2d and pen as D4RL-faithful wrappers over
-                              Gymnasium-Robotics' physics, Minari data in their recorded eval env
+                              is the mean of the last 10 evaluations (never the best), std over seeds with ddof=1;
+                              every 5000 updates (paper budget); where the data were recorded: D4RL locomotion on
+                              Gymnasium's -v4 with the -v2 masses restored (MuJoCo 2.1.2 changed capsule inertias),
+                              maze2d and pen as D4RL-faithful wrappers, Minari data in their recorded eval env
 """
 
 from __future__ import annotations
@@ -74,7 +69,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import chex
 import flax
@@ -83,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training.train_state import TrainState
 
 # ======================================================================================================================
 # Part I — ILQ
@@ -115,21 +111,22 @@ class Actor(nn.Module):
         h = obs
         for _ in range(self.num_hidden):
             h = nn.relu(nn.Dense(self.hidden_dim)(h))
-        mean, log_std = nn.Dense(self.act_dim)(h), nn.Dense(self.act_dim)(h)
+        mean = nn.Dense(self.act_dim)(h)
+        log_std = nn.Dense(self.act_dim)(h)
         return mean, LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (jnp.tanh(log_std) + 1.0)
 
 
-def sample_action(actor: Actor, params, obs, key):
-    """a ~ pi(.|s) and log pi(a|s) (tanh change of variables, in the stable softplus form)."""
-    return tanh_gaussian(*actor.apply(params, obs), key)
-
-
 def tanh_gaussian(mean, log_std, key):
-    """sample_action from the actor's outputs (one actor pass can then serve several sets of states)."""
+    """a = tanh(u), u ~ N(mean, std), and log pi(a|s) (the tanh change of variables, in the stable softplus form)."""
     u = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
     logp = jnp.sum(-0.5 * ((u - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), -1)
     logp -= jnp.sum(2.0 * (jnp.log(2.0) - u - jax.nn.softplus(-2.0 * u)), -1)
     return jnp.tanh(u), logp
+
+
+def sample_action(actor: Actor, params, obs, key):
+    """a ~ pi(.|s) and log pi(a|s)."""
+    return tanh_gaussian(*actor.apply(params, obs), key)
 
 
 def deterministic_action(actor: Actor, params, obs):
@@ -158,13 +155,14 @@ class EnsembleDense(nn.Module):
 
     features: int
     members: int
+    dtype: Any = jnp.float32  # of the computation (the weights are stored in float32)
 
     @nn.compact
     def __call__(self, x):  # (E, N, in)
         init = nn.initializers.truncated_normal(1.0 / (2.0 * math.sqrt(x.shape[-1])))
         kernel = self.param("kernel", init, (self.members, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.members, 1, self.features))
-        return jnp.einsum("eni,eio->eno", x, kernel) + bias
+        return jnp.einsum("eni,eio->eno", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 class DynamicsEnsemble(nn.Module):
@@ -175,26 +173,19 @@ class DynamicsEnsemble(nn.Module):
     members: int
     hidden: int
     layers: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):  # standardised (N, in) or (E, N, in) -> mean, logvar, each (E, N, out)
         if x.ndim == 2:
             x = jnp.broadcast_to(x, (self.members,) + x.shape)
         for _ in range(self.layers):
-            x = nn.swish(EnsembleDense(self.hidden, self.members)(x))
-        mean, logvar = jnp.split(EnsembleDense(2 * self.out_dim, self.members)(x), 2, axis=-1)
+            x = nn.swish(EnsembleDense(self.hidden, self.members, self.dtype)(x))
+        mean, logvar = jnp.split(EnsembleDense(2 * self.out_dim, self.members, self.dtype)(x), 2, axis=-1)
         max_logvar = self.param("max_logvar", nn.initializers.constant(0.5), (self.out_dim,))
         min_logvar = self.param("min_logvar", nn.initializers.constant(-10.0), (self.out_dim,))
         logvar = max_logvar - jax.nn.softplus(max_logvar - logvar)
         return mean, min_logvar + jax.nn.softplus(logvar - min_logvar)
-
-
-def mish(x):
-    """x * tanh(softplus(x)) with one exp: tanh(log(1 + e)) = e(e + 2) / (e(e + 2) + 2) for e = exp(x). The values of
-    jax.nn.mish (to rounding) at a quarter of its cost on CPU, where the diffusion sampler is dominated by it."""
-    e = jnp.exp(jnp.minimum(x, 20.0))
-    n = e * (e + 2.0)
-    return jnp.where(x > 20.0, x, x * n / (n + 2.0))
 
 
 class NoiseNet(nn.Module):
@@ -203,22 +194,22 @@ class NoiseNet(nn.Module):
     act_dim: int
     hidden: int = 256
     t_dim: int = 16
+    dtype: Any = jnp.float32  # of the computation (the weights are stored in float32)
+    mish: Callable = jax.nn.mish
 
     @nn.compact
     def __call__(self, x, t, obs):  # t: (N,) one step per row, or (1,) one step for all rows (the sampler)
+        dense = partial(nn.Dense, dtype=self.dtype)
         half = self.t_dim // 2
         emb = t.astype(jnp.float32)[:, None] * jnp.exp(-math.log(10000.0) * jnp.arange(half) / (half - 1))[None]
-        emb = nn.Dense(self.t_dim)(mish(nn.Dense(2 * self.t_dim)(jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], -1))))
+        emb = dense(self.t_dim)(self.mish(dense(2 * self.t_dim)(jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], -1))))
         h = jnp.concatenate([x, jnp.broadcast_to(emb, (x.shape[0], self.t_dim)).astype(x.dtype), obs], -1)
         for _ in range(3):
-            h = mish(nn.Dense(self.hidden)(h))
-        return nn.Dense(self.act_dim)(h)
+            h = self.mish(dense(self.hidden)(h))
+        return dense(self.act_dim)(h)
 
 
 # ---------------------------------------------------------------------------------------------------- Eq. 5: dynamics model
-DYNAMICS_WEIGHT_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)  # MOPO, per layer (4 hidden layers, then the output)
-
-
 @flax.struct.dataclass
 class DynamicsModel:
     params: Any
@@ -230,20 +221,11 @@ class DynamicsModel:
     hidden: int = flax.struct.field(pytree_node=False)
     layers: int = flax.struct.field(pytree_node=False)
     family: str = flax.struct.field(pytree_node=False)
+    dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)  # of its forward pass
 
     @property
     def net(self) -> DynamicsEnsemble:
-        return DynamicsEnsemble(self.obs_dim + 1, self.members, self.hidden, self.layers)
-
-
-def init_dynamics(obs_dim, act_dim, family, members=7, elites=5, hidden=200, layers=4, seed=0) -> DynamicsModel:
-    """An untrained ensemble (identity scaler, elites 0..elites-1): train_dynamics' start, the cache's template. The
-    sizes are MOPO's (and the paper's 4x200)."""
-    if elites > members or len(DYNAMICS_WEIGHT_DECAY) != layers + 1:
-        raise ValueError(f"need elites <= members and {len(DYNAMICS_WEIGHT_DECAY) - 1} layers (MOPO's weight decays)")
-    d = obs_dim + act_dim
-    params = DynamicsEnsemble(obs_dim + 1, members, hidden, layers).init(jax.random.PRNGKey(seed), jnp.zeros((1, d)))
-    return DynamicsModel(params, jnp.zeros(d), jnp.ones(d), jnp.arange(elites), obs_dim, members, hidden, layers, family)
+        return DynamicsEnsemble(self.obs_dim + 1, self.members, self.hidden, self.layers, self.dtype)
 
 
 D4RL_PEN_DROP_Z, PEN_OBJ_Z = 0.075, 26  # D4RL pen-v0/v1: the episode ends when obs[26] (the pen's z) < 0.075
@@ -267,19 +249,11 @@ def terminated(family: str, next_obs):
     return ~(finite & healthy)
 
 
-def apply_frozen(net: nn.Module, params, *inputs):
-    """A frozen model's forward pass in the precision of its weights (float32, or bfloat16: Part II's --bf16-models),
-    float32 out."""
-    dtype = next((p.dtype for p in jax.tree_util.tree_leaves(params)), jnp.float32)
-    out = net.apply(params, *(x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in inputs))
-    return jax.tree_util.tree_map(lambda y: y.astype(jnp.float32), out)
-
-
 def dynamics_step(dyn: DynamicsModel, obs, act, key):
     """One imagined step (s_hat', r_hat) ~ T_psi(.|s, a): a random elite per transition, a sample of its Gaussian.
     Returns next_obs, reward, MOPO's penalty max_i ||sigma_i(s, a)||_2 over all members, done."""
     n = obs.shape[0]
-    mean, logvar = apply_frozen(dyn.net, dyn.params, (jnp.concatenate([obs, act], -1) - dyn.input_mean) / dyn.input_std)
+    mean, logvar = dyn.net.apply(dyn.params, (jnp.concatenate([obs, act], -1) - dyn.input_mean) / dyn.input_std)
     std = jnp.exp(0.5 * logvar)
     k_member, k_noise = jax.random.split(key)
     member = dyn.elites[jax.random.randint(k_member, (n,), 0, dyn.elites.shape[0])]
@@ -291,11 +265,12 @@ def dynamics_step(dyn: DynamicsModel, obs, act, key):
 
 
 # -------------------------------------------------------------------------------------------------- Eq. 6-7: diffusion sampler
-def vp_schedule(k: int, beta_min: float = 0.1, beta_max: float = 10.0) -> dict:
+def vp_schedule(K: int, beta_min: float = 0.1, beta_max: float = 10.0) -> dict:
     """Diffusion-QL's variance-preserving schedule for K steps, with the DDPM posterior coefficients."""
-    t = np.arange(1, k + 1)
-    alphas = np.exp(-beta_min / k - 0.5 * (beta_max - beta_min) * (2 * t - 1) / k**2)
-    betas, ac = 1.0 - alphas, np.cumprod(alphas)
+    t = np.arange(1, K + 1)
+    alphas = np.exp(-beta_min / K - 0.5 * (beta_max - beta_min) * (2 * t - 1) / K**2)
+    betas = 1.0 - alphas
+    ac = np.cumprod(alphas)
     ac_prev = np.concatenate([[1.0], ac[:-1]])
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
     out = dict(betas=betas, sqrt_ac=np.sqrt(ac), sqrt_one_minus_ac=np.sqrt(1.0 - ac), sqrt_recip_ac=np.sqrt(1.0 / ac))
@@ -308,39 +283,35 @@ def vp_schedule(k: int, beta_min: float = 0.1, beta_max: float = 10.0) -> dict:
 class BehaviorModel:
     params: Any
     act_dim: int = flax.struct.field(pytree_node=False)
-    k: int = flax.struct.field(pytree_node=False)
+    K: int = flax.struct.field(pytree_node=False)  # diffusion steps
     hidden: int = flax.struct.field(pytree_node=False)
+    dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)  # of its forward pass
+    mish: Callable = flax.struct.field(pytree_node=False, default=jax.nn.mish)  # or an equal, faster form (Part II)
 
     @property
     def net(self) -> NoiseNet:
-        return NoiseNet(self.act_dim, self.hidden)
-
-
-def init_behavior(obs_dim, act_dim, k=5, hidden=256, seed=0) -> BehaviorModel:
-    """An untrained noise network: train_diffusion's start, the cache's template."""
-    inputs = jnp.zeros((1, act_dim)), jnp.zeros(1, jnp.int32), jnp.zeros((1, obs_dim))
-    return BehaviorModel(NoiseNet(act_dim, hidden).init(jax.random.PRNGKey(seed), *inputs), act_dim, k, hidden)
+        return NoiseNet(self.act_dim, self.hidden, dtype=self.dtype, mish=self.mish)
 
 
 def diffusion_sample(beh: BehaviorModel, obs, key, num_samples: int):
     """a_hat_m ~ Diff_omega(.|s), m = 1..M (Eq. 6-7) by Diffusion-QL's sampler: the reverse chain from N(0, I) as a
     lax.scan over K steps, x0 predicted from epsilon and clipped to [-1, 1], the DDPM posterior variance (where Eq. 7
     writes beta_k), no noise at the last step, a final clip. Pure and jittable: (N, obs) -> (N, M, act)."""
-    sch = vp_schedule(beh.k)
+    sch = vp_schedule(beh.K)
     n = obs.shape[0]
     obs_rep = jnp.repeat(obs, num_samples, axis=0)
     k_init, k_chain = jax.random.split(key)
     x = jax.random.normal(k_init, (n * num_samples, beh.act_dim))
 
-    def reverse_step(x, inp):
-        t, k = inp
-        eps = apply_frozen(beh.net, beh.params, x, t[None], obs_rep)  # the time embedding once per step, not per row
+    def reverse_step(x, inputs):
+        t, k_noise = inputs
+        eps = beh.net.apply(beh.params, x, t[None], obs_rep)  # the time embedding once per step, not per row
         x0 = jnp.clip(sch["sqrt_recip_ac"][t] * x - sch["sqrt_recipm1_ac"][t] * eps, -1.0, 1.0)
         mean = sch["post_coef_x0"][t] * x0 + sch["post_coef_xt"][t] * x
-        noise = jnp.where(t > 0, 1.0, 0.0) * jax.random.normal(k, x.shape)
+        noise = jnp.where(t > 0, 1.0, 0.0) * jax.random.normal(k_noise, x.shape)
         return mean + jnp.exp(0.5 * sch["post_log_var"][t]) * noise, None
 
-    steps = (jnp.arange(beh.k - 1, -1, -1), jax.random.split(k_chain, beh.k))
+    steps = (jnp.arange(beh.K - 1, -1, -1), jax.random.split(k_chain, beh.K))
     x, _ = jax.lax.scan(reverse_step, x, steps, unroll=True)  # K is small: unrolled, XLA fuses across steps
     return jnp.clip(x, -1.0, 1.0).reshape(n, num_samples, beh.act_dim)
 
@@ -349,7 +320,7 @@ def diffusion_sample(beh: BehaviorModel, obs, key, num_samples: int):
 @dataclass(frozen=True)
 class ILQConfig:
     """Static settings of the update (hashable: part of the compiled function). ILQConfig.for_task applies the paper's
-    tables for a task; Part II builds it from the command line (learner_config)."""
+    tables for a task (PAPER_HPARAMS, after the update); Part II builds it from the command line (learner_config)."""
 
     obs_dim: int
     act_dim: int
@@ -389,11 +360,203 @@ class ILQConfig:
         """The paper's settings for a D4RL task name such as "hopper-medium-replay" (Tables 3-6: eta, delta, penalty,
         learning rates; Adroit: no entropy, a cosine schedule); a task not in the tables gets DEFAULT_HPARAMS.
         overrides: any field's value instead."""
-        row, adroit = PAPER_HPARAMS.get(task, DEFAULT_HPARAMS), task in ADROIT_TASKS
-        paper = dict(zip(TABLE_FIELDS, row), entropy=not adroit, cosine_lr=adroit)
+        adroit = task in ADROIT_TASKS
+        paper = dict(zip(TABLE_FIELDS, PAPER_HPARAMS.get(task, DEFAULT_HPARAMS)), entropy=not adroit, cosine_lr=adroit)
         return cls(obs_dim=obs_dim, act_dim=act_dim, total_steps=total_steps, **{**paper, **overrides})
 
 
+class CriticState(TrainState):
+    target_params: Any  # theta^- of the target critics (Algorithm 1, line 12)
+
+
+@flax.struct.dataclass
+class ILQState:
+    """One learner: the actor pi_phi, the twin critics with their targets, and log alpha, each with its Adam."""
+
+    actor: TrainState
+    critic: CriticState
+    alpha: TrainState  # params {"log_alpha": ...} (tuned only with entropy on)
+
+
+class Frozen(NamedTuple):
+    """What the update reads and never changes: the device-resident dataset and the pretrained models."""
+
+    data: Transitions
+    dynamics: DynamicsModel
+    behavior: BehaviorModel
+
+
+class Targets(NamedTuple):
+    y_in: jax.Array  # (B,)       Eq. 17
+    s_ood: jax.Array  # (B*N, obs) dataset states, each repeated for its N OOD actions
+    a_ood: jax.Array  # (B*N, act) a_oos ~ pi(.|s), treated as out-of-sample (Eq. 16)
+    y_ood: jax.Array  # (B*N,)     Eq. 18
+    y_img: Optional[jax.Array]  # (B*N,) Eq. 19 (None without imagination)
+    y_lmt: Optional[jax.Array]  # (B*N,) Eq. 20 (None without limitation)
+
+
+@partial(jax.jit, static_argnums=0)  # one program, whose outputs are separate buffers (the update donates them)
+def init_train_state(cfg: ILQConfig, key) -> ILQState:
+    """Algorithm 1, line 1: the actor, the twin critics, the targets as copies of the critics, log alpha = 0."""
+    k_actor, k_critic = jax.random.split(key)
+    obs, act = jnp.zeros((1, cfg.obs_dim)), jnp.zeros((1, cfg.act_dim))
+    actor = TrainState.create(apply_fn=cfg.actor.apply, params=cfg.actor.init(k_actor, obs), tx=cfg.optimizer(cfg.actor_lr))
+    theta = cfg.critic.init(k_critic, obs, act)
+    critic = CriticState.create(apply_fn=cfg.critic.apply, params=theta, tx=cfg.optimizer(cfg.critic_lr), target_params=theta)
+    alpha = TrainState.create(apply_fn=None, params=dict(log_alpha=jnp.zeros(())), tx=cfg.optimizer(cfg.actor_lr))
+    return ILQState(actor, critic, alpha)
+
+
+def one_pass(fn, axis: int, **sets) -> dict:
+    """fn on the rows of every named set of inputs at once, its outputs sliced back by name (their rows along `axis`):
+    the values of one call per set, in one pass of fewer, larger kernels."""
+    ends = np.cumsum([len(inputs[0]) for inputs in sets.values()])
+    outputs = fn(*map(jnp.concatenate, zip(*sets.values())))
+    part = lambda start, end: jax.tree_util.tree_map(lambda y: jax.lax.slice_in_dim(y, start, end, axis=axis), outputs)
+    return {name: part(end - len(inputs[0]), end) for (name, inputs), end in zip(sets.items(), ends)}
+
+
+def ilb_targets(cfg: ILQConfig, state: ILQState, frozen: Frozen, batch: Transitions, a_beh, key) -> Targets:
+    """The Imagination-Limited Bellman targets of one minibatch (Eq. 17-20), under stop-gradient. a_beh: Eq. 20's M
+    behaviour actions at the batch's states, (B, M, act) (None without the limitation)."""
+    b, n, m = batch.rewards.shape[0], cfg.num_ood_actions, cfg.num_behavior_samples
+
+    def value(q, logp):  # min_j Q_theta-_j(s', a'); Eq. 17 and 19 have no -alpha log pi (--target-entropy-bonus adds it)
+        return q.min(0) - temperature(cfg, state) * logp if cfg.target_entropy_bonus else q.min(0)
+
+    k_next, k_ood, k_img, k_img_next = jax.random.split(key, 4)
+    s, s_next = batch.observations, batch.next_observations
+    s_ood = jnp.repeat(s, n, axis=0)  # each dataset state once per OOD action
+
+    # a' ~ pi(.|s') (Eq. 17) and the OOD actions a_oos ~ pi(.|s): "we directly treat policy pi as the sampling
+    # distribution u" (Eq. 16); one actor pass for both sets of states
+    pi = one_pass(partial(cfg.actor.apply, state.actor.params), 0, next=(s_next,), ood=(s_ood,))
+    a_next, logp_next = tanh_gaussian(*pi["next"], k_next)
+    a_ood, _ = tanh_gaussian(*pi["ood"], k_ood)
+    pairs = dict(next=(s_next, a_next))  # the (state, action) pairs whose target-critic values the targets need
+    if cfg.imagination:  # Eq. 19's step: a random elite, sampled; then a' ~ pi at the imagined s'
+        s_img, r_img, penalty, done_img = dynamics_step(frozen.dynamics, s_ood, a_ood, k_img)
+        a_img, logp_img = sample_action(cfg.actor, state.actor.params, s_img, k_img_next)
+        pairs["img"] = (s_img, a_img)
+    if cfg.limitation:  # Eq. 20's M behaviour actions at s
+        chex.assert_shape(a_beh, (b, m, cfg.act_dim))
+        pairs["beh"] = (jnp.repeat(s, m, axis=0), a_beh.reshape(b * m, -1))
+    q = one_pass(partial(cfg.critic.apply, state.critic.target_params), 1, **pairs)  # Q_theta-_j, j = 1, 2: (2, rows)
+
+    # Eq. 17, in-sample: r + gamma * (1 - done) * min_j Q_target_j(s', a'); done = true terminations
+    y_in = batch.rewards + cfg.gamma * (1.0 - batch.terminals) * value(q["next"], logp_next)
+    y_img = y_lmt = None
+    if cfg.imagination:  # Eq. 19: the imagined value, MOPO's reward penalty, the termination mask
+        y_img = r_img - cfg.penalty_coef * penalty + cfg.gamma * jnp.where(done_img, 0.0, value(q["img"], logp_img))
+    if cfg.limitation:  # Eq. 20: per target critic the max over the same M behaviour actions at s, then the min
+        y_lmt = jnp.repeat(q["beh"].reshape(2, b, m).max(-1).min(0), n)
+
+    # Eq. 18: min{y_img, y_lmt} + delta (delta after the min); an ablation keeps its one branch
+    if y_img is not None and y_lmt is not None:
+        y_ood = jnp.minimum(y_img, y_lmt) + cfg.delta
+    else:
+        y_ood = (y_img if y_img is not None else y_lmt) + cfg.delta
+    chex.assert_shape([y_in], (b,))
+    chex.assert_shape([y_ood, a_ood[:, 0], s_ood[:, 0]], (b * n,))
+    return jax.lax.stop_gradient(Targets(y_in, s_ood, a_ood, y_ood, y_img, y_lmt))
+
+
+def critic_loss(cfg: ILQConfig, critic_params, batch: Transitions, targets: Targets):
+    """Eq. 16: eta * in-sample TD error + (1 - eta) * OOD error, each averaged over its own set, summed over the twin
+    critics (each regresses to the same target). One critic pass over the dataset and the OOD pairs."""
+    data_pairs, ood_pairs = (batch.observations, batch.actions), (targets.s_ood, targets.a_ood)
+    q = one_pass(partial(cfg.critic.apply, critic_params), 1, data=data_pairs, ood=ood_pairs)  # (2, B), (2, B*N)
+    loss_in = jnp.mean((q["data"] - targets.y_in) ** 2, axis=1).sum()
+    loss_ood = jnp.mean((q["ood"] - targets.y_ood) ** 2, axis=1).sum()
+    return cfg.eta * loss_in + (1.0 - cfg.eta) * loss_ood, (loss_in, loss_ood, q["data"].mean(), q["ood"].mean())
+
+
+def temperature(cfg: ILQConfig, state: ILQState):
+    """SAC's alpha: tuned (log alpha) with entropy on; with entropy off (Adroit) the fixed --fixed-alpha, 0 by default."""
+    return jnp.exp(state.alpha.params["log_alpha"]) if cfg.entropy else jnp.asarray(cfg.fixed_alpha, jnp.float32)
+
+
+def actor_alpha_update(cfg: ILQConfig, state: ILQState, observations, key):
+    """Eq. 21: max E[min_j Q_theta_j(s, a) - alpha log pi(a|s)] with the state's (just updated, online) critics, then
+    SAC's automatic temperature: target entropy -|A|, the actor's learning rate (the paper gives neither). Returns
+    (state, (actor loss, log pi))."""
+    alpha = temperature(cfg, state)
+
+    def actor_loss(actor_params):
+        a, logp = sample_action(cfg.actor, actor_params, observations, key)
+        return jnp.mean(alpha * logp - cfg.critic.apply(state.critic.params, observations, a).min(0)), logp
+
+    (loss_pi, logp), grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor.params)
+    state = state.replace(actor=state.actor.apply_gradients(grads=grads))
+    if cfg.entropy:
+        target_entropy = -float(cfg.act_dim)
+        grad = jax.grad(lambda p: -p["log_alpha"] * jnp.mean(jax.lax.stop_gradient(logp) + target_entropy))
+        state = state.replace(alpha=state.alpha.apply_gradients(grads=grad(state.alpha.params)))
+    return state, (loss_pi, logp)
+
+
+def minibatch_draws(cfg: ILQConfig, frozen: Frozen, key):
+    """Algorithm 1, line 5: the minibatch indices of the update with this key (drawn inside jit) and the keys of its
+    other draws: idx, k_behavior, k_targets, k_actor."""
+    k_batch, k_beh, k_targets, k_actor = jax.random.split(key, 4)
+    return jax.random.randint(k_batch, (cfg.batch_size,), 0, frozen.data.rewards.shape[0]), k_beh, k_targets, k_actor
+
+
+def learn(cfg: ILQConfig, state: ILQState, batch: Transitions, targets: Targets, key):
+    """Algorithm 1, lines 9-12 from the targets: the critics (Eq. 16), the actor and alpha (Eq. 21), the soft target
+    update."""
+    loss_and_grad = jax.value_and_grad(partial(critic_loss, cfg), has_aux=True)
+    (loss_q, (loss_in, loss_ood, q_data, q_ood)), grads = loss_and_grad(state.critic.params, batch, targets)
+    state = state.replace(critic=state.critic.apply_gradients(grads=grads))
+    state, (loss_pi, logp) = actor_alpha_update(cfg, state, batch.observations, key)
+    theta_target = optax.incremental_update(state.critic.params, state.critic.target_params, cfg.tau)
+    state = state.replace(critic=state.critic.replace(target_params=theta_target))
+    metrics = {"losses/critic_loss": loss_q, "losses/critic_loss_in_sample": loss_in, "losses/critic_loss_ood": loss_ood}
+    metrics.update({"losses/actor_loss": loss_pi, "losses/entropy": -jnp.mean(logp), "losses/q_data": q_data})
+    metrics.update({"losses/alpha": temperature(cfg, state), "losses/q_ood": q_ood})
+    return state, metrics
+
+
+def target_metrics(targets: Targets) -> dict:
+    """The targets' means and, with both branches, the paper's health check (Fig. 10a): y_img - y_lmt and the share
+    of OOD targets the limit clips."""
+    metrics = {"ilq/y_in": targets.y_in.mean(), "ilq/y_ood": targets.y_ood.mean()}
+    if targets.y_img is not None and targets.y_lmt is not None:
+        metrics["ilq/y_img_minus_y_lmt"] = jnp.mean(targets.y_img - targets.y_lmt)
+        metrics["ilq/ood_clip_frac"] = jnp.mean(targets.y_lmt < targets.y_img)
+    return metrics
+
+
+def ilb_step(cfg: ILQConfig, state: ILQState, frozen: Frozen, key, a_beh=None):
+    """Algorithm 1, lines 5-8 for one learner, every draw from `key`: the minibatch and its ILB targets. a_beh: Eq.
+    20's behaviour actions at the minibatch's states when drawn beforehand (Part II draws those of many updates in one
+    chain: the values drawn here), else None. Returns (batch, targets, the key of the actor's update)."""
+    idx, k_beh, k_targets, k_actor = minibatch_draws(cfg, frozen, key)
+    batch = jax.tree_util.tree_map(lambda x: x[idx], frozen.data)  # line 5
+    if cfg.limitation and a_beh is None:  # Eq. 20's M behaviour actions at the batch's states
+        a_beh = diffusion_sample(frozen.behavior, batch.observations, k_beh, cfg.num_behavior_samples)
+    return batch, ilb_targets(cfg, state, frozen, batch, a_beh, k_targets), k_actor
+
+
+def ilq_update(cfg: ILQConfig, state: ILQState, frozen: Frozen, key, a_beh=None):
+    """One step of Algorithm 1 (lines 5-12) for one learner: the minibatch and its targets (ilb_step), then the
+    critics, the actor, alpha and the targets (learn)."""
+    batch, targets, k_actor = ilb_step(cfg, state, frozen, key, a_beh)
+    state, metrics = learn(cfg, state, batch, targets, k_actor)
+    return state, {**metrics, **target_metrics(targets)}
+
+
+def make_update_fn(cfg: ILQConfig):
+    """Many ilq_updates of one learner per call: one jitted lax.scan over keys (n, 2), the state donated. Returns
+    (state, metrics), each metric of shape (n,)."""
+
+    def update_many(state: ILQState, frozen: Frozen, keys):
+        return jax.lax.scan(lambda state, key: ilq_update(cfg, state, frozen, key), state, keys)
+
+    return jax.jit(update_many, donate_argnums=0)
+
+
+# ------------------------------------------------------------------------------------ the paper's tables and ablations
 TABLE_FIELDS = ("eta", "delta", "penalty_coef", "critic_lr", "actor_lr")  # a row of PAPER_HPARAMS
 PAPER_HPARAMS = {  # Tables 3-6 and A.2: task -> (eta, delta, reward-penalty coefficient, critic lr, actor lr)
     "halfcheetah-random": (0.95, 2.0, 0.0, 5e-4, 3e-4),
@@ -421,272 +584,23 @@ PAPER_HPARAMS = {  # Tables 3-6 and A.2: task -> (eta, delta, reward-penalty coe
 # learning rates of "all others" (Table 3). Where the text and the tables disagree, the tables win.
 DEFAULT_HPARAMS = (0.90, 0.0, 0.0, 5e-4, 3e-4)
 ADROIT_TASKS = ("pen-human", "pen-cloned")  # entropy off and a cosine learning-rate schedule (Table 3)
-
-
-@flax.struct.dataclass
-class TrainState:
-    actor_params: Any
-    critic_params: Any
-    target_critic_params: Any
-    log_alpha: jax.Array
-    actor_opt_state: Any
-    critic_opt_state: Any
-    alpha_opt_state: Any
-
-
-class Frozen(NamedTuple):
-    """What the update reads and never changes: the device-resident dataset and the pretrained models."""
-
-    data: Transitions
-    dynamics: DynamicsModel
-    behavior: BehaviorModel
-    bank: Optional[jax.Array] = None  # (N, M, act) behaviour actions per dataset state (Part II's --behavior-bank)
-
-
-class Targets(NamedTuple):
-    y_in: jax.Array  # (B,)       Eq. 17
-    s_ood: jax.Array  # (B*N, obs) dataset states, each repeated for its N OOD actions
-    a_ood: jax.Array  # (B*N, act) a_oos ~ pi(.|s), treated as out-of-sample (Eq. 16)
-    y_ood: jax.Array  # (B*N,)     Eq. 18
-    y_img: Optional[jax.Array]  # (B*N,) Eq. 19 (None without imagination)
-    y_lmt: Optional[jax.Array]  # (B*N,) Eq. 20 (None without limitation)
-
-
-def init_train_state(cfg: ILQConfig, key) -> TrainState:
-    k_actor, k_critic = jax.random.split(key)
-    obs, act = jnp.zeros((1, cfg.obs_dim)), jnp.zeros((1, cfg.act_dim))
-    actor_params, critic_params = cfg.actor.init(k_actor, obs), cfg.critic.init(k_critic, obs, act)
-    target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
-    log_alpha, actor_opt, critic_opt = jnp.zeros(()), cfg.optimizer(cfg.actor_lr), cfg.optimizer(cfg.critic_lr)
-    opt_states = actor_opt.init(actor_params), critic_opt.init(critic_params), actor_opt.init(log_alpha)
-    return TrainState(actor_params, critic_params, target_params, log_alpha, *opt_states)
-
-
-def ilb_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, batch: Transitions, behavior_actions, key) -> Targets:
-    """The Imagination-Limited Bellman targets of one minibatch (Eq. 17-20), under stop-gradient.
-
-    behavior_actions: Eq. 20's (B, M, act) behaviour actions at the batch's states (behavior_actions), or None to
-    sample them here from the diffusion model. The actor runs once for s' and the OOD states, the target critics once
-    for every row that needs them (s', the imagined s', the behaviour actions), each part then taken by its name: the
-    same values as separate passes, fewer kernels.
-    """
-    b, n, m = batch.rewards.shape[0], cfg.num_ood_actions, cfg.num_behavior_samples
-    actor, critic, target = cfg.actor, cfg.critic, state.target_critic_params
-    alpha = temperature(cfg, state) if cfg.target_entropy_bonus else 0.0  # Eq. 17 and 19 have no entropy term
-    k_next, k_ood, k_img, k_img_next, k_beh = jax.random.split(key, 5)
-
-    # a' ~ pi(.|s') for Eq. 17, and the OOD actions at s: "we directly treat policy pi as the sampling distribution u"
-    # (Eq. 16), N per state
-    s_ood = jnp.repeat(batch.observations, n, axis=0)
-    mean, log_std = actor.apply(state.actor_params, jnp.concatenate([batch.next_observations, s_ood]))
-    a_next, logp_next = tanh_gaussian(mean[:b], log_std[:b], k_next)
-    a_ood, _ = tanh_gaussian(mean[b:], log_std[b:], k_ood)
-    rows = {"next": (batch.next_observations, a_next)}  # the (state, action) rows of the one target-critic pass
-    if cfg.imagination:  # Eq. 19's step: a random elite, sampled; then a' ~ pi at the imagined s'
-        s_img, r_img, penalty, done_img = dynamics_step(frozen.dynamics, s_ood, a_ood, k_img)
-        a_img, logp_img = sample_action(actor, state.actor_params, s_img, k_img_next)
-        rows["img"] = (s_img, a_img)
-    if cfg.limitation:  # Eq. 20's M behaviour actions at s
-        a_beh = behavior_actions
-        if a_beh is None:
-            a_beh = diffusion_sample(frozen.behavior, batch.observations, k_beh, m)
-        chex.assert_shape(a_beh, (b, m, cfg.act_dim))
-        rows["beh"] = (jnp.repeat(batch.observations, m, axis=0), a_beh.reshape(b * m, -1))
-    q_all = critic.apply(target, *(jnp.concatenate(part) for part in zip(*rows.values())))  # (2, all rows)
-    q = dict(zip(rows, jnp.split(q_all, np.cumsum([len(obs) for obs, _ in rows.values()])[:-1], axis=1)))
-
-    # Eq. 17, in-sample: r + gamma * (1 - done) * min_j Q_target_j(s', a'); done = true terminations
-    y_in = batch.rewards + cfg.gamma * (1.0 - batch.terminals) * (q["next"].min(0) - alpha * logp_next)
-    y_img = y_lmt = None
-    if cfg.imagination:  # Eq. 19: imagined value, MOPO reward penalty, termination mask
-        v_img = q["img"].min(0) - alpha * logp_img
-        y_img = r_img - cfg.penalty_coef * penalty + cfg.gamma * jnp.where(done_img, 0.0, v_img)
-    if cfg.limitation:  # Eq. 20: per target critic the max over the same M behaviour actions at s, then min
-        y_lmt = jnp.repeat(q["beh"].reshape(2, b, m).max(-1).min(0), n)
-
-    # Eq. 18: min{y_img, y_lmt} + delta (delta after the min); an ablation keeps one branch
-    if y_img is not None and y_lmt is not None:
-        y_ood = jnp.minimum(y_img, y_lmt) + cfg.delta
-    else:
-        y_ood = (y_img if y_img is not None else y_lmt) + cfg.delta
-    chex.assert_shape([y_in], (b,))
-    chex.assert_shape([y_ood, a_ood[:, 0], s_ood[:, 0]], (b * n,))
-    return jax.lax.stop_gradient(Targets(y_in, s_ood, a_ood, y_ood, y_img, y_lmt))
-
-
-def critic_loss(cfg: ILQConfig, critic_params, batch: Transitions, t: Targets):
-    """Eq. 16: eta * in-sample TD error + (1 - eta) * OOD error, each averaged over its own set, summed over the twin
-    critics (each regresses to the same target). One critic pass over the dataset and the OOD pairs."""
-    b = batch.rewards.shape[0]
-    q = cfg.critic.apply(
-        critic_params, jnp.concatenate([batch.observations, t.s_ood]), jnp.concatenate([batch.actions, t.a_ood])
-    )
-    q_data, q_ood = q[:, :b], q[:, b:]  # (2, B), (2, B*N)
-    loss_in = jnp.mean((q_data - t.y_in) ** 2, axis=1).sum()
-    loss_ood = jnp.mean((q_ood - t.y_ood) ** 2, axis=1).sum()
-    return cfg.eta * loss_in + (1.0 - cfg.eta) * loss_ood, (loss_in, loss_ood, q_data.mean(), q_ood.mean())
-
-
-def temperature(cfg: ILQConfig, state: TrainState):
-    """SAC's alpha: tuned (log_alpha) with entropy on; with entropy off (Adroit) the fixed --fixed-alpha, 0 by default."""
-    return jnp.exp(state.log_alpha) if cfg.entropy else jnp.asarray(cfg.fixed_alpha, jnp.float32)
-
-
-def actor_alpha_update(cfg: ILQConfig, state: TrainState, observations, key):
-    """Eq. 21: max E[min_j Q_theta_j(s, a) - alpha log pi(a|s)] with the state's (just updated, online) critics, then
-    SAC's automatic temperature: target entropy -|A|, the actor's learning rate (the paper gives neither). Returns
-    (state, (actor loss, log pi))."""
-    alpha = temperature(cfg, state)
-
-    def actor_loss(actor_params):
-        a, logp = sample_action(cfg.actor, actor_params, observations, key)
-        return jnp.mean(alpha * logp - cfg.critic.apply(state.critic_params, observations, a).min(0)), logp
-
-    (loss_pi, logp), grads = jax.value_and_grad(actor_loss, has_aux=True)(state.actor_params)
-    updates, actor_opt_state = cfg.optimizer(cfg.actor_lr).update(grads, state.actor_opt_state)
-    state = state.replace(actor_params=optax.apply_updates(state.actor_params, updates), actor_opt_state=actor_opt_state)
-    if cfg.entropy:
-        target_entropy = -float(cfg.act_dim)
-        grad = jax.grad(lambda la: -la * jnp.mean(jax.lax.stop_gradient(logp) + target_entropy))(state.log_alpha)
-        updates, alpha_opt_state = cfg.optimizer(cfg.actor_lr).update(grad, state.alpha_opt_state)
-        state = state.replace(log_alpha=optax.apply_updates(state.log_alpha, updates), alpha_opt_state=alpha_opt_state)
-    return state, (loss_pi, logp)
-
-
-def minibatch_draws(cfg: ILQConfig, frozen: Frozen, key):
-    """Algorithm 1, line 5: an update's minibatch indices (sampled inside jit) and the keys of its other draws:
-    idx, k_behavior, k_targets, k_actor = minibatch_draws(cfg, frozen, key)."""
-    k_batch, k_beh, k_target, k_actor = jax.random.split(key, 4)
-    return jax.random.randint(k_batch, (cfg.batch_size,), 0, frozen.data.rewards.shape[0]), k_beh, k_target, k_actor
-
-
-def behavior_actions(cfg: ILQConfig, frozen: Frozen, idx, key):
-    """Eq. 20's M behaviour actions at the minibatch's states (B, M, act): fresh diffusion samples, or the bank's."""
-    if frozen.bank is not None:
-        return frozen.bank[idx]
-    return diffusion_sample(frozen.behavior, frozen.data.observations[idx], key, cfg.num_behavior_samples)
-
-
-def presample_behavior(cfg: ILQConfig, frozen: Frozen, idx, keys):
-    """behavior_actions of many updates, idx (..., B) and keys (..., 2) -> (..., B, M, act), in one batched diffusion
-    chain: the same values, since each update's samples depend on its indices and key alone, never on the learner."""
-    obs = frozen.data.observations[idx.reshape(-1, idx.shape[-1])]
-    a = jax.vmap(partial(diffusion_sample, frozen.behavior), in_axes=(0, 0, None))(
-        obs, keys.reshape(-1, keys.shape[-1]), cfg.num_behavior_samples
-    )
-    return a.reshape(idx.shape + a.shape[2:])
-
-
-def minibatch_targets(cfg: ILQConfig, state: TrainState, frozen: Frozen, idx, behavior_actions, key):
-    """The minibatch of these indices and its ILB targets. Returns (batch, targets without the y_img / y_lmt branches,
-    the targets' metrics), the same structure for every method."""
-    batch = jax.tree_util.tree_map(lambda x: x[idx], frozen.data)
-    t = ilb_targets(cfg, state, frozen, batch, behavior_actions, key)
-    metrics = {"ilq/y_in": t.y_in.mean(), "ilq/y_ood": t.y_ood.mean()}
-    both = t.y_img is not None and t.y_lmt is not None  # the paper's health check (Fig. 10a); NaN for an ablation
-    metrics["ilq/y_img_minus_y_lmt"] = jnp.mean(t.y_img - t.y_lmt) if both else jnp.float32(jnp.nan)
-    metrics["ilq/ood_clip_frac"] = jnp.mean(t.y_lmt < t.y_img) if both else jnp.float32(jnp.nan)
-    return batch, t._replace(y_img=None, y_lmt=None), metrics
-
-
-def learn(cfg: ILQConfig, state: TrainState, batch: Transitions, t: Targets, k_actor):
-    """Algorithm 1's updates from the targets: critics (Eq. 16) -> actor and alpha (Eq. 21) -> soft target update."""
-    loss_and_grad = jax.value_and_grad(partial(critic_loss, cfg), has_aux=True)
-    (loss_q, (loss_in, loss_ood, q_data, q_ood)), grads = loss_and_grad(state.critic_params, batch, t)
-    updates, critic_opt_state = cfg.optimizer(cfg.critic_lr).update(grads, state.critic_opt_state)
-    state = state.replace(critic_params=optax.apply_updates(state.critic_params, updates), critic_opt_state=critic_opt_state)
-    state, (loss_pi, logp) = actor_alpha_update(cfg, state, batch.observations, k_actor)
-    target = optax.incremental_update(state.critic_params, state.target_critic_params, cfg.tau)
-    state = state.replace(target_critic_params=target)
-    metrics = {"losses/critic_loss": loss_q, "losses/critic_loss_in_sample": loss_in, "losses/critic_loss_ood": loss_ood}
-    metrics.update({"losses/actor_loss": loss_pi, "losses/entropy": -jnp.mean(logp), "losses/q_data": q_data})
-    metrics.update({"losses/alpha": temperature(cfg, state), "losses/q_ood": q_ood})
-    return state, metrics
-
-
-def ilq_update(cfg: ILQConfig, state: TrainState, frozen: Frozen, key):
-    """One step of Algorithm 1 (lines 5-11) for one learner: minibatch -> targets -> critics, actor, alpha, target."""
-    idx, k_beh, k_target, k_actor = minibatch_draws(cfg, frozen, key)
-    a_beh = behavior_actions(cfg, frozen, idx, k_beh) if cfg.limitation else None
-    batch, t, target_metrics = minibatch_targets(cfg, state, frozen, idx, a_beh, k_target)
-    state, metrics = learn(cfg, state, batch, t, k_actor)
-    return state, {**metrics, **target_metrics}
-
-
 # --methods: ILQ and its two ablations (Sec. 5.4) as (imagination, limitation)
 METHODS = {"ilq": (True, True), "no-imagination": (False, True), "no-limitation": (True, False)}
 
 
-def method_configs(cfg: ILQConfig, methods) -> tuple:
-    """One ILQConfig per method: cfg with that method's imagination / limitation."""
-    return tuple(dataclasses.replace(cfg, imagination=METHODS[m][0], limitation=METHODS[m][1]) for m in methods)
-
-
-def method_rows(g: int, n_learners: int, n_methods: int) -> slice:
-    """Method g's learners on the learner axis of a batch: method-major, learner g * seeds + i is seed i of method g.
-    The one place that says so (the update, the logs, the summary)."""
-    seeds = n_learners // n_methods
-    return slice(g * seeds, (g + 1) * seeds)
-
-
-def make_update_fn(cfg: ILQConfig, batched: bool = False, methods=None, sample_chunk: int = 1):
-    """Many updates of many learners per host call, in one jitted lax.scan, the train state donated.
-
-    batched=False: one learner (keys (n, 2)). batched=True: the state and the keys carry a leading learner axis, which
-    methods (names of METHODS; None: cfg's own imagination/limitation) split into equal blocks, method-major: learner
-    g * seeds + i is seed i of method g. All read the same device-resident data and models; each method's targets run
-    on its own block only (no learner pays for a branch it does not use), then the critic and actor updates on all.
-    Each update's minibatch indices are drawn once (minibatch_draws); with sample_chunk > 1 (fresh behaviour samples)
-    the diffusion samples of that many updates are drawn in one batched chain before them (presample_behavior; the same
-    values)."""
-    groups = (cfg,) if methods is None else method_configs(cfg, methods)
-    if len({dataclasses.replace(c, imagination=True, limitation=True) for c in groups}) != 1:
-        raise ValueError("methods may differ only in imagination / limitation")
-
-    def one_update(state: TrainState, frozen: Frozen, draws, a_beh):  # draws: minibatch_draws, each (L, ...)
-        (idx, k_beh, k_target, k_actor), parts = draws, []
-        for g, c in enumerate(groups):  # method g's targets on its block of learners only
-            rows = method_rows(g, idx.shape[0], len(groups))
-            beh = a_beh[g]  # presampled (chunk), else drawn here
-            if beh is None and c.limitation:
-                beh = jax.vmap(partial(behavior_actions, c, frozen))(idx[rows], k_beh[rows])
-            sub = jax.tree_util.tree_map(lambda x: x[rows], state)
-            targets = jax.vmap(partial(minibatch_targets, c), in_axes=(0, None, 0, 0, 0))
-            parts.append(targets(sub, frozen, idx[rows], beh, k_target[rows]))
-        batch, t, target_metrics = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *parts)
-        state, metrics = jax.vmap(partial(learn, groups[0]))(state, batch, t, k_actor)
-        return state, {**metrics, **target_metrics}
-
-    def updates(state: TrainState, frozen: Frozen, keys):  # keys (L, C, 2): C updates
-        draws = jax.vmap(jax.vmap(partial(minibatch_draws, cfg, frozen)))(keys)  # the minibatches, drawn once
-        idx, k_beh, chunk = draws[0], draws[1], sample_chunk > 1 and frozen.bank is None
-        a_beh = []  # (seeds, C, B, M, act) per method, or None: drawn inside each update
-        for g, c in enumerate(groups):
-            rows = method_rows(g, keys.shape[0], len(groups))
-            a_beh.append(presample_behavior(c, frozen, idx[rows], k_beh[rows]) if chunk and c.limitation else None)
-        swap = lambda x: None if x is None else x.swapaxes(0, 1)  # noqa: E731
-        return jax.lax.scan(lambda s, x: one_update(s, frozen, *x), state, (tuple(map(swap, draws)), list(map(swap, a_beh))))
-
-    def update_many(state: TrainState, frozen: Frozen, keys):  # keys (L, n, 2) -> metrics (L, n)
-        full, parts = keys.shape[1] // sample_chunk * sample_chunk, []
-        if full:
-            chunks = keys[:, :full].reshape(keys.shape[0], -1, sample_chunk, keys.shape[-1]).swapaxes(0, 1)
-            state, metrics = jax.lax.scan(lambda s, k: updates(s, frozen, k), state, chunks)
-            parts.append(jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), metrics))
-        if full < keys.shape[1]:  # a call that is no multiple of the chunk: the rest as one shorter chunk
-            state, metrics = updates(state, frozen, keys[:, full:])
-            parts.append(metrics)
-        return state, jax.tree_util.tree_map(lambda *x: jnp.concatenate(x).swapaxes(0, 1), *parts)
-
-    def single(state: TrainState, frozen: Frozen, keys):  # one learner: a batch of one
-        state, metrics = update_many(jax.tree_util.tree_map(lambda x: x[None], state), frozen, keys[None])
-        return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))
-
-    return jax.jit(update_many if batched else single, donate_argnums=0)
-
-
 # -------------------------------------------------------------------------------- Alg. 1 lines 2-3: pretraining (Eq. 5, Eq. 8)
+DYNAMICS_WEIGHT_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)  # MOPO, per layer (4 hidden layers, then the output)
 DYNAMICS_BATCHES_PER_CALL = 500  # minibatches per jitted call of train_dynamics (an epoch of a large dataset is minutes)
+
+
+def init_dynamics(obs_dim, act_dim, family, members=7, elites=5, hidden=200, layers=4, seed=0) -> DynamicsModel:
+    """An untrained ensemble (identity scaler, elites 0..elites-1): train_dynamics' start, a saved model's template.
+    The sizes are MOPO's (and the paper's 4x200)."""
+    if elites > members or len(DYNAMICS_WEIGHT_DECAY) != layers + 1:
+        raise ValueError(f"need elites <= members and {len(DYNAMICS_WEIGHT_DECAY) - 1} layers (MOPO's weight decays)")
+    d = obs_dim + act_dim
+    params = DynamicsEnsemble(obs_dim + 1, members, hidden, layers).init(jax.random.PRNGKey(seed), jnp.zeros((1, d)))
+    return DynamicsModel(params, jnp.zeros(d), jnp.ones(d), jnp.arange(elites), obs_dim, members, hidden, layers, family)
 
 
 def dynamics_loss(net: DynamicsEnsemble, params, x, y):
@@ -700,13 +614,13 @@ def dynamics_loss(net: DynamicsEnsemble, params, x, y):
 
 
 def train_dynamics(
-    data, family, *, epochs=40, lr=1e-3, seed=0, batch_size=256, report=None, **sizes
+    data, family, *, epochs=40, lr=1e-3, seed=0, batch_size=256, callback=None, **sizes
 ) -> tuple[DynamicsModel, dict]:
     """Algorithm 1, line 2 (Eq. 5) by MOPO's recipe for a fixed number of epochs (Table 3): each member fits its own
     bootstrap of the training split; holdout = min(20 %, 1000) transitions; elites = the lowest holdout MSE. sizes:
-    init_dynamics' members, elites, hidden, layers. report(name, value, step), if given, hears the sizes first
-    (dynamics/epochs, dynamics/batches per epoch), dynamics/batch after every jitted call of DYNAMICS_BATCHES_PER_CALL
-    minibatches but an epoch's last, and per epoch the losses (dynamics/holdout_mse_elites last)."""
+    init_dynamics' members, elites, hidden, layers. callback(done, total, metrics), if given, hears the minibatches
+    done of all epochs after every jitted call of DYNAMICS_BATCHES_PER_CALL, with an epoch's losses at its end.
+    Returns the model and its training record."""
     model = init_dynamics(data.observations.shape[1], data.actions.shape[1], family, seed=seed, **sizes)
     members, elites = model.members, len(model.elites)
     obs, act = np.asarray(data.observations), np.asarray(data.actions)
@@ -740,45 +654,49 @@ def train_dynamics(
 
     holdout_mse = jax.jit(lambda p, xs, ys, h: jnp.mean((model.net.apply(p, xs[h])[0] - ys[h]) ** 2, (1, 2)))
     params, opt_state, key = model.params, opt.init(model.params), jax.random.PRNGKey(seed + 1)
-    t0, report = time.time(), report or (lambda name, value, step: None)
-    report("dynamics/epochs", epochs, 0)
-    report("dynamics/batches", n_batches, 0)
+    t0 = time.time()
     for ep in range(1, epochs + 1):
         key, sub = jax.random.split(key)
         batches, loss_sum = shuffle(sub, boot), 0.0
-        for i in range(0, n_batches, DYNAMICS_BATCHES_PER_CALL):  # a report can follow each call
+        for i in range(0, n_batches, DYNAMICS_BATCHES_PER_CALL):
             params, opt_state, chunk_loss = fit(params, opt_state, batches[i : i + DYNAMICS_BATCHES_PER_CALL], xs, ys)
-            loss_sum, b = loss_sum + chunk_loss, min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
-            if b < n_batches:
-                report("dynamics/batch", b, ep)
+            loss_sum += chunk_loss
+            done = min(i + DYNAMICS_BATCHES_PER_CALL, n_batches)
+            if callback and done < n_batches:  # a report can follow each call
+                callback((ep - 1) * n_batches + done, epochs * n_batches, {})
         mse = np.asarray(holdout_mse(params, xs, ys, hold))
-        elite_idx, train_loss = np.sort(np.argsort(mse)[:elites]), float(loss_sum) / n_batches
-        report("dynamics/train_loss", train_loss, ep)
-        for i, member_mse in enumerate(mse):
-            report(f"dynamics/holdout_mse_member_{i}", float(member_mse), ep)
-        report("dynamics/holdout_mse_elites", float(mse[elite_idx].mean()), ep)
+        elite_idx = np.sort(np.argsort(mse)[:elites])
+        record = dict(epoch=ep, train_loss=float(loss_sum) / n_batches, holdout_mse=mse.tolist())
+        record.update(holdout_mse_elites=float(mse[elite_idx].mean()), elites=elite_idx.tolist())
+        if callback:
+            callback(ep * n_batches, epochs * n_batches, record)
     model = model.replace(params=params, elites=jnp.asarray(elite_idx, jnp.int32))
-    metrics = dict(train_loss=train_loss, holdout_mse=mse.tolist(), holdout_mse_elites=float(mse[elite_idx].mean()))
-    return model, dict(metrics, elites=elite_idx.tolist(), wall_time_s=time.time() - t0)
+    return model, dict(record, wall_time_s=time.time() - t0)
+
+
+def init_behavior(obs_dim, act_dim, K=5, hidden=256, seed=0) -> BehaviorModel:
+    """An untrained noise network: train_diffusion's start, a saved model's template."""
+    inputs = jnp.zeros((1, act_dim)), jnp.zeros(1, jnp.int32), jnp.zeros((1, obs_dim))
+    return BehaviorModel(NoiseNet(act_dim, hidden).init(jax.random.PRNGKey(seed), *inputs), act_dim, K, hidden)
 
 
 def diffusion_loss(beh: BehaviorModel, params, obs, act, key):
     """Eq. 8: || xi - xi_omega(sqrt(abar_k) a + sqrt(1 - abar_k) xi, s, k) ||^2, k ~ U{1..K}."""
-    sch = vp_schedule(beh.k)
+    sch = vp_schedule(beh.K)
     k_t, k_eps = jax.random.split(key)
-    t = jax.random.randint(k_t, (obs.shape[0],), 0, beh.k)
+    t = jax.random.randint(k_t, (obs.shape[0],), 0, beh.K)
     eps = jax.random.normal(k_eps, act.shape)
     noisy = sch["sqrt_ac"][t, None] * act + sch["sqrt_one_minus_ac"][t, None] * eps
     return jnp.mean((beh.net.apply(params, noisy, t, obs) - eps) ** 2)
 
 
 def train_diffusion(
-    data: Transitions, *, k=5, hidden=256, steps=300_000, lr=3e-4, seed=0, batch_size=256, steps_per_call=1000, report=None
+    data: Transitions, *, K=5, hidden=256, steps=300_000, lr=3e-4, seed=0, batch_size=256, steps_per_call=1000, callback=None
 ) -> tuple[BehaviorModel, dict]:
     """Algorithm 1, line 3: behaviour cloning with the diffusion loss (Eq. 8), minibatches sampled inside jit.
-    report(name, value, step), if given, hears diffusion/steps first, then diffusion/loss after every call of
-    steps_per_call steps."""
-    beh = init_behavior(data.observations.shape[1], data.actions.shape[1], k, hidden, seed)
+    callback(done, total, {"loss": ...}), if given, hears the steps done after every call of steps_per_call steps.
+    Returns the model and its training record."""
+    beh = init_behavior(data.observations.shape[1], data.actions.shape[1], K, hidden, seed)
     key, opt = jax.random.PRNGKey(seed), optax.adam(lr)
 
     @partial(jax.jit, static_argnums=3)
@@ -796,15 +714,13 @@ def train_diffusion(
         return beh, opt_state, losses.mean()
 
     opt_state, done, t0 = opt.init(beh.params), 0, time.time()
-    if report:
-        report("diffusion/steps", steps, 0)
     while done < steps:
         n = min(steps_per_call, steps - done)
         key, sub = jax.random.split(key)
         beh, opt_state, loss = run(beh, opt_state, sub, n, data)
         done += n
-        if report:  # float(loss) waits for the call: only when someone listens
-            report("diffusion/loss", float(loss), done)
+        if callback:  # float(loss) waits for the call: only when someone listens
+            callback(done, steps, dict(loss=float(loss)))
     return beh, dict(final_loss=float(loss), wall_time_s=time.time() - t0)
 
 
@@ -818,6 +734,7 @@ import json
 import os
 import shutil
 import sys
+import typing
 from typing import Literal
 
 try:  # Parts II and III need gymnasium and tyro; `import ilq_jax` for Part I alone needs neither
@@ -839,13 +756,14 @@ class RunFlags:
     """The run: its name and seeds, the methods trained together, its length, stopping and resuming."""
 
     GROUP: ClassVar[str] = "run"  # its box in --help
-    exp_name: str = "ilq"  # name of this experiment (part of the run name)
+    exp_name: str = "ilq_jax"  # name of this experiment: part of the run folder's name
     seed: int = 1  # seed of the ILQ learner (networks, minibatches, OOD actions)
     num_seeds: int = 1  # independent learners trained together in one process (jax.vmap): seeds --seed ... --seed + N - 1
     # methods trained together, each with --num-seeds seeds, in one jitted scan: comma-separated from ilq, no-imagination,
     # no-limitation (Sec. 5.4's ablations); None: one method, ilq or what --no-imagination / --no-limitation make it
     methods: Optional[str] = None
-    run_name: Optional[str] = None  # run folder under runs/ (None: <dataset>__<exp-name>__<seed>__<unix time>)
+    # the run folder runs/<run-name>, one folder name (None: <dataset>__<methods>__<exp-name>__<seed>__<unix time>)
+    run_name: Optional[str] = None
     # continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after, --time-box-min
     # and --eval-workers may be added (None: a new run)
     resume: Optional[str] = None
@@ -871,8 +789,8 @@ class DataFlags:
 
     GROUP: ClassVar[str] = "data"  # its box in --help
     # the DATASET (the evaluation env follows from it): a D4RL name (hopper-medium-replay), a Minari id
-    # (mujoco/hopper/medium-v0) or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy dataset this file
-    # generates offline (the default)
+    # (mujoco/hopper/medium-v0, D4RL/pen/human-v2) or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy
+    # dataset this file generates offline (the default)
     env_id: str = "ilq-local/hopper/random-v0"
     dataset_path: Optional[str] = None  # D4RL HDF5 file for a D4RL name (None: the D4RL cache folder, else a download)
     download: bool = True  # --no-download: never download a dataset that is not on disk
@@ -899,7 +817,7 @@ class ILQFlags:
     imagination: bool = True  # --no-imagination: OOD target = y_lmt + delta (the ablation of Sec. 5.4)
     limitation: bool = True  # --no-limitation: OOD target = y_img + delta (the ablation of Sec. 5.4)
     behavior_bank: bool = False  # M behaviour actions per state sampled once (faster on CPU), not in every update (the paper)
-    # the frozen dynamics and diffusion models in bfloat16 (fewer bytes on a GPU; the targets move slightly, see
+    # the frozen dynamics and diffusion models compute in bfloat16 (fewer bytes on a GPU; the targets move slightly, see
     # benchmarks/RESULTS.md); the learners stay float32 (off: the paper's float32 everywhere)
     bf16_models: bool = False
     target_entropy_bonus: bool = False  # -alpha log pi in the critic targets as in SAC/MCQ (the paper's Eq. 17/19 have none)
@@ -920,12 +838,10 @@ class ModelFlags:
     dynamics_elites: int = 5  # elite members, chosen by holdout MSE (MOPO's 5)
     dynamics_hidden: int = 200  # width of the dynamics layers (the paper's 200)
     dynamics_layers: int = 4  # hidden layers of the dynamics networks (the paper's 4; MOPO's weight decays need 4)
-    # dynamics training epochs (None: from --budget, cpu 10, paper 40); a cached model
-    # trained at least as long is used instead
+    # dynamics training epochs (None: from --budget, cpu 10, paper 40); a cached model trained at least as long is used
     dynamics_epochs: Optional[int] = None
     dynamics_lr: float = 1e-3  # dynamics learning rate (the paper's 1e-3)
-    # diffusion training steps (None: from --budget, cpu 2e4, paper 3e5); a cached model
-    # trained at least as long is used instead
+    # diffusion training steps (None: from --budget, cpu 2e4, paper 3e5); a cached model trained at least as long is used
     diffusion_steps: Optional[int] = None
     diffusion_k: int = 5  # K, the number of diffusion steps (Diffusion-QL's 5, VP schedule)
     diffusion_lr: float = 3e-4  # diffusion learning rate (the paper's 3e-4)
@@ -941,7 +857,8 @@ class ModelFileFlags(ModelFlags):
 
 @dataclass
 class EvaluationFlags:
-    """Evaluation: where, how often, how many episodes, in which processes."""
+    """Evaluation: where, how often, how many episodes, in which processes; after training, a run evaluated or drawn
+    again."""
 
     GROUP: ClassVar[str] = "evaluation"  # its box in --help
     # Gymnasium env for evaluation (None: where the data were recorded: D4RL's hopper names on Hopper-v4 with the -v2
@@ -957,14 +874,19 @@ class EvaluationFlags:
     # training: runs/<run-name>/videos/<method>-update<step>.mp4
     capture_video: bool = False
     capture_video_every: Optional[int] = None  # also at every K-th evaluation; implies --capture-video (None: the end only)
+    # evaluate the learners of the run in this folder again (finished or stopped: its checkpoint), --eval-episodes each
+    # from --eval-seed + e in its evaluation env or --eval-env-id, filmed with --capture-video; writes
+    # evaluation-<time>.json there (only those four flags may be added; None: train)
+    evaluate: Optional[str] = None
+    plot: Optional[str] = None  # draw curves.png of the run in this folder again, from its summary.json (None: train)
 
 
 @dataclass
 class Args(RunFlags, DataFlags, ILQFlags, ModelFileFlags, EvaluationFlags):
     """Train ILQ (Imagination-Limited Q-Learning, IJCAI 2025) on an offline dataset and evaluate it. A flag whose
     default is None takes the paper's value for the dataset (Tables 3-6) or the --budget's value, as its help says;
-    the effective values are printed at start. Boolean flags come as --flag / --no-flag. `python ilq_jax.py --plot
-    runs/<run-name>` redraws a finished run's curves.png from its summary.json."""
+    the effective values are printed at start. Boolean flags come as --flag / --no-flag. After training, --evaluate
+    runs/<run-name> evaluates a run's policies again and --plot runs/<run-name> redraws its curves.png."""
 
 
 # ----------------------------------------------------------------------------------------------- the settings of a run
@@ -985,7 +907,9 @@ RULES = (  # (flags, what each must be, the test) for resolve_args; a flag left 
     ("time_box_min critic_lr actor_lr dynamics_lr diffusion_lr", "be positive and finite", lambda v: 0 < v < math.inf),
     ("eta gamma tau", "lie in [0, 1]", lambda v: 0 <= v <= 1),
     ("penalty_coef fixed_alpha", "be >= 0 and finite", lambda v: 0 <= v < math.inf),
+    ("delta", "be finite and at most 1e6 in size (the paper's lie in -2..2)", lambda v: abs(v) <= 1e6),
     ("eval_workers", "lie in 0..64", lambda v: 0 <= v <= 64),
+    ("run_name exp_name", "be one folder name (no '/', not '.' or '..')", lambda v: v not in ("", ".", "..") and "/" not in v),
 )  # fmt: skip
 
 
@@ -999,12 +923,17 @@ def default_budget(env_id: str) -> tuple[str, str]:
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the budget's defaults and check every numeric flag, before any work starts or any folder is made."""
+    """Fill the budget's defaults, make the paths absolute and check every flag, before any work starts or any
+    folder is made."""
     if args.budget is None:
         args = dataclasses.replace(args, budget=default_budget(args.env_id)[0])
     args = dataclasses.replace(args, **{k: v for k, v in BUDGETS[args.budget].items() if getattr(args, k) is None})
     if args.checkpoint_interval is None:
         args = dataclasses.replace(args, checkpoint_interval=CHECKPOINT_EVERY[args.budget])
+    paths = ("dataset_path", "dynamics_path", "behavior_path", "model_dir")  # a resume from elsewhere finds them
+    args = dataclasses.replace(
+        args, **{k: os.path.abspath(os.path.expanduser(getattr(args, k))) for k in paths if getattr(args, k)}
+    )
     values = [(n, getattr(args, n), must, ok) for names, must, ok in RULES for n in names.split()]
     bad = [f"{flag(n)} ({v}) must {must}" for n, v, must, ok in values if v is not None and not ok(v)]
     try:
@@ -1063,59 +992,12 @@ def effective_hparams(args: Args, info: DatasetInfo) -> dict:
 # ------------------------------------------------- Algorithm 1, lines 2-3: the frozen models, cached or pretrained now
 
 
-MODEL_KINDS = {  # kind -> its --*-path flag, the flag and unit of its training length, the metric a reader checks
-    "dynamics": ("dynamics_path", "dynamics_epochs", "epochs", "holdout_mse_elites"),
-    "behavior": ("behavior_path", "diffusion_steps", "steps", "final_loss"),
-}
-
-
-def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, report=None, force: bool = False):
-    """Algorithm 1, lines 2-3: the frozen dynamics and behaviour models (load_or_train of each)."""
-    return tuple(load_or_train(kind, args, data, info, report or PretrainProgress(), force) for kind in MODEL_KINDS)
-
-
-def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, report, force: bool = False):
-    """One frozen model: from its --*-path, from the cache when a model trained at least as long as asked is there
-    (a damaged cache entry is retrained), or trained now and cached. A diverged model is never cached."""
-    path_flag, length_flag, unit, metric = MODEL_KINDS[kind]
-    given, wanted = getattr(args, path_flag), getattr(args, length_flag)
-    path, side = given or artifact_path(args, info, kind), None
-    if given or (os.path.exists(path) and not force):
-        try:
-            model, side = load_artifact(path, kind, info, given=bool(given))
-        except ILQError:
-            if given:
-                raise
-    if side is not None and (given or side["trained"] >= wanted):
-        print(f"[models] {kind}: loaded {path} (trained {side['trained']} {unit}; {metric} {side['metrics'][metric]:.4f})")
-        return model
-    print(f"[models] {kind}: training ({wanted} {unit}) -> {path}")
-    config = model_settings(args, kind)
-    if kind == "dynamics":  # the sidecar repeats what a reader needs without loading the msgpack
-        model, metrics = train_dynamics(data, info.family, epochs=wanted, report=report, **config)
-        state = {k: np.asarray(getattr(model, k)).tolist() for k in ("input_mean", "input_std", "elites")}
-    else:
-        model, metrics = train_diffusion(data, steps=wanted, report=report, **config)
-        state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.k).items()})
-    numbers = [np.asarray(v, np.float64) for v in metrics.values()] + jax.tree_util.tree_leaves(model)
-    if not all(np.isfinite(x).all() for x in numbers):
-        lr = "dynamics_lr" if kind == "dynamics" else "diffusion_lr"
-        loss = ", ".join(f"{k} {metrics[k]}" for k in ("train_loss", metric) if k in metrics)
-        raise ILQError(
-            f"The {kind} model's training diverged ({loss}: not finite); it was not cached. Lower {flag(lr)} "
-            f"({getattr(args, lr)}; the paper's is {ModelFlags.__dataclass_fields__[lr].default}) and run again."
-        )
-    dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
-    side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
-    side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
-    save_artifact(path, kind, model, side)
-    return model
-
-
-def low_precision(model):
-    """The same frozen model (DynamicsModel or BehaviorModel) with bfloat16 weights: its activations are then stored
-    in bfloat16 too (half the bytes); the learners' parameters, Adam, targets and losses stay float32."""
-    return model.replace(params=jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), model.params))
+def mish_one_exp(x):
+    """jax.nn.mish's values (to rounding) with one exp: tanh(log(1 + e)) = e(e + 2) / (e(e + 2) + 2), e = exp(x); a
+    quarter of its cost on a CPU, where the diffusion sampler is dominated by it (the whole update: +21 %)."""
+    e = jnp.exp(jnp.minimum(x, 20.0))
+    n = e * (e + 2.0)
+    return jnp.where(x > 20.0, x, x * n / (n + 2.0))
 
 
 def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int, chunk: int = 8192):
@@ -1126,29 +1008,119 @@ def make_behavior_bank(behavior: BehaviorModel, observations, m: int, seed: int,
     return jnp.concatenate(parts)
 
 
-def pretrained_models(args: Args, data: Transitions, info: DatasetInfo, methods: tuple, stop: dict):
-    """Algorithm 1, lines 2-3 (load_or_pretrain), stoppable between jitted calls: a model trained before an interrupt
-    stays cached. Returns the frozen inputs of the update, the pretraining scalars for TensorBoard, and what the run
-    trains on: each model's file and the SHA-256 of its bytes (checked on --resume)."""
-    scalars = []
+def pretrained_models(args: Args, data: Transitions, info: DatasetInfo, methods: tuple, stop: dict, run_dir: str, saved):
+    """Algorithm 1, lines 2-3 for a run, stoppable between jitted calls (a model trained before a signal stays
+    cached). A run keeps its own copy of both models (runs/<run>/models/), so that no later run or pretraining can
+    change what it resumes with; `saved`: a resumed run's record of them ({} for a new run). Returns the frozen inputs
+    of the update (the models in the run's precision), the behaviour bank or None, each model's record and the
+    pretraining curves (tag, value, step) of the models trained now."""
 
     def check():
         if stop["signal"]:
             raise Interrupted(stop["signal"])
 
-    dynamics, behavior = load_or_pretrain(args, data, info, report=PretrainProgress(lambda *s: scalars.append(s), check))
-    models = {}
-    for kind, model in zip(MODEL_KINDS, (dynamics, behavior)):
-        path = getattr(args, MODEL_KINDS[kind][0]) or artifact_path(args, info, kind)
-        models[kind] = dict(path=path, sha256=sha256(flax.serialization.to_bytes(model)))
-    if args.bf16_models:
-        dynamics, behavior = low_precision(dynamics), low_precision(behavior)
+    models, records, curves = [], {}, []
+    for kind in MODEL_KINDS:
+        own = os.path.join(run_dir, "models", f"{kind}.msgpack")
+        if saved and os.path.exists(own):
+            advice = "Restore it, or delete both: the resume makes the model again from the run's settings."
+            model, side = load_artifact(own, kind, info, advice)
+            source = saved[kind]["source"]
+        else:  # a new run, or a resumed one whose own copy is gone: found in the cache or made again from its settings
+            model, side, source = load_or_train(kind, args, data, info, stop=check, curves=curves)
+            if saved and saved[kind]["sha256"] != sha256(flax.serialization.to_bytes(model)):  # the cache's is another
+                print(f"[models] {kind}: the run's own copy {own} is gone: training it again from the run's settings")
+                model, side, source = load_or_train(kind, args, data, info, force=True, stop=check, curves=curves)
+        sha = sha256(flax.serialization.to_bytes(model))
+        if saved and saved[kind]["sha256"] != sha:
+            raise ILQError(
+                f"--resume {run_dir}: its {kind} model {own} is gone, and the one made again from the run's settings "
+                f"differs (SHA-256 {sha[:12]}, the run started with {saved[kind]['sha256'][:12]}: trained on another "
+                "device or version). Restore the file, or start a new run (nothing else was changed in the run folder)."
+            )
+        if not (saved and os.path.exists(own)):
+            side = write_model(own, model, side)
+        records[kind] = dict(sha256=sha, file=own, source=source, **{k: side[k] for k in ("config", "trained", "metrics")})
+        models.append(model)
+    dynamics, behavior = models
+    behavior = behavior.replace(mish=mish_one_exp)  # the values of jax.nn.mish, faster on a CPU
+    if args.bf16_models:  # their activations in bfloat16 (half the bytes); the learners, targets and losses stay float32
+        dynamics, behavior = dynamics.replace(dtype=jnp.bfloat16), behavior.replace(dtype=jnp.bfloat16)
     bank = None
     if args.behavior_bank and any(METHODS[m][1] for m in methods):
         t0 = time.time()
         bank = make_behavior_bank(behavior, data.observations, args.num_behavior_samples, args.pretrain_seed)
         print(f"[models] behaviour bank: {bank.shape[0]} states x {bank.shape[1]} actions in {time.time() - t0:.1f}s")
-    return Frozen(data, dynamics, behavior, bank), scalars, models
+    return Frozen(data, dynamics, behavior), bank, records, curves
+
+
+# ------------------------------------------------------------------------------ the update of every learner of a run
+
+
+def method_configs(cfg: ILQConfig, methods) -> tuple:
+    """One ILQConfig per method: cfg with that method's imagination / limitation."""
+    return tuple(dataclasses.replace(cfg, imagination=METHODS[m][0], limitation=METHODS[m][1]) for m in methods)
+
+
+def method_rows(g: int, n_learners: int, n_methods: int) -> slice:
+    """Method g's learners on the learner axis of a run: method-major, learner g * seeds + i is seed i of method g.
+    The one place that says so (the update, the logs, the summary)."""
+    seeds = n_learners // n_methods
+    return slice(g * seeds, (g + 1) * seeds)
+
+
+def make_learners_update(cfg: ILQConfig, methods: tuple, sample_chunk: int = 1):
+    """The update train() runs: Part I's ilq_update for every (method, seed) learner of a run on one learner axis
+    (method_rows), many updates per jitted call, the state donated: update(state, frozen, bank, keys (L, n, 2)) ->
+    (state, metrics (L, n)). Two speed-ups that change no value: Eq. 20's behaviour actions of `sample_chunk` updates
+    are drawn in one batched diffusion chain before them (or looked up in the behaviour bank), as ilq_update would
+    draw them, from each update's key alone; and with several methods each method's block computes its own minibatches
+    and targets (ilb_step), then every learner learns at once (learn), a block without a diagnostic getting NaN."""
+    groups = method_configs(cfg, methods)
+
+    def behavior_actions(c: ILQConfig, frozen: Frozen, bank, keys):  # keys (..., 2) -> (..., B, M, act), or None
+        if not c.limitation or (bank is None and sample_chunk == 1):
+            return None
+        idx, k_beh, _, _ = jax.vmap(partial(minibatch_draws, c, frozen))(keys.reshape(-1, keys.shape[-1]))
+        if bank is None:
+            sample = jax.vmap(partial(diffusion_sample, frozen.behavior), in_axes=(0, 0, None))
+            a_beh = sample(frozen.data.observations[idx], k_beh, c.num_behavior_samples)
+        else:
+            a_beh = bank[idx]
+        return a_beh.reshape(keys.shape[:-1] + a_beh.shape[1:])
+
+    def one_update(state: ILQState, frozen: Frozen, keys, a_beh: list):  # keys (L, 2): one update of every learner
+        if len(groups) == 1:
+            return jax.vmap(partial(ilq_update, groups[0]), in_axes=(0, None, 0, 0))(state, frozen, keys, a_beh[0])
+        blocks = []
+        for g, c in enumerate(groups):  # method g's targets on its block of learners only
+            rows = method_rows(g, len(keys), len(groups))
+            step = jax.vmap(partial(ilb_step, c), in_axes=(0, None, 0, 0))
+            batch, targets, k_actor = step(jax.tree_util.tree_map(lambda x: x[rows], state), frozen, keys[rows], a_beh[g])
+            blocks.append((batch, targets._replace(y_img=None, y_lmt=None), k_actor, jax.vmap(target_metrics)(targets)))
+        batch, targets, k_actor = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *[b[:3] for b in blocks])
+        state, metrics = jax.vmap(partial(learn, cfg))(state, batch, targets, k_actor)
+        for name in set().union(*(b[3] for b in blocks)):
+            metrics[name] = jnp.concatenate([b[3].get(name, jnp.full(len(b[2]), jnp.nan)) for b in blocks])
+        return state, metrics
+
+    def chunk(state: ILQState, frozen: Frozen, bank, keys):  # keys (L, C, 2): C updates of every learner
+        a_beh = [behavior_actions(c, frozen, bank, keys[method_rows(g, len(keys), len(groups))]) for g, c in enumerate(groups)]
+        swap = lambda x: None if x is None else x.swapaxes(0, 1)  # noqa: E731
+        return jax.lax.scan(lambda s, x: one_update(s, frozen, *x), state, (swap(keys), [swap(a) for a in a_beh]))
+
+    def update_many(state: ILQState, frozen: Frozen, bank, keys):  # keys (L, n, 2) -> metrics (L, n)
+        full, parts = keys.shape[1] // sample_chunk * sample_chunk, []
+        if full:
+            chunks = keys[:, :full].reshape(keys.shape[0], -1, sample_chunk, keys.shape[-1]).swapaxes(0, 1)
+            state, metrics = jax.lax.scan(lambda s, k: chunk(s, frozen, bank, k), state, chunks)
+            parts.append(jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), metrics))
+        if full < keys.shape[1]:  # a call that is no multiple of the chunk: the rest as one shorter chunk
+            state, metrics = chunk(state, frozen, bank, keys[:, full:])
+            parts.append(metrics)
+        return state, jax.tree_util.tree_map(lambda *x: jnp.concatenate(x).swapaxes(0, 1), *parts)
+
+    return jax.jit(update_many, donate_argnums=0)
 
 
 # -------------------------------------------------------------------------- Algorithm 1, lines 4-12: the training loop
@@ -1179,19 +1151,15 @@ def train(args: Args) -> dict:
     )
     methods, seeds = learner_methods(args), list(range(args.seed, args.seed + args.num_seeds))
     learners = [(m, s) for m in methods for s in seeds]  # the learner axis: method-major (method_rows)
-    names = [f"{m} seed {s}" for m, s in learners]
-    name = args.run_name or f"{slug(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    name = args.run_name or f"{slug(info.name)}__{'+'.join(methods)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", name)
     if not args.resume and os.path.exists(run_dir):
         raise ILQError(f"Run folder {run_dir} already exists; pick another --run-name or continue it with --resume {run_dir}.")
-    for path in (args.dynamics_path, args.behavior_path):
-        if path is not None and not os.path.exists(path):
-            raise ILQError(f"Model file '{path}' does not exist (--dynamics-path / --behavior-path).")
     behavior = "bank" if args.behavior_bank else f"fresh samples every update, drawn {args.sample_chunk} updates at a time"
     print(
         f"[ilq] {args.total_steps} updates, eval every {args.eval_interval} ({args.eval_episodes} episodes), checkpoint "
-        f"every {args.checkpoint_interval}, M={args.num_behavior_samples}, K={args.diffusion_k}, OOD actions/state "
-        f"{args.num_ood_actions}, behaviour {behavior}; method{'s' if len(methods) > 1 else ''} {', '.join(methods)} x "
+        f"every {args.checkpoint_interval}, M={args.num_behavior_samples}, OOD actions/state {args.num_ood_actions}, "
+        f"behaviour {behavior}; method{'s' if len(methods) > 1 else ''} {', '.join(methods)} x "
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; run folder {run_dir}"
     )
     make_env(info, 1).close()  # a mismatched env fails before any training
@@ -1202,44 +1170,45 @@ def train(args: Args) -> dict:
 
     with deferred_signals() as stop, contextlib.ExitStack() as on_exit:  # closes the folder lock, logs, workers
         # --- the run folder: taken (locked) before minutes of pretraining; a new one is removed if training never starts ---
-        unwritable = f"Could not write the run folder {run_dir}", "Free disk space or pick a writable folder."
-        with errors_as(*unwritable):
+        try:
             os.makedirs(run_dir, exist_ok=bool(args.resume))
-            on_exit.callback(lock_run_folder(run_dir).close)
+        except FileExistsError:  # made a moment ago by another process with the same --run-name
+            raise ILQError(f"Run folder {run_dir} was just made by another process; pick another --run-name.") from None
+        on_exit.callback(lock_run_folder(run_dir).close)
         if not args.resume:
             on_exit.callback(remove_if_never_trained, run_dir)
-        state, progress = load_checkpoint(run_dir, template) if args.resume else (None, new_progress())
-        inputs = dict(dataset=dict(name=info.name, fingerprint=info.fingerprint))  # what the run trains on
+        state, progress = load_checkpoint(run_dir, template) if args.resume else (None, new_progress(len(learners)))
+        dataset = dict(name=info.name, fingerprint=info.fingerprint)  # what the run trains on
         if args.resume:
-            same_inputs(run_dir, progress["inputs"], inputs)
+            if progress["updates"] >= args.total_steps:
+                return finished_run(args, info, methods, seeds, run_dir, progress, seed_bytes)
+            same_inputs(run_dir, progress["inputs"], dict(dataset=dataset))
 
         # --- Algorithm 1, lines 2-3: the frozen models (cached, or pretrained now; stoppable between jitted calls) ---
-        frozen, pretrain_scalars, models = pretrained_models(args, data, info, methods, stop)
-        inputs.update(models)
-        if args.resume:
-            same_inputs(run_dir, progress["inputs"], inputs)
-        # --- Algorithm 1, line 1: the learners, on the devices; the update of many (method, seed) learners ---
+        frozen, bank, models, curves = pretrained_models(args, data, info, methods, stop, run_dir, progress["inputs"])
+        # --- Algorithm 1, line 1: the learners, on the devices; the update of every (method, seed) learner ---
         state = jax.vmap(partial(init_train_state, cfg))(seed_keys) if state is None else state
         run_keys = jnp.stack([jax.random.fold_in(k, 1) for k in seed_keys])
         state, frozen, run_keys = shard_learners(state, frozen, run_keys, len(learners))
-        update = make_update_fn(cfg, batched=True, methods=methods, sample_chunk=args.sample_chunk)
+        update = make_learners_update(cfg, methods, args.sample_chunk)
         # the key of update u depends on u alone, so calls of any length (and resumes) give the same learner
         update_keys = jax.jit(jax.vmap(lambda rk, us: jax.vmap(partial(jax.random.fold_in, rk))(us), in_axes=(0, None)))
         print(f"[ilq] {len(learners)} learner(s) in one jitted call; train state {seed_bytes / 2**20:.1f} MiB per learner")
 
-        # --- a new run's files: its settings, a checkpoint at update 0 (a run folder always has one), pretraining curves;
-        # then the learners' logs and the evaluator ---
+        # --- the run's record (run.json, written at every start), a new run's settings, its checkpoint at update 0 (a
+        # run folder always has one) and pretraining curves; then the learners' logs and the evaluator ---
+        progress["invocations"].append(invocation())
         if not args.resume:
-            progress["inputs"] = inputs
-            with errors_as(*unwritable):
-                _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
-                save_checkpoint(run_dir, state, progress)
-                log = TensorBoard(os.path.join(run_dir, "pretrain"))
-                for scalar in pretrain_scalars:
-                    log.scalar(*scalar)
-                log.close()
+            progress.update(inputs=dict(dataset=dataset, **models), record=run_record(args, info, cfg, methods, seeds))
+            _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
+            save_checkpoint(run_dir, state, progress)
+            log = tensorboard_writer(os.path.join(run_dir, "pretrain"))
+            for tag, value, step in curves:
+                log.add_scalar(tag, value, step)
+            log.close()
+        _atomic_write(os.path.join(run_dir, "run.json"), json.dumps(run_json(progress), indent=2).encode())
         folders = [f"{m}/seed_{s}" if len(methods) > 1 else f"seed_{s}" for m, s in learners]
-        writers = [TensorBoard(os.path.join(run_dir, folder)) for folder in folders]
+        writers = [tensorboard_writer(os.path.join(run_dir, folder)) for folder in folders]
         for w in writers:
             on_exit.callback(w.close)
         workers = args.eval_workers if args.eval_workers is not None else int(jax.default_backend() != "cpu")
@@ -1253,27 +1222,29 @@ def train(args: Args) -> dict:
             ends = [u0 + args.updates_per_call, args.total_steps, *[(u0 // k + 1) * k for k in every]]
             n = min(ends + ([start + args.stop_after] if args.stop_after else [])) - u0
             t0 = time.time()
-            state, metrics = update(state, frozen, update_keys(run_keys, jnp.arange(u0, u0 + n)))
+            state, metrics = update(state, frozen, bank, update_keys(run_keys, jnp.arange(u0, u0 + n)))
             metrics = jax.device_get(metrics)  # (learners, n) each
             seconds = time.time() - t0
 
             # --- log: a non-finite value stops the run; TensorBoard per learner; a progress line every 30 s ---
-            check_finite(metrics, u0 + 1, run_dir, names)
+            check_finite(metrics, u0 + 1, run_dir, [f"{m} seed {s}" for m, s in learners])
             progress["updates"] = step = u0 + n
             progress["train_time_s"] += seconds
+            # Q(data) of each update, summed in order in float64: the same curve however the updates were split into calls
+            q_sums = np.add.accumulate(np.c_[progress["q_data_sum"], metrics["losses/q_data"]], axis=1, dtype=np.float64)
+            progress["q_data_sum"], progress["q_data_count"] = q_sums[:, -1].tolist(), progress["q_data_count"] + n
             for i, w in enumerate(writers):
                 for name, values in metrics.items():
                     if np.isfinite(values[i]).all():  # an ablation has no y_img - y_lmt (NaN)
-                        w.scalar(name, float(np.mean(values[i])), step)
-                w.scalar("charts/SPS", n / seconds, step)
+                        w.add_scalar(name, float(np.mean(values[i])), step)
+                w.add_scalar("charts/SPS", n / seconds, step)
             if time.time() - last_print >= PROGRESS_EVERY_S:
                 rate = step / max(progress["train_time_s"], 1e-9)
                 line = f"[ilq] update {step:8d}/{args.total_steps} | {rate:6.1f} updates/s"
                 line += f" per learner x {len(learners)}" if len(learners) > 1 else ""
                 line += f" | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f}"
                 line += f" | alpha {float(np.mean(metrics['losses/alpha'])):.3f}"
-                line += f" | time left {(args.total_steps - step) / rate:5.0f}s"
-                print(line, flush=True)
+                print(line + f" | time left {(args.total_steps - step) / rate:5.0f}s", flush=True)
                 last_print = time.time()
 
             # --- evaluate a snapshot when due (in worker processes with --eval-workers: training goes on) ---
@@ -1281,7 +1252,9 @@ def train(args: Args) -> dict:
             if evaluated:
                 index = len(progress["eval_steps"]) + len(evaluator.pending)
                 seeds_e = evaluation_seeds(args.eval_seed, index, args.eval_episodes, len(learners))
-                evaluator.submit(step, state.actor_params, seeds_e, np.mean(metrics["losses/q_data"], 1).tolist())
+                q_data = (np.asarray(progress["q_data_sum"]) / progress["q_data_count"]).tolist()  # since the last one
+                progress.update(q_data_sum=[0.0] * len(learners), q_data_count=0)
+                evaluator.submit(step, state.actor.params, seeds_e, q_data)
 
             # --- the stop conditions: a signal, the end, the time box (at an evaluation), --stop-after ---
             boxed = args.time_box_min and time.time() - t_invocation > 60 * args.time_box_min
@@ -1289,7 +1262,7 @@ def train(args: Args) -> dict:
             ending = ending or ("time box" if boxed and step % args.eval_interval == 0 else None)
             ending = ending or ("stopped (--stop-after)" if args.stop_after and step - start >= args.stop_after else None)
             if evaluated and ending != "interrupted":  # videos of the snapshot just evaluated, before the state is donated
-                videos(index, step, state.actor_params, last=ending in ("done", "time box"))
+                videos(index, step, state.actor.params, last=ending in ("done", "time box"))
 
             # --- finished evaluations in order; a checkpoint when due holds every evaluation up to it ---
             due = bool(ending) or step % args.checkpoint_interval == 0
@@ -1300,15 +1273,12 @@ def train(args: Args) -> dict:
                 progress["normalized_scores"].append(None if norm is None else norm.mean(1).tolist())
                 progress["q_data"].append(q_data)  # the over-optimism diagnostic (Fig. 10)
                 for i, w in enumerate(writers):
-                    w.scalar("eval/episodic_return", returns[i].mean(), at)
+                    w.add_scalar("eval/episodic_return", returns[i].mean(), at)
                     if norm is not None:
-                        w.scalar("eval/normalized_score", norm[i].mean(), at)
-                values, parts = (returns if norm is None else norm).mean(1), []
-                for g, m in enumerate(methods):  # per method: mean +- std over its seeds
-                    block = values[method_rows(g, len(learners), len(methods))]
-                    parts.append(f"{m} {block.mean():7.2f}" + (f" +- {block.std():.2f}" if len(seeds) > 1 else ""))
-                scale = "normalised" if norm is not None else "return"
-                print(f"[ilq] evaluation at update {at:8d} | {scale} {' | '.join(parts)}")
+                        w.add_scalar("eval/normalized_score", norm[i].mean(), at)
+                values = (returns if norm is None else norm).mean(1)
+                parts = [f"{m} {spread(values[method_rows(g, len(learners), len(methods))])}" for g, m in enumerate(methods)]
+                print(f"[ilq] evaluation at update {at:8d} | {'return' if norm is None else 'normalised'} {' | '.join(parts)}")
             if due:
                 progress["wall_time_s"] = wall_before + time.time() - t_invocation
                 save_checkpoint(run_dir, state, progress)
@@ -1323,6 +1293,35 @@ def train(args: Args) -> dict:
                 print(f"[ilq] time box of {args.time_box_min} min reached at update {step} of {args.total_steps}")
                 break
     return write_summary(args, info, methods, seeds, run_dir, progress, seed_bytes)
+
+
+def run_record(args: Args, info: DatasetInfo, cfg: ILQConfig, methods: tuple, seeds: list) -> dict:
+    """What a run is, fixed when it starts (run.json, summary.json): the dataset, the evaluation protocol, the
+    effective hyper-parameters, the learners' ILQConfig, the methods and seeds."""
+    norm = info.normalize(info.episode_returns)
+    dataset = {k: getattr(info, k) for k in ("name", "source", "task", "family", "ref_min", "ref_max", "obs_dim", "act_dim")}
+    dataset.update(
+        fingerprint=info.fingerprint, episodes=len(info.episode_returns), mean_return=float(info.episode_returns.mean())
+    )
+    dataset.update(mean_normalized_return=None if norm is None else float(norm.mean()))
+    starts = f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = 0, 1, ... per evaluation, "
+    starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every learner"
+    evaluation = dict(env=info.eval_env.id, env_note=info.eval_env.note, env_spec=info.eval_env.spec)
+    evaluation.update(episodes=args.eval_episodes, interval=args.eval_interval, eval_seed=args.eval_seed)
+    evaluation.update(policy="deterministic tanh(mean)")
+    hp = {k: v for k, v in effective_hparams(args, info).items() if k != "overridden"}
+    config = dataclasses.asdict(cfg)
+    protocol = dict(
+        methods=list(methods), seeds=seeds, learner_axis="method-major: learner g * seeds + i is seed i of method g"
+    )
+    return dict(dataset=dataset, evaluation=dict(evaluation, start_seeds=starts), hyperparameters=hp, config=config,
+                protocol=protocol)  # fmt: skip
+
+
+def run_json(progress: dict) -> dict:
+    """run.json: the record, what the run trains on (the dataset's fingerprint, each model's file, SHA-256, settings and
+    training), every invocation (command, git commit, time)."""
+    return dict(progress["record"], inputs=progress["inputs"], invocations=progress["invocations"])
 
 
 # -------------------------------------------------------------------------------------------- evaluation of a snapshot
@@ -1356,88 +1355,184 @@ def learners_policy(cfg: ILQConfig, n_learners: int, episodes: int):
 # --------------------------------------------------------------------------------------------------------- the summary
 
 
-def new_progress() -> dict:
-    """The progress record of a run, saved in every checkpoint: updates done, the evaluations so far, times."""
-    times = dict(train_time_s=0.0, wall_time_s=0.0)
+def new_progress(n_learners: int = 0) -> dict:
+    """The progress record of a run, saved in every checkpoint: updates done, the evaluations so far, times, each
+    learner's sum of Q(data) since the last evaluation, the run's record and its invocations."""
+    times = dict(train_time_s=0.0, wall_time_s=0.0, q_data_sum=[0.0] * n_learners, q_data_count=0, invocations=[], record={})
     return dict(updates=0, eval_steps=[], returns=[], normalized_scores=[], q_data=[], inputs={}, **times)
+
+
+def spread(values) -> str:
+    """mean +- the sample std (ddof=1) of one value per seed, as the console shows it."""
+    return f"{np.mean(values):7.2f}" + (f" +- {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
 
 
 def summarize(progress: dict, seeds: list, rows: slice) -> dict:
     """One method's learners (rows of the learner axis, one per seed): per seed the mean of the last 10 evaluations
-    (never the best); then mean and std over seeds."""
+    (never the best); then the mean and the sample std (ddof=1) over seeds."""
+    window = progress["eval_steps"][-10:]
     per_seed = []
     for i, seed in zip(range(rows.start, rows.stop), seeds):
         scores = [e[i] for e in progress["normalized_scores"] if e is not None]
-        final = float(np.mean(scores[-10:])) if scores else None
-        per_seed.append(dict(seed=seed, final_normalized_score=final))
+        per_seed.append(dict(seed=seed, final_normalized_score=float(np.mean(scores[-10:])) if scores else None))
         per_seed[-1]["final_return"] = float(np.mean([np.mean(r[i]) for r in progress["returns"][-10:]]))
         per_seed[-1]["normalized_scores"] = [None if e is None else e[i] for e in progress["normalized_scores"]]
         per_seed[-1].update(returns=[r[i] for r in progress["returns"]], q_data=[q[i] for q in progress["q_data"]])
-    finals = [p["final_normalized_score"] for p in per_seed if p["final_normalized_score"] is not None]
-    out = dict(final_normalized_score=float(np.mean(finals)) if finals else None)
-    out.update(final_normalized_score_std=float(np.std(finals)) if finals else None)
-    return dict(out, final_return=float(np.mean([p["final_return"] for p in per_seed])), seeds=per_seed)
+    out = dict(evaluation_window=dict(last=len(window), updates=window), std="sample std over seeds (ddof=1)")
+    for key in ("final_normalized_score", "final_return"):
+        finals = [p[key] for p in per_seed if p[key] is not None]
+        out[key] = float(np.mean(finals)) if finals else None
+        out[key + "_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else None
+    return dict(out, seeds=per_seed)
 
 
 def write_summary(
     args: Args, info: DatasetInfo, methods: tuple, seeds: list, run_dir: str, progress: dict, state_bytes: int
 ) -> dict:
-    """summary.json of a finished run: per method and per seed the final score (mean of the last 10 evaluations), mean
-    and std over seeds, the dataset's own mean, the evaluation protocol, speed, wall time over every invocation,
-    settings and versions. A one-method run also has that method's numbers at the top level."""
+    """summary.json of a finished (or time-boxed) run: per method and per seed the final score (mean of the last 10
+    evaluations), mean and sample std over seeds, the evaluation window; the run's record (dataset, protocol,
+    hyper-parameters, models, commands and git commits), speed, wall time over every invocation, versions. A
+    one-method run also has that method's numbers at the top level."""
     n = len(seeds)
-    ds_norm, env = info.normalize(info.episode_returns), info.eval_env.id
-    starts = f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = 0, 1, ... per evaluation, "
-    starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every learner"
-    evaluation = dict(env=env, episodes=args.eval_episodes, policy="deterministic tanh(mean)", start_seeds=starts)
-    if info.eval_env.note:
-        evaluation["env_note"] = info.eval_env.note
     per_method = {m: summarize(progress, seeds, method_rows(g, len(methods) * n, len(methods))) for g, m in enumerate(methods)}
     summary = dict(per_method[methods[0]]) if len(methods) == 1 else {}
-    summary.update(methods=per_method, num_seeds=n, eval_steps=progress["eval_steps"])
-    summary.update(dataset_mean_normalized_return=None if ds_norm is None else float(ds_norm.mean()))
-    summary.update(dataset_mean_return=float(info.episode_returns.mean()), evaluation=evaluation)
-    summary.update(updates_per_second=progress["updates"] / progress["train_time_s"], train_time_s=progress["train_time_s"])
-    summary.update(inputs=progress["inputs"], wall_time_s=progress["wall_time_s"], learners=len(methods) * n)
-    summary.update(train_state_bytes_per_seed=int(state_bytes))
+    summary.update(methods=per_method, num_seeds=n, learners=len(methods) * n, eval_steps=progress["eval_steps"])
     summary.update(updates=progress["updates"], ended_by_time_box=progress["updates"] < args.total_steps)
-    dataset = dict(name=info.name, source=info.source, fingerprint=info.fingerprint, ref_min=info.ref_min)
-    summary.update(dataset=dict(dataset, ref_max=info.ref_max), args=dataclasses.asdict(args))
-    summary.update(
-        hyperparameters={k: v for k, v in effective_hparams(args, info).items() if k != "overridden"},
-        versions=package_versions(),
-    )
-    summary["devices"] = [str(d) for d in jax.devices()]
+    summary.update(dataset_mean_normalized_return=progress["record"]["dataset"]["mean_normalized_return"])
+    summary.update(dataset_mean_return=progress["record"]["dataset"]["mean_return"], **run_json(progress))
+    summary.update(updates_per_second=progress["updates"] / progress["train_time_s"], train_time_s=progress["train_time_s"])
+    summary.update(wall_time_s=progress["wall_time_s"], train_state_bytes_per_seed=int(state_bytes))
+    summary.update(args=dataclasses.asdict(args), versions=package_versions(), devices=[str(d) for d in jax.devices()])
     _atomic_write(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-    last = min(10, len(progress["eval_steps"]))
     for m, s in per_method.items():
         if s["final_normalized_score"] is not None:
-            spread = f" +- {s['final_normalized_score_std']:.2f} over {n} seeds" if n > 1 else ""
+            spread_ = f" +- {s['final_normalized_score_std']:.2f} (sample std, ddof=1, over {n} seeds)" if n > 1 else ""
             print(
-                f"[ilq] {m}: final normalised score (mean of the last {last} evaluations) {s['final_normalized_score']:.2f}"
-                f"{spread} | dataset mean normalised return {summary['dataset_mean_normalized_return']:.2f}"
+                f"[ilq] {m}: final normalised score (mean of the last {s['evaluation_window']['last']} evaluations) "
+                f"{s['final_normalized_score']:.2f}{spread_} | dataset mean normalised return "
+                f"{summary['dataset_mean_normalized_return']:.2f}"
             )
-    advice = f"install matplotlib (requirements.txt) and redraw it with python ilq_jax.py --plot {run_dir}"
+    advice = f"redraw it with python ilq_jax.py --plot {run_dir}"
     drawn = optional_output("curves.png was not drawn", advice, plot_curves, summary, os.path.join(run_dir, "curves.png"))
     print(f"[ilq] results: {run_dir}/summary.json" + (", curves.png (learning curves)" if drawn else ""))
     return summary
 
 
+# ------------------------------------------------------------------------------------------- after training: a policy
+
+
+class Policy:
+    """The deterministic policy tanh(mean) of one learner of a run: policy(obs) -> action for one observation or a
+    batch (Dict observations flattened as in training), jitted; policy.env() makes the run's evaluation env."""
+
+    def __init__(self, cfg: ILQConfig, actor_params, eval_env: EvalEnv, method: str, seed: int, updates: int):
+        self.params, self.eval_env, self.method, self.seed, self.updates = actor_params, eval_env, method, seed, updates
+        self.act = jax.jit(partial(deterministic_action, cfg.actor))
+
+    def __call__(self, obs) -> np.ndarray:
+        x = jnp.asarray(flatten_obs(obs))
+        return np.asarray(self.act(self.params, x[None]))[0] if x.ndim == 1 else np.asarray(self.act(self.params, x))
+
+    def env(self, render_mode: Optional[str] = None):
+        return self.eval_env.make(render_mode=render_mode)
+
+
+def load_policy(run_dir: str, method: Optional[str] = None, seed: Optional[int] = None) -> Policy:
+    """The policy of one learner of the run in run_dir (runs/<run-name>, finished or stopped: its checkpoint):
+    method and seed name it (None: the run's first). policy(obs) -> action; policy.env() is the run's evaluation env."""
+    cfg, progress, state, info = read_run(run_dir)
+    methods, seeds = progress["record"]["protocol"]["methods"], progress["record"]["protocol"]["seeds"]
+    method, seed = method or methods[0], seeds[0] if seed is None else seed
+    if method not in methods or seed not in seeds:
+        raise ILQError(f"{run_dir} trained methods {methods} with seeds {seeds}; it has no learner {method} seed {seed}.")
+    row = methods.index(method) * len(seeds) + seeds.index(seed)
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x[row]), state.actor.params)
+    return Policy(cfg, params, info.eval_env, method, seed, progress["updates"])
+
+
+def evaluate_run(args: Args, eval_seed: Optional[int]) -> dict:
+    """python ilq_jax.py --evaluate RUN: every learner of the run's checkpoint for --eval-episodes episodes, episode e
+    from eval_seed + e (None: the run's --eval-seed), in the run's evaluation env or --eval-env-id, filmed with
+    --capture-video; RUN/evaluation-<time>.json holds it, the run's own files stay untouched."""
+    cfg, progress, state, info = read_run(args.evaluate, args.eval_env_id)
+    methods, seeds = progress["record"]["protocol"]["methods"], progress["record"]["protocol"]["seeds"]
+    n, episodes = len(methods) * len(seeds), args.eval_episodes
+    start = progress["record"]["evaluation"]["eval_seed"] if eval_seed is None else eval_seed
+    print(f"[ilq] evaluating {n} learner(s) of {args.evaluate} at update {progress['updates']}: {episodes} episodes each "
+          f"on {info.eval_env.id}, start seeds {start}..{start + episodes - 1}")  # fmt: skip
+    with contextlib.closing(make_env(info, n * episodes)) as envs:
+        returns = evaluate(
+            envs, learners_policy(cfg, n, episodes), state.actor.params, evaluation_seeds(start, 0, episodes, n)
+        )
+    returns, stamp = returns.reshape(n, episodes), time.strftime("%Y%m%d-%H%M%S")
+    norm = info.normalize(returns)
+    out = dict(run=args.evaluate, updates=progress["updates"], env=info.eval_env.id, env_note=info.eval_env.note)
+    out.update(episodes=episodes, start_seeds=list(range(start, start + episodes)), std="sample std over seeds (ddof=1)")
+    out.update(invocation=invocation(), versions=package_versions(), methods={})
+    for g, m in enumerate(methods):
+        rows = method_rows(g, n, len(methods))
+        values = (returns if norm is None else norm)[rows].mean(1)
+        per_seed = [
+            dict(seed=s, returns=returns[i].tolist(), mean_return=float(returns[i].mean()))
+            for i, s in zip(range(rows.start, rows.stop), seeds)
+        ]
+        if norm is not None:
+            for p, i in zip(per_seed, range(rows.start, rows.stop)):
+                p["mean_normalized_score"] = float(norm[i].mean())
+        out["methods"][m] = dict(
+            mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else None, seeds=per_seed
+        )
+        print(f"[ilq] {m}: {'normalised score' if norm is not None else 'return'} {spread(values)} over {len(seeds)} seed(s)")
+    videos = VideoRecorder(
+        dataclasses.replace(args, capture_video_every=None, eval_seed=start), info, cfg, methods, n, args.evaluate
+    )
+    videos(0, progress["updates"], state.actor.params, last=True, tag=f"-evaluate-{stamp}")
+    path = os.path.join(args.evaluate, f"evaluation-{stamp}.json")
+    _atomic_write(path, json.dumps(out, indent=2).encode())
+    print(f"[ilq] {path}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- the command line
 
 
+MAY_ADD = {  # the modes that read a run folder, and the only flags that may come with each (they change no learner)
+    "resume": ("stop_after", "time_box_min", "eval_workers"),
+    "evaluate": ("eval_episodes", "eval_env_id", "eval_seed", "capture_video"),
+    "plot": (),
+}
+
+
+def refuse_flags(mode: str, given: list) -> None:
+    """--resume, --evaluate and --plot read a run folder: refused with any flag but the few each may take."""
+    if extra := [f for f in given if f not in map(flag, (mode, *MAY_ADD[mode]))]:
+        also = f"; it may take {', '.join(map(flag, MAY_ADD[mode]))}" if MAY_ADD[mode] else ""
+        advice = " (to train longer, start a new run with a larger --total-steps)" if mode == "resume" else ""
+        raise ILQError(f"{flag(mode)} reads a run folder with its saved settings: drop {', '.join(extra)}{also}{advice}.")
+
+
 def parse_args(argv: list) -> Args:
-    """The command line as Args; --resume refuses every flag that would change a learner, even one given its default."""
-    if "--resume" in {a.split("=")[0] for a in argv}:
-        refuse_flags_with_resume(sorted({a.split("=")[0] for a in argv if a.startswith("--")}))
+    """The command line as Args; --resume, --evaluate and --plot refuse every other flag but the few each may take,
+    even one given its default."""
+    given = sorted({a.split("=")[0] for a in argv if a.startswith("--")})
+    for mode in MAY_ADD:
+        if flag(mode) in given:
+            refuse_flags(mode, given)
     return parse_flags(Args, argv)
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--plot"]:  # no training flag: redraws a finished run (Args' description, shown by --help, says so)
-        return run_cli(redraw_curves, argv[1:])
-    run_cli(lambda: train(parse_args(argv)))
+
+    def command():
+        args = parse_args(argv)
+        if args.plot:
+            return redraw_curves(args.plot)
+        if args.evaluate:
+            return evaluate_run(args, args.eval_seed if "--eval-seed" in {a.split("=")[0] for a in argv} else None)
+        train(args)
+
+    run_cli(command)
 
 
 # ======================================================================================================================
@@ -1451,9 +1546,10 @@ def main(argv=None) -> None:
 import difflib
 import hashlib
 import inspect
-import queue
+import multiprocessing
 import re
 import signal
+import subprocess
 import urllib.request
 import warnings
 
@@ -1471,13 +1567,14 @@ def flag(name: str) -> str:
 @contextlib.contextmanager
 def errors_as(what: str, advice: str):
     """The one error path of the data, model and run-file layers: any library error inside (h5py, Minari, urllib,
-    JSON, msgpack, Gymnasium) becomes one ILQError "<what> (<error>). <advice>"; ILQErrors and Ctrl-C pass unchanged."""
+    JSON, msgpack, Gymnasium) becomes one ILQError "<what> (<error>). <advice>" with the library's whole message;
+    ILQErrors and Ctrl-C pass unchanged."""
     try:
         yield
     except ILQError:
         raise
     except Exception as e:
-        raise ILQError(f"{what} ({type(e).__name__}: {str(e)[:200]}). {advice}") from None
+        raise ILQError(f"{what} ({type(e).__name__}: {e}). {advice}") from None
 
 
 class Interrupted(BaseException):
@@ -1653,8 +1750,9 @@ def validate_arrays(arrays: dict, name: str) -> None:
 
 def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") -> dict:
     """Transitions of a D4RL-format HDF5 file. Without next_observations the successor is obs[i+1], so rows whose
-    successor is unknown (timeouts, a final row that is not terminal) are dropped, unlike D4RL's qlearning_dataset,
-    which invents successors across episode boundaries. advice: what to do with a damaged file."""
+    successor is unknown (timeouts, a final row that is not terminal) are dropped, as D4RL's qlearning_dataset drops
+    timeouts (for a file without `timeouts` it guesses them from the env's time limit). advice: what to do with a
+    damaged file."""
     import h5py
 
     keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
@@ -1702,6 +1800,8 @@ def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") 
             f"'{path}' is not a usable D4RL-format file: its arrays have shapes {shapes}, but they must be 2-D (transitions "
             f"x features), non-empty, with next_observations shaped like observations. {advice}"
         )
+    if flags := [k for k in ("terminals", "timeouts") if k in raw and not np.isin(raw[k], (0, 1)).all()]:
+        raise ILQError(f"'{path}' is not a usable D4RL-format file: {flags} must hold 0/1 (or booleans) only. {advice}")
     obs, terminals = raw["observations"].astype(np.float32), raw["terminals"].reshape(-1).astype(bool)
     timeouts = raw.get("timeouts", np.zeros(n)).reshape(-1).astype(bool)
     keep, next_obs = np.ones(n, bool), raw.get("next_observations", obs).astype(np.float32)
@@ -2013,17 +2113,33 @@ D4RL_PEN_STEPS = 100  # pen-v0/v1's time limit (its drop rule: D4RL_PEN_DROP_Z, 
 
 
 class EvalEnv(NamedTuple):
-    """An evaluation env: its name, a maker of one env (make(render_mode="rgb_array") for videos), and how it differs
-    from the data's env ("" if it does not)."""
+    """An evaluation env: its name, a maker of one env (make(render_mode="rgb_array") for videos), how it differs
+    from the data's env ("" if it does not), and what rebuilds it from a run's record (eval_env_from)."""
 
     id: str
     make: Any
     note: str = ""
+    spec: Any = None  # {"d4rl": task} or {"gym": an env id or an EnvSpec's JSON}
 
 
 def gym_env(spec) -> EvalEnv:
     """A registered Gymnasium env (an id or an EnvSpec) as an EvalEnv."""
-    return EvalEnv(spec if isinstance(spec, str) else spec.id, partial(gym.make, spec))
+    if isinstance(spec, str):
+        return EvalEnv(spec, partial(gym.make, spec), spec=dict(gym=spec))
+    try:  # an EnvSpec whose arguments JSON cannot hold is rebuilt from its id
+        record = spec.to_json()
+    except Exception:
+        record = spec.id
+    return EvalEnv(spec.id, partial(gym.make, spec), spec=dict(gym=record))
+
+
+def eval_env_from(evaluation: dict) -> EvalEnv:
+    """The evaluation env of a run's record (its evaluation.env_spec), with the note it was recorded with."""
+    spec = evaluation["env_spec"]
+    if "d4rl" in spec:
+        return d4rl_eval_env(spec["d4rl"])._replace(note=evaluation["env_note"])
+    made = gym.envs.registration.EnvSpec.from_json(spec["gym"]) if spec["gym"].startswith("{") else spec["gym"]
+    return gym_env(made)._replace(note=evaluation["env_note"])
 
 
 def _robotics() -> None:
@@ -2183,16 +2299,16 @@ def d4rl_eval_env(task: str) -> EvalEnv:
         note = f"{env_id} with -v2 masses on {mujoco} (capsule masses and inertias as MuJoCo < 2.1.2 computed them), "
         note += f"actions clipped to [-1, 1]; the data came from gym's {env_id[:-1]}2 on mujoco-py: same MJCF, "
         note += "observation, reward, termination and reset noise, another simulator version"
-        return EvalEnv(env_id, partial(make_d4rl_locomotion, family), note)
+        return EvalEnv(env_id, partial(make_d4rl_locomotion, family), note, dict(d4rl=task))
     if family == "maze2d":
         maze, dense = task.split("-")[1], task.endswith("-dense")
         gym_id, steps = D4RL_MAZE2D[maze]["gym_id"] + ("Dense" if dense else ""), D4RL_MAZE2D[maze]["max_episode_steps"]
         note = f"D4RL's {task}-v1 (frame, [qpos, qvel] observation, goal cell, reward, start distribution, {steps} steps) "
         note += f"on Gymnasium-Robotics' {gym_id}-v3 physics ({mujoco}; D4RL: mujoco-py, walls 0.2 lower, same contacts)"
-        return EvalEnv(f"D4RL-{task}", partial(make_d4rl_maze2d, maze, dense), note)
+        return EvalEnv(f"D4RL-{task}", partial(make_d4rl_maze2d, maze, dense), note, dict(d4rl=task))
     note = f"AdroitHandPen-v1 with D4RL's episode end (pen z < {D4RL_PEN_DROP_Z}) and {D4RL_PEN_STEPS} steps; data: D4RL's "
     note += f"PenEnvV0 on mujoco-py, same MJCF, observation and reward ({mujoco})"
-    return EvalEnv(f"D4RL-{task}", make_d4rl_pen, note)
+    return EvalEnv(f"D4RL-{task}", make_d4rl_pen, note, dict(d4rl=task))
 
 
 def make_env(info: DatasetInfo, num_envs: int = 1):
@@ -2250,13 +2366,19 @@ def _atomic_write(path: str, payload: bytes) -> None:
         raise
 
 
+MODEL_KINDS = {  # kind -> its --*-path flag, the flag and unit of its training length, the metric a reader checks
+    "dynamics": ("dynamics_path", "dynamics_epochs", "epochs", "holdout_mse_elites"),
+    "behavior": ("behavior_path", "diffusion_steps", "steps", "final_loss"),
+}
+
+
 def model_settings(args: Args, kind: str) -> dict:
     """The settings that define a model, named as train_dynamics / train_diffusion take them (its training length is
-    recorded, not part of the cache key)."""
+    recorded, not part of the cache key: a model trained longer serves a shorter request)."""
     if kind == "dynamics":
         sizes = dict(members=args.dynamics_members, elites=args.dynamics_elites, hidden=args.dynamics_hidden)
         return dict(sizes, layers=args.dynamics_layers, lr=args.dynamics_lr, seed=args.pretrain_seed)
-    return dict(k=args.diffusion_k, hidden=256, lr=args.diffusion_lr, seed=args.pretrain_seed)
+    return dict(K=args.diffusion_k, hidden=256, lr=args.diffusion_lr, seed=args.pretrain_seed)
 
 
 def artifact_path(args: Args, info: DatasetInfo, kind: str) -> str:
@@ -2266,25 +2388,30 @@ def artifact_path(args: Args, info: DatasetInfo, kind: str) -> str:
     )
 
 
-def save_artifact(path: str, kind: str, model, side: dict) -> None:
-    """A trained model and its sidecar (what a reader needs without loading the model, and the SHA-256 of both, which
-    load_artifact checks). A read-only or full cache costs a warning: the run goes on with the model in memory."""
-    payload, side = flax.serialization.to_bytes(model), dict(side, versions=package_versions())
+def describe_model(side: dict) -> str:
+    """A model's own settings and training, from its sidecar (what a run records as trained on)."""
+    metric = MODEL_KINDS[side["kind"]][3]
+    config = ", ".join(f"{k} {v}" for k, v in side["config"].items() if k != "lr")
+    return f"{config}; trained {side['trained']} {MODEL_KINDS[side['kind']][2]}; {metric} {side['metrics'][metric]:.4f}"
+
+
+def write_model(path: str, model, side: dict) -> dict:
+    """A model and its sidecar (what a reader needs without loading the model, and the SHA-256 of both, which
+    load_artifact checks), each written whole or not at all; returns the sidecar."""
+    payload = flax.serialization.to_bytes(model)
+    side = {k: v for k, v in side.items() if k != "sidecar_sha256"} | dict(versions=package_versions())
     side["msgpack_sha256"] = sha256(payload)
     side["sidecar_sha256"] = sha256(json.dumps(side, sort_keys=True).encode())  # of everything above it
-    try:
-        _atomic_write(path, payload)
-        _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(side, indent=2).encode())
-    except OSError as e:
-        print(f"[models] warning: could not cache the {kind} model in {path} ({e.strerror or e}); it is used from memory")
+    _atomic_write(path, payload)
+    _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(side, indent=2).encode())
+    return side
 
 
-def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
-    """A saved model, refused when made for another dataset, with other shapes, or damaged. given: the user named the
-    file (then it is never called a file to delete)."""
-    side_path = os.path.splitext(path)[0] + ".json"
+def load_artifact(path: str, kind: str, info: DatasetInfo, advice: Optional[str] = None):
+    """A saved model and its sidecar, refused when made for another dataset, with other shapes, or damaged. advice:
+    what to do with a damaged one (None: a cache entry's; a file the user named is never called a file to delete)."""
+    side_path, advice = os.path.splitext(path)[0] + ".json", advice or "Delete both and pretrain again."
     redo = f"`python pretrain_models.py --env-id {info.name}`"
-    advice = f"Pass an intact model or drop --{kind}-path." if given else "Delete both and pretrain again."
     if not (os.path.exists(path) and os.path.exists(side_path)):
         raise ILQError(
             f"No {kind} model at '{path}' (both the .msgpack and its .json sidecar are needed). Train one with {redo} "
@@ -2296,10 +2423,6 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
         written = {k: v for k, v in side.items() if k != "sidecar_sha256"}
         if sha256(json.dumps(written, sort_keys=True).encode()) != side["sidecar_sha256"]:
             raise ValueError("it was changed since it was written: its content does not match its sidecar_sha256")
-        if side.get("kind") in MODEL_KINDS:  # what the cache reads: the training length and the reported metric
-            metric = side["metrics"][MODEL_KINDS[side["kind"]][3]]
-            if not (isinstance(side["trained"], int) and isinstance(metric, (int, float))):
-                raise ValueError(f"trained {side['trained']!r}, {MODEL_KINDS[side['kind']][3]} {metric!r}")
     if side.get("kind") != kind:
         raise ILQError(f"'{path}' holds a {side.get('kind')} model, not a {kind} model.")
     made = ds.get("name"), ds.get("obs_dim"), ds.get("act_dim"), str(ds.get("fingerprint"))
@@ -2312,8 +2435,8 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
     # structure and shapes from the training code's own constructor, traced by eval_shape (nothing is computed)
     config.pop("lr", None)
     init = partial(init_dynamics, family=info.family) if kind == "dynamics" else init_behavior
-    template = jax.eval_shape(partial(init, info.obs_dim, info.act_dim, **config))
     with errors_as(f"'{path}' does not match its sidecar's architecture or is damaged", advice):
+        template = jax.eval_shape(partial(init, info.obs_dim, info.act_dim, **config))
         raw = open(path, "rb").read()
         if sha256(raw) != side["msgpack_sha256"]:
             raise ValueError("its bytes do not match the msgpack_sha256 its sidecar records")
@@ -2321,6 +2444,57 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, given: bool = False):
         if [x.shape for x in jax.tree_util.tree_leaves(model)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
             raise ValueError("its arrays have other shapes than the sidecar's architecture")
     return model, side
+
+
+def load_or_pretrain(args: Args, data: Transitions, info: DatasetInfo, force=False, stop=None, curves=None) -> tuple:
+    """Algorithm 1, lines 2-3: (model, sidecar, path) of the frozen dynamics and behaviour models (load_or_train).
+    stop(), if given, runs between pretraining's jitted calls (a pending signal ends it there); curves, a list, gets
+    the pretraining curves (tag, value, step)."""
+    return tuple(load_or_train(kind, args, data, info, force, stop, curves) for kind in MODEL_KINDS)
+
+
+def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, force=False, stop=None, curves=None):
+    """One frozen model, its sidecar and its file: its --*-path, else the cache when a model trained at least as long
+    as asked is there (a damaged cache entry is retrained), else trained now and cached (a read-only or full cache
+    costs a warning: the model is used from memory). A diverged model is never cached."""
+    path_flag, length_flag, unit, metric = MODEL_KINDS[kind]
+    given, wanted = getattr(args, path_flag), getattr(args, length_flag)
+    path = given or artifact_path(args, info, kind)
+    if given or (os.path.exists(path) and not force):
+        try:
+            model, side = load_artifact(
+                path, kind, info, f"Pass an intact model or drop {flag(path_flag)}." if given else None
+            )
+            if given or side["trained"] >= wanted:
+                print(f"[models] {kind}: loaded {path} ({describe_model(side)})")
+                return model, side, path
+        except (ILQError, KeyError, TypeError):  # a damaged cache entry, or one of another version, is trained again
+            if given:
+                raise
+    print(f"[models] {kind}: training ({wanted} {unit}) -> {path}")
+    config, progress = model_settings(args, kind), PretrainProgress(kind, stop, curves)
+    if kind == "dynamics":  # the sidecar repeats what a reader needs without loading the msgpack
+        model, metrics = train_dynamics(data, info.family, epochs=wanted, callback=progress, **config)
+        state = {k: np.asarray(getattr(model, k)).tolist() for k in ("input_mean", "input_std", "elites")}
+    else:
+        model, metrics = train_diffusion(data, steps=wanted, callback=progress, **config)
+        state = dict(schedule={k: np.asarray(v).tolist() for k, v in vp_schedule(model.K).items()})
+    numbers = [np.asarray(v, np.float64) for v in metrics.values()] + jax.tree_util.tree_leaves(model)
+    if not all(np.isfinite(x).all() for x in numbers):
+        lr = "dynamics_lr" if kind == "dynamics" else "diffusion_lr"
+        raise ILQError(
+            f"The {kind} model's training diverged ({metric} {metrics[metric]}: not finite); it was not cached. Lower "
+            f"{flag(lr)} ({getattr(args, lr)}; the paper's is {ModelFlags.__dataclass_fields__[lr].default}) and run again."
+        )
+    dataset = dict(name=info.name, fingerprint=info.fingerprint, obs_dim=info.obs_dim, act_dim=info.act_dim)
+    side = dict(kind=kind, config=config, trained=wanted, metrics=metrics, **state, family=info.family)
+    side.update(dataset=dict(dataset, transitions=int(data.rewards.shape[0])), created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    try:
+        side = write_model(path, model, side)
+    except OSError as e:
+        print(f"[models] warning: could not cache the {kind} model in {path} ({e.strerror or e}); it is used from memory")
+    print(f"[models] {kind}: {describe_model(side)}")
+    return model, side, path
 
 
 # ----------------------------------------------------------------------------------------------------------- run files
@@ -2331,13 +2505,22 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def invocation() -> dict:
+    """This command as a run records it: its command line, the git commit of this file (when in a repository), the time."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return dict(command=" ".join(["python", *sys.argv]), git_commit=git, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
 def remove_if_never_trained(run_dir: str) -> None:
-    """A new run folder without a checkpoint never started training (stopped or failed while pretraining): it goes,
-    and its parent with it when that is left empty."""
+    """A new run folder without a checkpoint never started training (stopped or failed while pretraining): it goes;
+    nothing outside it is touched."""
     if not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
         shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(run_dir) or ".")
 
 
 def lock_run_folder(run_dir: str):
@@ -2353,44 +2536,38 @@ def lock_run_folder(run_dir: str):
     return handle
 
 
-RESUME_MAY_SET = ("resume", "stop_after", "time_box_min", "eval_workers")  # they change no learner
-
-
-def refuse_flags_with_resume(flags: list) -> None:
-    """--resume continues a run with its saved settings: only --stop-after, --time-box-min and --eval-workers may come
-    with it."""
-    if flags := [f for f in flags if f not in map(flag, RESUME_MAY_SET)]:
-        raise ILQError(
-            f"--resume continues a run with its saved settings; drop {', '.join(flags)} (to train longer, start a new "
-            "run with a larger --total-steps)."
-        )
+def of_type(value, hint) -> bool:
+    """Whether a value read back from JSON has the type of a flag's annotation (a bool is no int; an int is a float)."""
+    origin, options = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in options
+    if origin is typing.Union:
+        return any(of_type(value, option) for option in options)
+    if hint is bool or isinstance(value, bool):
+        return hint is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if hint is float else hint)
 
 
 def resume_args(args: Args) -> Args:
-    """The saved settings of the run in --resume; refused when other flags are set or the saved file lacks a setting
-    of this version or has one it does not know."""
-    refuse_flags_with_resume([flag(f.name) for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default])
+    """The saved settings of the run in --resume, each checked against its flag's type; refused when other flags are
+    set or the saved file lacks a setting of this version or has one it does not know."""
+    fields = dataclasses.fields(Args)
+    refuse_flags("resume", [flag(f.name) for f in fields if getattr(args, f.name) != f.default])
     saved = _read_run_file(args.resume, "args.json", "no run of ilq_jax.py")
-    names, where = (
-        [f.name for f in dataclasses.fields(Args)],
-        f"--resume {args.resume}: {os.path.join(args.resume, 'args.json')}",
-    )
+    where = f"--resume {args.resume}: {os.path.join(args.resume, 'args.json')}"
     what = f"a JSON {type(saved).__name__}, not an object of settings"
     if isinstance(saved, dict):
-        problems = dict(missing=[flag(k) for k in names if k not in saved], unknown=[k for k in saved if k not in names])
-        defaults = dataclasses.asdict(resolve_args(Args()))  # a value of another type than the default's (None: any)
-        kinds = lambda d: object if d is None else (int, float) if isinstance(d, float) else type(d)  # noqa: E731
-        problems["mistyped"] = [f"{flag(k)} = {v!r}" for k, v in saved.items() if not isinstance(v, kinds(defaults.get(k, v)))]
+        hints = typing.get_type_hints(Args)
+        problems = dict(missing=[flag(f.name) for f in fields if f.name not in saved])
+        problems["unknown"] = [k for k in saved if k not in {f.name for f in fields}]
+        problems["mistyped"] = [f"{flag(k)} = {v!r}" for k, v in saved.items() if k in hints and not of_type(v, hints[k])]
         what = "; ".join(f"{problem} {', '.join(keys)}" for problem, keys in problems.items() if keys)
     if what:
         raise ILQError(
             f"{where} does not hold this version's settings ({what}). It was written by another version of ilq_jax.py "
             "or edited; start a new run (nothing was changed in the run folder)."
         )
-    summary = os.path.join(args.resume, "summary.json")  # a time-boxed run has one too, and goes on
-    if os.path.exists(summary) and _read_run_file(args.resume, "summary.json", "")["updates"] >= saved["total_steps"]:
-        raise ILQError(f"--resume {args.resume}: the run has finished; its results are in {summary}.")
-    given = {k: getattr(args, k) for k in RESUME_MAY_SET if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("resume", *MAY_ADD["resume"]) if getattr(args, k) is not None}
     return dataclasses.replace(Args(**saved), **{"stop_after": None, "time_box_min": None, **given})
 
 
@@ -2398,8 +2575,8 @@ def _read_run_file(run_dir: str, name: str, what: str):
     """A file of a run folder, or one clear error naming it (never a traceback, never a deletion)."""
     path = os.path.join(run_dir, name)
     if not os.path.exists(path):
-        raise ILQError(f"--resume {run_dir}: {path} is missing, so there is {what} to continue.")
-    with errors_as(f"--resume {run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
+        raise ILQError(f"{run_dir}: {path} is missing, so there is {what} to continue or evaluate.")
+    with errors_as(f"{run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
         raw = open(path, "rb").read()
         return raw if name.endswith(".msgpack") else json.loads(raw)
 
@@ -2407,7 +2584,7 @@ def _read_run_file(run_dir: str, name: str, what: str):
 CHECKPOINT = "checkpoint.msgpack"
 
 
-def save_checkpoint(run_dir: str, state: TrainState, progress: dict) -> None:
+def save_checkpoint(run_dir: str, state: ILQState, progress: dict) -> None:
     """The run's one checkpoint: every learner's train state and the progress record in one file with the state's
     SHA-256, written by rename, so the previous checkpoint stays whole until the new one is (a full disk, kill -9)."""
     state_bytes = flax.serialization.to_bytes(jax.device_get(state))
@@ -2420,18 +2597,29 @@ def read_checkpoint(run_dir: str) -> tuple[dict, bytes]:
     """(progress record, state bytes) of a run's checkpoint, refused unless whole: its state matches its SHA-256."""
     path = os.path.join(run_dir, CHECKPOINT)
     raw = _read_run_file(run_dir, CHECKPOINT, "no checkpoint")
-    with errors_as(f"--resume {run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
+    with errors_as(f"{run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
         record = flax.serialization.msgpack_restore(raw)
         progress, state_bytes = json.loads(record["progress"]), record["state"]
         if sha256(state_bytes) != record["sha256"]:
             raise ValueError("its train state does not match its SHA-256")
         if not (isinstance(progress, dict) and set(new_progress()) <= set(progress)):
-            raise ValueError(f"its progress record lacks {sorted(set(new_progress()) - set(progress))}")
+            raise ValueError(f"its progress record lacks {sorted(set(new_progress()) - set(progress))} (another version?)")
     return progress, state_bytes
 
 
+def load_checkpoint(run_dir: str, template: ILQState) -> tuple[ILQState, dict]:
+    """The train state (shaped like template) and progress record of a run's checkpoint."""
+    progress, state_bytes = read_checkpoint(run_dir)
+    path = os.path.join(run_dir, CHECKPOINT)
+    with errors_as(f"{run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
+        state = flax.serialization.from_bytes(template, state_bytes)
+        if [x.shape for x in jax.tree_util.tree_leaves(state)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
+            raise ValueError("its arrays have other shapes than this run's networks")
+    return state, progress
+
+
 def same_inputs(run_dir: str, saved: dict, inputs: dict) -> None:
-    """--resume trains on what the run started with: refused when the dataset or a model changed since."""
+    """--resume trains on what the run started with: refused when the dataset changed since."""
     if changed := [k for k, v in inputs.items() if saved.get(k) != v]:
         was = "; ".join(f"{k} {saved.get(k)} then, {inputs[k]} now" for k in changed)
         raise ILQError(
@@ -2440,15 +2628,40 @@ def same_inputs(run_dir: str, saved: dict, inputs: dict) -> None:
         )
 
 
-def load_checkpoint(run_dir: str, template: TrainState) -> tuple[TrainState, dict]:
-    """The train state (shaped like template) and progress record of --resume."""
-    progress, state_bytes = read_checkpoint(run_dir)
-    path = os.path.join(run_dir, CHECKPOINT)
-    with errors_as(f"--resume {run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
-        state = flax.serialization.from_bytes(template, state_bytes)
-        if [x.shape for x in jax.tree_util.tree_leaves(state)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
-            raise ValueError("its arrays have other shapes than this run's networks")
-    return state, progress
+def finished_run(args: Args, info: DatasetInfo, methods, seeds, run_dir: str, progress: dict, state_bytes: int) -> dict:
+    """--resume of a run whose checkpoint holds every update: refused while its summary.json is whole; a missing or
+    damaged summary (it is only a record) is written again from the checkpoint."""
+    if progress["updates"] > args.total_steps:
+        raise ILQError(
+            f"--resume {run_dir}: its args.json asks for {args.total_steps} updates, fewer than the {progress['updates']} "
+            "its checkpoint has done (edited?); nothing was changed in the run folder."
+        )
+    path = os.path.join(run_dir, "summary.json")
+    try:
+        json.load(open(path))["updates"]
+    except Exception as e:
+        print(f"[ilq] the run has finished; its summary.json could not be read ({type(e).__name__}): written again")
+        return write_summary(args, info, methods, seeds, run_dir, progress, state_bytes)
+    raise ILQError(
+        f"--resume {run_dir}: the run has finished; its results are in {path}. To evaluate its policies again: python "
+        f"ilq_jax.py --evaluate {run_dir} --eval-episodes N."
+    )
+
+
+def read_run(run_dir: str, eval_env_id: Optional[str] = None):
+    """A run folder's learners from its checkpoint (finished or stopped), refused in one paragraph unless it is a
+    whole run of this version: (ILQConfig, progress record, every learner's state, the DatasetInfo of its record)."""
+    progress, _ = read_checkpoint(run_dir)
+    record = progress["record"]
+    if not {"config", "dataset", "evaluation", "protocol"} <= set(record):
+        raise ILQError(f"{run_dir}: its checkpoint holds no run record of this version of ilq_jax.py.")
+    cfg = ILQConfig(**record["config"])
+    keys = jnp.stack([jax.random.PRNGKey(0)] * len(record["protocol"]["methods"]) * len(record["protocol"]["seeds"]))
+    state, _ = load_checkpoint(run_dir, jax.eval_shape(jax.vmap(partial(init_train_state, cfg)), keys))
+    ds, env = record["dataset"], gym_env(eval_env_id) if eval_env_id else eval_env_from(record["evaluation"])
+    info = DatasetInfo(**{k: ds[k] for k in ("name", "source", "task", "family", "ref_min", "ref_max", "obs_dim", "act_dim")},
+                       eval_env=env, episode_returns=np.zeros(0), fingerprint=ds["fingerprint"])  # fmt: skip
+    return cfg, progress, state, info
 
 
 def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) -> None:
@@ -2461,9 +2674,10 @@ def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) 
         which, offset = np.unravel_index(int(np.argmax(bad)), bad.shape)
         where = f"update {first_update + offset}" + (f" of {learners[which]}" if learners is not None else "")
         advice = "No checkpoint was saved before it."
-        if os.path.exists(os.path.join(run_dir, "checkpoint.json")):
-            advice = f"The last good checkpoint is in {run_dir}; resume with --resume {run_dir} after changing the "
-            advice += "settings that diverged (e.g. a smaller --delta or learning rate)."
+        if os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+            advice = f"The last good checkpoint is in {run_dir} (python ilq_jax.py --evaluate {run_dir} evaluates its "
+            advice += "policies); to train on, start a new run with a smaller --delta or learning rate (--resume would "
+            advice += "repeat the same updates)."
         raise ILQError(f"Non-finite loss or Q value at {where}. {advice}")
 
 
@@ -2516,23 +2730,11 @@ def shard_learners(state: TrainState, frozen: Frozen, run_keys, n_learners: int)
 # ----------------------------------------------------------------- logs: TensorBoard, progress lines; evaluation workers
 
 
-class TensorBoard:
-    """Scalars in TensorBoard's event format, without TensorFlow or torch."""
+def tensorboard_writer(logdir: str):
+    """TensorBoard's own framework-free writer (no TensorFlow or torch): writer.add_scalar(tag, value, step)."""
+    from tensorboard.summary import Writer
 
-    def __init__(self, logdir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self.writer = EventFileWriter(logdir)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
-        self.writer.add_event(Event(wall_time=time.time(), step=int(step), summary=summary))
-
-    def close(self) -> None:
-        self.writer.close()
+    return Writer(logdir)
 
 
 def rate_and_time_left(done: int, total: int, seconds: float, unit: str) -> str:
@@ -2541,136 +2743,110 @@ def rate_and_time_left(done: int, total: int, seconds: float, unit: str) -> str:
 
 
 class PretrainProgress:
-    """Part I's pretraining reports, report(name, value, step), as TensorBoard curves (given `scalar(tag, value, step)`)
-    and console lines: every dynamics epoch and the last diffusion call, and at least every PROGRESS_EVERY_S between.
-    `check()`, if given, runs first: a pending Ctrl-C or SIGTERM stops pretraining there, between two jitted calls."""
+    """Part I's pretraining callback(done, total, metrics) for one model: a console line at every dynamics epoch and
+    the last diffusion call, and at least every PROGRESS_EVERY_S between; the curves (tag, value, step) appended to
+    `curves`; and first stop(), if given: a pending Ctrl-C or SIGTERM ends pretraining there, between jitted calls."""
 
-    SIZES = ("dynamics/epochs", "dynamics/batches", "dynamics/batch", "diffusion/steps")  # reported, but no curves
+    def __init__(self, kind: str, stop=None, curves=None):
+        self.name = {"dynamics": "dynamics", "behavior": "diffusion"}[kind]
+        self.stop, self.curves, self.t0, self.last = stop, curves, time.time(), time.time()
 
-    def __init__(self, scalar=None, check=None):
-        self.scalar, self.check, self.v, self.t0, self.last = scalar, check, {}, {}, time.time()
-
-    def __call__(self, name: str, value: float, step: int) -> None:
-        if self.check:
-            self.check()
-        v, line, due = self.v, None, time.time() - self.last >= PROGRESS_EVERY_S
-        v[name] = value
-        seconds = time.time() - self.t0.setdefault(name.split("/")[0], time.time())
-        if name == "dynamics/batch" and due:  # inside a long epoch
-            batches, epochs = int(v["dynamics/batches"]), int(v["dynamics/epochs"])
-            line = f"[dynamics] epoch {step:3d}/{epochs} | batch {int(value)}/{batches} | "
-            line += rate_and_time_left((step - 1) * batches + value, epochs * batches, seconds, "batches")
-        elif name == "dynamics/holdout_mse_elites":  # the last report of an epoch
-            mse = np.array([v[f"dynamics/holdout_mse_member_{i}"] for i in range(sum("_member_" in k for k in v))])
-            line = f"[dynamics] epoch {step:3d}/{int(v['dynamics/epochs'])} | train loss {v['dynamics/train_loss']:9.4f} | "
-            line += f"holdout MSE per member {np.array2string(mse, precision=4, separator=' ')} | elites {value:.4f} | "
-            line += rate_and_time_left(step, v["dynamics/epochs"], seconds, "epochs")
-        elif name == "diffusion/loss" and (due or step == v["diffusion/steps"]):
-            line = f"[diffusion] step {step:7d}/{int(v['diffusion/steps'])} | loss {value:.4f} | "
-            line += rate_and_time_left(step, v["diffusion/steps"], seconds, "steps")
-        if self.scalar and name not in self.SIZES:
-            self.scalar(name, float(value), step)
-        if line:
-            print(line, flush=True)
-            self.last = time.time()
+    def __call__(self, done: int, total: int, metrics: dict) -> None:
+        if self.stop:
+            self.stop()
+        step = metrics.get("epoch", done)  # the dynamics' curves per epoch, the diffusion's per step
+        scalars = {k: v for k, v in metrics.items() if k not in ("epoch", "elites", "holdout_mse")}
+        scalars.update({f"holdout_mse_member_{i}": v for i, v in enumerate(metrics.get("holdout_mse", []))})
+        if self.curves is not None:
+            self.curves += [(f"{self.name}/{k}", float(v), step) for k, v in scalars.items()]
+        if not ("epoch" in metrics or done == total or time.time() - self.last >= PROGRESS_EVERY_S):
+            return
+        unit, units = ("minibatch", "minibatches") if self.name == "dynamics" else ("step", "steps")
+        line = f"[{self.name}] {unit} {done}/{total}" + (f" | loss {metrics['loss']:.4f}" if "loss" in metrics else "")
+        if "epoch" in metrics:
+            mse = np.array2string(np.asarray(metrics["holdout_mse"]), precision=4, separator=" ")
+            line = f"[dynamics] epoch {step}/{round(total * step / done)} | train loss {metrics['train_loss']:9.4f} | "
+            line += f"holdout MSE per member {mse} | elites {metrics['holdout_mse_elites']:.4f}"
+        print(f"{line} | {rate_and_time_left(done, total, time.time() - self.t0, units)}", flush=True)
+        self.last = time.time()
 
 
-def _evaluation_worker(info, cfg, n_learners, episodes, tasks, results, parent: int) -> None:
-    """A worker process: its own envs and CPU policy; (step, params, seeds) in, (step, returns or an error) out. It ends
-    when its training process is gone, even one killed with kill -9 (then it is no longer this process's parent)."""
+def _evaluation_worker(info, cfg, n_learners: int, episodes: int, conn) -> None:
+    """An evaluation worker process: its own envs and CPU policy; (params, seeds) in through its pipe, returns (or an
+    error) out. It ends when the pipe's other end closes: the evaluator closed, or its training process ended (kill
+    -9 too)."""
+    jax.config.update("jax_platforms", "cpu")  # the workers leave the accelerator to training
     envs, policy = make_env(info, n_learners * episodes), learners_policy(cfg, n_learners, episodes)
-    while os.getppid() == parent:
-        try:
-            task = tasks.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        if task is None:
-            break
-        step, params, seeds = task
-        try:
-            results.put((step, evaluate(envs, policy, params, seeds).reshape(n_learners, episodes)))
-        except Exception as e:  # reported by the training process as one paragraph
-            results.put((step, f"{type(e).__name__}: {str(e)[:300]}"))
-    envs.close()
+    with contextlib.suppress(EOFError, OSError), contextlib.closing(envs):
+        while True:
+            params, seeds = conn.recv()
+            try:
+                conn.send(evaluate(envs, policy, params, seeds).reshape(n_learners, episodes))
+            except Exception as e:  # reported by the training process as one paragraph
+                conn.send(f"{type(e).__name__}: {e}")
 
 
 class Evaluator:
     """Evaluations of parameter snapshots: in the training loop (workers = 0) or in worker processes while training
-    goes on. Either way the same envs, start seeds and deterministic policy, so the same returns; results come
-    back in the order they were asked for."""
+    goes on; either way the same envs, start seeds and deterministic policy, so the same returns; results come back in
+    the order they were asked for. Each worker has its own pipe (no queue, so no semaphore that a killed resource
+    tracker would leave unaccounted for), and a dead worker is seen at once (its pipe ends)."""
 
-    def __init__(
-        self, info: DatasetInfo, cfg: ILQConfig, n_learners: int, episodes: int, workers: int, run_dir="runs/<run-name>"
-    ):
-        self.shape, self.pending, self.done, self.run_dir = (n_learners, episodes), [], {}, run_dir
+    def __init__(self, info: DatasetInfo, cfg: ILQConfig, n_learners: int, episodes: int, workers: int, run_dir="runs/RUN"):
+        self.shape, self.pending, self.run_dir, self.workers, self.sent = (n_learners, episodes), [], run_dir, [], 0
         if workers == 0:
             self.envs, self.policy = make_env(info, n_learners * episodes), learners_policy(cfg, n_learners, episodes)
-            return
-        import multiprocessing as mp
-
-        ctx, old = mp.get_context("spawn"), os.environ.get("JAX_PLATFORMS")
-        self.tasks, self.results = ctx.Queue(), ctx.Queue()
-        os.environ["JAX_PLATFORMS"] = "cpu"  # the workers leave the accelerator to training
-        try:
-            self.procs = [
-                ctx.Process(
-                    target=_evaluation_worker,
-                    args=(info, cfg, *self.shape, self.tasks, self.results, os.getpid()),
-                    daemon=True,
-                )
-                for _ in range(workers)
-            ]
-            for p in self.procs:
-                p.start()
-        finally:
-            os.environ.pop("JAX_PLATFORMS") if old is None else os.environ.update(JAX_PLATFORMS=old)
+        ctx = multiprocessing.get_context("spawn")  # a forked child would inherit JAX's threads
+        for _ in range(workers):
+            here, there = ctx.Pipe()
+            worker = ctx.Process(target=_evaluation_worker, args=(info, cfg, *self.shape, there), daemon=True)
+            worker.start()
+            there.close()  # only the worker holds that end: its pipe ends with it
+            self.workers.append((worker, here))
 
     def submit(self, step: int, actor_params, seeds: list, extra) -> None:
-        """Evaluate a snapshot of the actors at `step`; `extra` comes back with its result."""
+        """Evaluate a snapshot of the actors at `step` (worker by worker, in turn); `extra` comes back with its result."""
         params = jax.device_get(actor_params)
-        self.pending.append((step, extra))
-        if hasattr(self, "envs"):
-            self.done[step] = evaluate(self.envs, self.policy, params, seeds).reshape(self.shape)
-        else:
-            self.tasks.put((step, params, seeds))
+        if not self.workers:
+            self.pending.append((step, evaluate(self.envs, self.policy, params, seeds).reshape(self.shape), extra))
+            return
+        conn = self.workers[self.sent % len(self.workers)][1]
+        with self.worker_died():
+            conn.send((params, seeds))
+        self.pending.append((step, conn, extra))
+        self.sent += 1
 
     def ready(self, wait: bool = False) -> list:
         """[(step, returns (learners, episodes), extra)] of the finished evaluations, in order; wait: all of them."""
-        while hasattr(self, "procs") and len(self.done) < len(self.pending):
-            if not all(p.is_alive() for p in self.procs):
-                raise ILQError(
-                    "An evaluation worker process died (killed, or out of memory?). The run's last checkpoint holds every "
-                    f"evaluation up to it: continue with `python ilq_jax.py --resume {self.run_dir} --eval-workers 0` "
-                    "(evaluation inside the training process)."
-                )
-            try:
-                step, returns = self.results.get(wait, timeout=1.0)
-            except queue.Empty:
-                if not wait:
-                    break
-                continue
-            if isinstance(returns, str):
-                raise ILQError(f"Evaluation at update {step} failed in a worker process ({returns}).")
-            self.done[step] = returns
         out = []
-        while self.pending and self.pending[0][0] in self.done:
-            step, extra = self.pending.pop(0)
-            out.append((step, self.done.pop(step), extra))
+        while self.pending and (wait or not self.workers or self.pending[0][1].poll()):
+            step, returns, extra = self.pending.pop(0)
+            if self.workers:
+                with self.worker_died():
+                    returns = returns.recv()
+                if isinstance(returns, str):
+                    raise ILQError(f"Evaluation at update {step} failed in a worker process ({returns}).")
+            out.append((step, returns, extra))
         return out
 
+    @contextlib.contextmanager
+    def worker_died(self):
+        try:
+            yield
+        except (EOFError, OSError):  # its pipe ended
+            raise ILQError(
+                "An evaluation worker process died (killed, or out of memory?). The run's last checkpoint holds every "
+                f"evaluation up to it: continue with `python ilq_jax.py --resume {self.run_dir} --eval-workers 0` "
+                "(evaluation inside the training process)."
+            ) from None
+
     def close(self) -> None:
-        if hasattr(self, "envs"):
+        if not self.workers:
             self.envs.close()
-            return
-        for _ in self.procs:
-            self.tasks.put(None)
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-        for q in (self.tasks, self.results):  # snapshots no worker will read must not hold up this process's exit
-            q.cancel_join_thread()
-            q.close()
+        for worker, conn in self.workers:
+            conn.close()  # an idle worker ends at once; one still evaluating is stopped
+            worker.join(timeout=5)
+            worker.terminate()
 
 
 # -------------------------------------------------------------------------------------------------- figures and videos
@@ -2688,9 +2864,10 @@ def optional_output(what: str, advice: str, fn, *args) -> bool:
 
 def plot_curves(summary: dict, path: str) -> dict:
     """The learning curves of a run, from its summary.json, as a PNG: per method the mean over its seeds against
-    updates with a band of +- one std (none for one seed) and the dataset's own mean dashed; beside it Q(data), the
-    mean Q on dataset actions (the over-optimism check of Fig. 10). Normalised scores, or raw returns where the dataset
-    has no reference scores. Returns what it drew: {method: {steps, mean, std, q_mean, q_std}}, over seeds."""
+    updates with a band of +- one sample std (ddof=1; none for one seed) and the dataset's own mean dashed; beside it
+    Q(data), the mean Q on dataset actions since the previous evaluation (the over-optimism check of Fig. 10).
+    Normalised scores, or raw returns where the dataset has no reference scores. Returns what it drew: {method: {steps,
+    mean, std, q_mean, q_std}}, over seeds."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display
 
     normalized, steps, n = summary["dataset_mean_normalized_return"] is not None, summary["eval_steps"], summary["num_seeds"]
@@ -2701,14 +2878,14 @@ def plot_curves(summary: dict, path: str) -> dict:
         scores = [s["normalized_scores"] if normalized else np.mean(s["returns"], -1) for s in result["seeds"]]
         drawn[m] = dict(steps=steps)
         for ax, key, values in ((ax_s, "", scores), (ax_q, "q_", [s["q_data"] for s in result["seeds"]])):
-            mean, std = np.mean(values, 0), np.std(values, 0)
+            mean, std = np.mean(values, 0), np.std(values, 0, ddof=1) if n > 1 else np.zeros(len(steps))
             ax.plot(steps, mean, marker="os^Dv"[color % 5], ms=5, fillstyle="none", color=f"C{color}", label=m)  # may coincide
             if n > 1:
                 ax.fill_between(steps, mean - std, mean + std, color=f"C{color}", alpha=0.2, lw=0)
             drawn[m].update({key + "mean": mean.tolist(), key + "std": std.tolist()})
     dataset = summary["dataset_mean_normalized_return" if normalized else "dataset_mean_return"]
     ax_s.axhline(dataset, color="gray", ls="--", label="dataset mean")
-    spread = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
+    spread = f"mean ± sample std (ddof=1) over {n} seeds" if n > 1 else "1 seed"
     ylabel = f"normalised score ({spread})" if normalized else f"return, no reference scores ({spread})"
     ax_s.set(xlabel="updates", ylabel=ylabel)
     ax_q.set(xlabel="updates", ylabel=f"Q(data) ({spread})", title="Q(data): mean Q on dataset actions (over-optimism)")
@@ -2720,16 +2897,16 @@ def plot_curves(summary: dict, path: str) -> dict:
     return drawn
 
 
-def redraw_curves(argv: list) -> None:
+def redraw_curves(run_dir: str) -> None:
     """python ilq_jax.py --plot runs/<run-name>: the run's curves.png again, from its summary.json."""
-    if len(argv) != 1:
-        raise ILQError("--plot takes one run folder: python ilq_jax.py --plot runs/<run-name>.")
-    path = os.path.join(argv[0], "summary.json")
+    path = os.path.join(run_dir, "summary.json")
     with errors_as(f"Could not read {path}", "--plot takes the folder of a finished run (runs/<run-name>)."):
         summary = json.load(open(path))
-    with errors_as(f"Could not draw {argv[0]}/curves.png", "Install matplotlib (requirements.txt)."):
-        plot_curves(summary, os.path.join(argv[0], "curves.png"))
-    print(f"[ilq] {argv[0]}/curves.png")
+    with errors_as("--plot needs matplotlib", "Install it: pip install -r requirements.txt."):
+        import matplotlib  # noqa: F401
+    with errors_as(f"Could not draw {run_dir}/curves.png from {path}", "It is not a summary.json of this version."):
+        plot_curves(summary, os.path.join(run_dir, "curves.png"))
+    print(f"[ilq] {run_dir}/curves.png")
 
 
 VIDEO_ADVICE = (
@@ -2764,7 +2941,7 @@ class VideoRecorder:
             if env.render() is None:
                 raise ILQError(f"{self.info.eval_env.id} renders no image")
 
-    def __call__(self, index: int, step: int, actor_params, last: bool) -> None:
+    def __call__(self, index: int, step: int, actor_params, last: bool, tag: str = "") -> None:
         """After evaluation `index` (0, 1, ...) at `step`: the videos when due, from every learner's actor_params."""
         if not (self.on and (last or (self.every and (index + 1) % self.every == 0))):
             return
@@ -2772,7 +2949,7 @@ class VideoRecorder:
         for g, m in enumerate(self.methods):
             row = method_rows(g, self.n, len(self.methods)).start  # the method's first seed, copied out of the state
             params = jax.device_get(jax.tree.map(lambda x: x[row], actor_params))
-            path = os.path.join(self.folder, f"{m}-update{step}.mp4")
+            path = os.path.join(self.folder, f"{m}-update{step}{tag}.mp4")
             self.on = optional_output(f"--capture-video: {path} was not made", VIDEO_ADVICE, self.record, path, params, seed)
             if not self.on:
                 return

@@ -6,8 +6,9 @@ dynamics ensemble (Eq. 5) and the diffusion behaviour model (Eq. 6-8).
     python pretrain_models.py --budget cpu                   # the reduced CPU budget of ilq_jax.py
 
 Models land in the cache that ilq_jax.py reads (--model-dir), keyed by dataset fingerprint and model settings;
-ilq_jax.py uses a cached model whenever it was trained at least as long as it asks for. A second run here reuses what
-is cached (--force retrains). Progress goes to the console and to TensorBoard under runs/pretrain__<dataset>__<time>/.
+ilq_jax.py uses a cached model whenever it was trained at least as long as it asks for, and keeps its own copy in each
+run folder (so --force, which retrains and replaces cached models, never changes a run). A second run here reuses what
+is cached. Progress goes to the console and, for what was trained, to TensorBoard under runs/pretrain__<dataset>__<time>/.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ class PretrainFlags(ilq_jax.ModelFlags):
 
     # paper: 3e5 diffusion steps and 40 dynamics epochs (Table 3); cpu: ilq_jax.py's reduced budget (2e4 and 10)
     budget: Literal["cpu", "paper"] = "paper"
-    force: bool = False  # retrain and overwrite cached models
+    force: bool = False  # retrain and replace cached models (runs keep their own copies)
 
 
 @dataclass
@@ -46,12 +47,16 @@ def pretrain(p: PretrainArgs) -> None:
         f"{os.path.expanduser(args.model_dir)}"
     )
     log_dir = os.path.join("runs", f"pretrain__{ilq_jax.slug(args.env_id)}__{int(time.time())}")
-    tb, t0 = ilq_jax.TensorBoard(log_dir), time.time()
+    curves, t0 = [], time.time()
     try:
-        ilq_jax.load_or_pretrain(args, data, info, report=ilq_jax.PretrainProgress(tb.scalar), force=p.force)
-    finally:
-        tb.close()
-    print(f"[models] done in {time.time() - t0:.1f}s; TensorBoard logs in {log_dir}")
+        ilq_jax.load_or_pretrain(args, data, info, force=p.force, curves=curves)
+    finally:  # the curves of what was trained, even when a signal ended the rest
+        if curves:
+            tb = ilq_jax.tensorboard_writer(log_dir)
+            for tag, value, step in curves:
+                tb.add_scalar(tag, value, step)
+            tb.close()
+    print(f"[models] done in {time.time() - t0:.1f}s" + (f"; TensorBoard logs in {log_dir}" if curves else ""))
 
 
 def main(argv=None) -> None:

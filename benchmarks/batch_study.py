@@ -1,11 +1,11 @@
-"""The paper's protocol batch (3 methods x S seeds as one program, `ilq_jax.make_update_fn(cfg, batched=True,
-methods=..., sample_chunk=10)`) up close, after speed.py's table (`speed.py --protocol-seeds S --batch-study`; the GPU
+"""The paper's protocol batch (3 methods x S seeds as one program, `ilq_jax.make_learners_update(cfg, methods,
+sample_chunk=10)`) up close, after speed.py's table (`speed.py --protocol-seeds S --batch-study`; the GPU
 command runs it, and its CPU rehearsal in CI):
 
 1. Scaling: N learners = N seeds of ILQ alone in the same batch program (`methods=("ilq",)`, sample chunk 10), N in
    --scaling (the GPU command: 1, 3, 5, 15).
 2. Variants of the protocol batch, one change each against the baseline (fresh behaviour samples, sample chunk 10,
-   float32 models, JAX's default matmul precision, XLA's default flags): --bf16-models (ilq_jax.low_precision),
+   float32 models, JAX's default matmul precision, XLA's default flags): --bf16-models (the models' dtype),
    sample chunk 1 and 50, `jax_default_matmul_precision="highest"` and, each in a process of its own (XLA reads its
    flags once, when JAX starts), XLA:GPU command buffers off / extended to loops and GEMM autotuning off. Each row
    says whether it changes the maths, with the largest absolute difference against the baseline after one call from
@@ -72,7 +72,7 @@ def variants(seeds: int, scaling) -> tuple:
     inproc = (
         Variant(
             "bf16-models",
-            "`--bf16-models`: frozen dynamics and behaviour models in bfloat16 (`ilq_jax.low_precision`)",
+            "`--bf16-models`: frozen dynamics and behaviour models computing in bfloat16 (their `dtype`)",
             "changes the maths: the models' weights and activations in bfloat16",
             bf16=True,
         ),
@@ -126,15 +126,16 @@ def learners_of(v: Variant) -> int:
 def frozen_for(v: Variant, frozen):
     if not v.bf16:
         return frozen
-    return frozen._replace(dynamics=ilq.low_precision(frozen.dynamics), behavior=ilq.low_precision(frozen.behavior))
+    bf16 = dict(dtype=jax.numpy.bfloat16)  # as ilq_jax.pretrained_models sets it for --bf16-models
+    return frozen._replace(dynamics=frozen.dynamics.replace(**bf16), behavior=frozen.behavior.replace(**bf16))
 
 
 def lower(v: Variant, cfg, frozen, key, per_call: int):
     """The variant's program for one call of per_call updates, lowered (traced) here, to be compiled anywhere."""
-    update = ilq.make_update_fn(cfg, batched=True, methods=v.methods, sample_chunk=v.chunk)
+    update = ilq.make_learners_update(cfg, v.methods, sample_chunk=v.chunk)
     state, keys = speed.learner_inputs(cfg, key, learners_of(v), per_call)
     with jax.default_matmul_precision(v.precision) if v.precision else contextlib.nullcontext():
-        return update.lower(state, frozen_for(v, frozen), keys)
+        return update.lower(state, frozen_for(v, frozen), None, keys)
 
 
 def timed_compile(lowered) -> tuple:
@@ -147,8 +148,8 @@ def timed_compile(lowered) -> tuple:
 def one_call(compiled, cfg, frozen, key, learners: int, per_call: int):
     """(learners' parameters, metrics) after one call from the fresh state that every timing starts from."""
     state, keys = speed.learner_inputs(cfg, key, learners, per_call)
-    state, metrics = compiled(state, frozen, keys)
-    return jax.device_get((state.actor_params, state.critic_params)), jax.device_get(metrics)
+    state, metrics = compiled(state, frozen, None, keys)
+    return jax.device_get((state.actor.params, state.critic.params)), jax.device_get(metrics)
 
 
 def max_abs_diff(a, b) -> float:
@@ -240,12 +241,12 @@ def summarize_trace(trace, updates: int, device: bool, top: int = 20) -> dict:
 def profile_call(compiled, cfg, frozen, key, learners: int, per_call: int) -> dict:
     """Trace one (warm) call with jax.profiler.trace and summarise the trace's kernels."""
     state, keys = speed.learner_inputs(cfg, key, learners, per_call)
-    state, metrics = compiled(state, frozen, keys)
+    state, metrics = compiled(state, frozen, None, keys)
     jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory(prefix="ilq-trace-") as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             t0 = time.perf_counter()
-            state, metrics = compiled(state, frozen, keys)
+            state, metrics = compiled(state, frozen, None, keys)
             jax.block_until_ready(metrics)
             wall = time.perf_counter() - t0
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".json.gz"))
@@ -334,7 +335,7 @@ def one(a) -> None:
     probe()
     if a.tiny:
         speed.SIZES.update(speed.TINY_SIZES)
-    cfg, frozen, key = speed.build(False)
+    cfg, frozen, key, _ = speed.build(False)
     v = Variant("one", "one", seeds=a.seeds)
     t0 = time.perf_counter()
     compiled = lower(v, cfg, frozen, key, a.per_call).compile()
@@ -352,7 +353,7 @@ def wait_for(evaluator, submitted: int, deadline: float) -> None:
         if done < submitted:
             if time.time() > deadline:
                 raise TimeoutError("not finished within the time box")
-            if not all(p.is_alive() for p in getattr(evaluator, "procs", [])):
+            if not all(p.is_alive() for p, _ in evaluator.workers):
                 raise RuntimeError("an evaluation worker process died")
             time.sleep(0.02)
 
@@ -379,7 +380,7 @@ def evaluation_share(a, learners: int, deadline: float) -> list:
         episode_returns=np.zeros(1),
         fingerprint="speed",
     )
-    actors = speed.learner_inputs(cfg, jax.random.PRNGKey(1), learners, 1)[0].actor_params
+    actors = speed.learner_inputs(cfg, jax.random.PRNGKey(1), learners, 1)[0].actor.params
     rows = []
     for workers in [int(w) for w in a.eval_workers.split(",")]:
         evaluator, index, t0 = ilq.Evaluator(info, cfg, learners, a.eval_episodes, workers), 0, time.time()
@@ -442,7 +443,7 @@ def run(a, baseline: dict, t_start: float) -> dict:
     call_s = per_call / baseline["per_seed"]  # one call of the baseline (the table's rate)
     all_variants = variants(seeds, [int(n) for n in a.scaling.split(",") if n])
     inproc = [v for v in all_variants if not v.xla_flags]
-    cfg, frozen, key = speed.build(False)
+    cfg, frozen, key, _ = speed.build(False)
     out = dict(
         seeds=seeds,
         learners=base_learners,
@@ -571,7 +572,7 @@ def markdown(r: dict, backend: str) -> list:
         "",
         f"### The protocol batch up close ({batch} = {r['learners']} learners in one program)",
         "",
-        f"Baseline: `make_update_fn(cfg, batched=True, methods=(ilq, no-imagination, no-limitation), sample_chunk=10)`, "
+        f"Baseline: `make_learners_update(cfg, (ilq, no-imagination, no-limitation), sample_chunk=10)`, "
         f"{batch}, fresh behaviour samples, float32 models, JAX's default matmul precision, XLA's default flags, "
         f"{per_call} updates per host call ("
         + (

@@ -4,11 +4,11 @@
 
 The dataset's pretrained models are loaded from the model cache (the paper's budget by default; --budget cpu for the
 reduced one: they are trained now if missing). For --batches minibatches at the paper's sizes, the targets of one
-learner are computed twice with the same keys: with the float32 models and with their bfloat16 copies
-(ilq_jax.low_precision). The learner is the one --updates updates of float32 training make from --seed (so that its
-critics are not random). Reported: the imagined state and behaviour actions the models produce, and y_img, y_lmt,
-y_ood (Eq. 18-20): mean and max absolute difference, and the mean difference relative to the spread (std) of the
-float32 values.
+learner are computed twice with the same keys: with the float32 models and with the same models computing in
+bfloat16 (their dtype, as --bf16-models sets it). The learner is the one --updates updates of float32 training make
+from --seed (so that its critics are not random). Reported: the imagined state and behaviour actions the models
+produce, and y_img, y_lmt, y_ood (Eq. 18-20): mean and max absolute difference, and the mean difference relative to
+the spread (std) of the float32 values.
 """
 
 import argparse
@@ -31,12 +31,11 @@ def deviations(cfg, state, frozen, frozen_bf16, keys) -> dict:
     """{quantity: (float32 values, bfloat16 values)} over the minibatches of `keys`, the same draws for both."""
 
     def parts(fr, key):
-        idx, _, k_target, _ = ilq.minibatch_draws(cfg, fr, key)
+        idx, k_beh, k_target, _ = ilq.minibatch_draws(cfg, fr, key)  # as ilq_update draws them
         batch = jax.tree_util.tree_map(lambda x: x[idx], fr.data)
-        t = ilq.ilb_targets(cfg, state, fr, batch, None, k_target)  # draws its behaviour actions with its own key
-        _, _, k_img, _, k_beh = jax.random.split(k_target, 5)  # ilb_targets' keys
-        s_img = ilq.dynamics_step(fr.dynamics, t.s_ood, t.a_ood, k_img)[0]
         a_beh = ilq.diffusion_sample(fr.behavior, batch.observations, k_beh, cfg.num_behavior_samples)
+        t = ilq.ilb_targets(cfg, state, fr, batch, a_beh, k_target)
+        s_img = ilq.dynamics_step(fr.dynamics, t.s_ood, t.a_ood, jax.random.split(k_target, 4)[2])[0]  # ilb_targets' key
         return dict(s_img=s_img, a_beh=a_beh, y_img=t.y_img, y_lmt=t.y_lmt, y_ood=t.y_ood)
 
     run = jax.jit(parts)  # the models as arguments (device arrays), as in training
@@ -64,12 +63,13 @@ def main(argv=None):
     t0 = time.time()
     args = ilq.resolve_args(ilq.Args(env_id=a.dataset, dataset_path=a.dataset_path, budget=a.budget, download=False))
     data, info = ilq.load_dataset(args)
-    dynamics, behavior = ilq.load_or_pretrain(args, data, info)
-    cfg = ilq.learner_config(args, info)
+    (dynamics, _, _), (behavior, _, _) = ilq.load_or_pretrain(args, data, info)
+    behavior = behavior.replace(mish=ilq.mish_one_exp)  # as train() runs it
+    cfg, bf16 = ilq.learner_config(args, info), dict(dtype=jax.numpy.bfloat16)
     frozen = ilq.Frozen(data, dynamics, behavior)
-    frozen_bf16 = ilq.Frozen(data, ilq.low_precision(dynamics), ilq.low_precision(behavior))
+    frozen_bf16 = ilq.Frozen(data, dynamics.replace(**bf16), behavior.replace(**bf16))
     state = ilq.init_train_state(cfg, jax.random.PRNGKey(a.seed))
-    state, _ = ilq.make_update_fn(cfg, sample_chunk=10)(state, frozen, jax.random.split(jax.random.PRNGKey(a.seed), a.updates))
+    state, _ = ilq.make_update_fn(cfg)(state, frozen, jax.random.split(jax.random.PRNGKey(a.seed), a.updates))
     dev = deviations(cfg, state, frozen, frozen_bf16, jax.random.split(jax.random.PRNGKey(a.seed + 1), a.batches))
     lines = [
         f"Machine: {machine()}. Commit {git_commit()}. Command: `{command()}` ({time.time() - t0:.0f} s).",

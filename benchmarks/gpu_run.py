@@ -97,7 +97,9 @@ def main(argv=None):
         shutil.copy(os.path.join(work, name), os.path.join(out, name))
     with tarfile.open(os.path.join(out, "runs.tar.gz"), "w:gz") as tar:
         tar.add(
-            os.path.join(work, "run"), arcname="protocol-run", filter=lambda ti: None if ti.name.endswith(".msgpack") else ti
+            os.path.join(work, "runs", "protocol"),
+            arcname="protocol-run",
+            filter=lambda ti: None if ti.name.endswith(".msgpack") else ti,
         )
     print(f"[gpu] done in {time.time() - t0:.0f}s; wrote {sorted(os.listdir(out))} to {out}")
 

@@ -15,15 +15,14 @@ XLA's optimised program at the real shapes, as a proxy for XLA:GPU (which fuses 
 
 JAX's random numbers are lowered as on a GPU (threefry unrolled; XLA:CPU would run it as a loop).
 
-Kernels and depth come from one compiled call of --chunk updates as train() runs it (the behaviour samples of the
-chunk drawn together; every loop counted by its known trip count), bytes from one update with every lax.scan unrolled
-(XLA's cost analysis counts a loop body once); all per update. Two programs: one ILQ learner, and
-the paper's protocol batch of 3 methods x 5 seeds. A version of ilq_jax.py without --methods runs the 15 learners as
-three processes of 5 vmapped seeds (its kernels add up; its depth is that of the longest).
+Kernels and depth come from one compiled call of --chunk updates as train() runs it (make_learners_update: the behaviour
+samples of the chunk drawn together; every loop counted by its known trip count), bytes from one update with every
+lax.scan unrolled (XLA's cost analysis counts a loop body once); all per update. Two programs: one ILQ learner, and the
+paper's protocol batch of 3 methods x 5 seeds. Versions of ilq_jax.py before make_learners_update (with
+make_update_fn(cfg, batched=True, methods=..., sample_chunk=...)) are measured through that function.
 """
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import re
@@ -114,22 +113,18 @@ def measure(ilq, methods, seeds: int, chunk: int, tiny: bool) -> dict:
 
     if tiny:
         speed.SIZES.update(speed.TINY_SIZES)
-    cfg, frozen, key = speed.build(False)
+    cfg, frozen, key, _ = speed.build(False)
     n = len(methods) * seeds
     state = jax.vmap(lambda k: ilq.init_train_state(cfg, k))(jax.random.split(key, n))
     keys = jax.random.split(key, n * chunk).reshape(n, chunk, -1)
-    batched = "methods" in ilq.make_update_fn.__code__.co_varnames
-    programs = (
-        [(methods, slice(None))] if batched else [((m,), slice(g * seeds, (g + 1) * seeds)) for g, m in enumerate(methods)]
-    )
+    programs = [(methods, slice(None))]
 
     def compiled(ms, block, updates: int, sample_chunk: int):
         sub = jax.tree_util.tree_map(lambda x: x[block], state)
-        if batched:
-            update = ilq.make_update_fn(cfg, batched=True, methods=ms, sample_chunk=sample_chunk)
-        else:  # one process per method, each with its own vmapped seeds
-            flags = dict(imagination=ms[0] != "no-imagination", limitation=ms[0] != "no-limitation")
-            update = ilq.make_update_fn(dataclasses.replace(cfg, **flags), batched=True)
+        if hasattr(ilq, "make_learners_update"):
+            update = ilq.make_learners_update(cfg, ms, sample_chunk)
+            return update.lower(sub, frozen, None, keys[block, :updates]).compile()
+        update = ilq.make_update_fn(cfg, batched=True, methods=ms, sample_chunk=sample_chunk)  # an older ilq_jax.py
         return update.lower(sub, frozen, keys[block, :updates]).compile()
 
     t0, out = time.time(), dict(kernels=0.0, depth=0.0, bytes=0.0)

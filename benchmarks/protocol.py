@@ -43,9 +43,9 @@ REHEARSAL = dict(random_dataset_steps=3000, total_steps=40, updates_per_call=10,
                  num_behavior_samples=3, sample_chunk=2)  # fmt: skip
 
 
-def protocol_args(a, run_dir: str) -> ilq.Args:
+def protocol_args(a, run_name: str) -> ilq.Args:
     if a.rehearse:
-        return ilq.Args(env_id=a.dataset, methods=",".join(METHODS), num_seeds=a.seeds, run_name=run_dir,
+        return ilq.Args(env_id=a.dataset, methods=",".join(METHODS), num_seeds=a.seeds, run_name=run_name,
                         model_dir=a.model_dir, time_box_min=a.minutes, **REHEARSAL)  # fmt: skip
     eval_interval = min(5_000, max(1, a.updates // 12))
     return ilq.Args(
@@ -58,7 +58,7 @@ def protocol_args(a, run_dir: str) -> ilq.Args:
         eval_interval=eval_interval,
         checkpoint_interval=max(eval_interval, a.updates // 4 // eval_interval * eval_interval),
         updates_per_call=min(1_000, eval_interval),
-        run_name=run_dir,
+        run_name=run_name,
         model_dir=a.model_dir,
         time_box_min=a.minutes,
         behavior_bank=a.behavior_bank,
@@ -133,15 +133,18 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.rehearse:
         a.dataset, a.dataset_path, a.seeds = "ilq-local/hopper/random-v0", None, 2
+    a.model_dir = os.path.abspath(os.path.expanduser(a.model_dir))  # the run starts inside --out
+    a.dataset_path = a.dataset_path and os.path.abspath(a.dataset_path)
     t0 = time.time()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
-    run_dir = os.path.join(out, "run")
+    run_dir = os.path.join(out, "runs", "protocol")  # ilq_jax.py's run folder runs/<run-name>, under --out
     if os.path.exists(run_dir):
         sys.exit(f"error: {run_dir} exists: pick another --out (or delete it)")
     cwd = os.getcwd()
     try:
-        summary = ilq.train(protocol_args(a, run_dir))
+        os.chdir(out)
+        summary = ilq.train(protocol_args(a, "protocol"))
     except ilq.ILQError as e:
         sys.exit(f"error: {e}")
     finally:

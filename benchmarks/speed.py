@@ -31,7 +31,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -116,7 +115,8 @@ def build(bank: bool, seed: int = 0):
     cfg = config()
     # the bank's contents do not matter for speed: random actions, not ilq.make_behavior_bank's 100k x M samples
     behavior_bank = jax.random.uniform(k[6], (N, cfg.num_behavior_samples, ACT), minval=-1, maxval=1) if bank else None
-    return cfg, ilq.Frozen(data, dyn, beh, behavior_bank), k[7]
+    beh = beh.replace(mish=ilq.mish_one_exp) if hasattr(ilq, "mish_one_exp") else beh  # as train() runs the model
+    return cfg, ilq.Frozen(data, dyn, beh), k[7], behavior_bank
 
 
 _FLOPS = {}
@@ -133,12 +133,12 @@ def learner_inputs(cfg, key, learners: int, per_call: int):
     return state, jax.random.split(key, learners * per_call).reshape(learners, per_call, -1)
 
 
-def time_calls(compiled, state, frozen, keys, repeats: int) -> float:
+def time_calls(compiled, state, frozen, keys, repeats: int, bank=None) -> float:
     """Median seconds of one call of a compiled update (its state donated and carried from call to call)."""
     holder, work = {"state": state}, keys.shape[0] * keys.shape[1]
 
     def run():
-        holder["state"], metrics = compiled(holder["state"], frozen, keys)
+        holder["state"], metrics = compiled(holder["state"], frozen, bank, keys)
         jax.block_until_ready(metrics)
 
     if work < 100 or repeats < 3:
@@ -153,8 +153,8 @@ def time_calls(compiled, state, frozen, keys, repeats: int) -> float:
 def fused(bank: bool, calls, repeats: int, seeds: int = 1, methods=None) -> dict:
     """updates/s of train()'s compiled update: `seeds` learners vmapped in one jitted lax.scan of `per_call` updates;
     with methods, seeds learners of each (the protocol batch), behaviour samples drawn 10 updates at a time."""
-    cfg, frozen, key = build(bank)
-    update = ilq.make_update_fn(cfg, batched=True, methods=methods, sample_chunk=10 if methods else 1)
+    cfg, frozen, key, behavior_bank = build(bank)
+    update = ilq.make_learners_update(cfg, methods or ("ilq",), sample_chunk=10 if methods else 1)
     learners = seeds * len(methods or [None])
     if bank not in _FLOPS:  # the work of one update does not depend on how many run per call or in parallel
         _FLOPS[bank] = counted_flops(partial(ilq.ilq_update, cfg), ilq.init_train_state(cfg, key), frozen, key)
@@ -165,10 +165,10 @@ def fused(bank: bool, calls, repeats: int, seeds: int = 1, methods=None) -> dict
     for per_call in calls:
         state, keys = learner_inputs(cfg, key, learners, per_call)
         t0 = time.perf_counter()
-        compiled = update.lower(state, frozen, keys).compile()
+        compiled = update.lower(state, frozen, behavior_bank, keys).compile()
         compile_s = time.perf_counter() - t0
         PROGRAMS[(bank, learners, methods, per_call)] = compiled
-        t = time_calls(compiled, state, frozen, keys, repeats)
+        t = time_calls(compiled, state, frozen, keys, repeats, behavior_bank)
         out[per_call] = dict(
             updates_per_s=learners * per_call / t, per_seed=per_call / t, compile_s=compile_s, flops=flops, seeds=learners
         )
@@ -182,35 +182,29 @@ def fused(bank: bool, calls, repeats: int, seeds: int = 1, methods=None) -> dict
 
 def parts(repeats: int) -> dict:
     """Each piece of the update alone at batch 256, jitted on its own (fresh behaviour samples unless named)."""
-    cfg, frozen, key = build(False)
-    cfg_bank, frozen_bank, _ = build(True)
+    cfg, frozen, key, _ = build(False)
+    _, _, _, bank = build(True)
     state = ilq.init_train_state(cfg, key)
     batch = jax.tree_util.tree_map(lambda x: x[:256], frozen.data)
-    obs, act = batch.observations, batch.actions
-    targets = ilq.ilb_targets(cfg, state, frozen, batch, None, key)
-    opt = cfg.optimizer(cfg.critic_lr)
+    obs, act, m = batch.observations, batch.actions, cfg.num_behavior_samples
+    fresh = lambda st, fr, b, k: ilq.ilb_targets(cfg, st, fr, b, ilq.diffusion_sample(fr.behavior, b.observations, k, m), k)  # noqa: E731
+    targets = fresh(state, frozen, batch, key)
 
-    def critic_step(critic_params, opt_state):
-        grads = jax.grad(lambda p: ilq.critic_loss(cfg, p, batch, targets)[0])(critic_params)
-        updates, opt_state = opt.update(grads, opt_state)
-        return optax.apply_updates(critic_params, updates), opt_state
+    def critic_step(critic):
+        return critic.apply_gradients(grads=jax.grad(lambda p: ilq.critic_loss(cfg, p, batch, targets)[0])(critic.params))
 
-    m = cfg.num_behavior_samples
     pieces = {
-        f"behaviour sampling ({256 * m} actions, K={frozen.behavior.k})": (
+        f"behaviour sampling ({256 * m} actions, K={frozen.behavior.K})": (
             partial(ilq.diffusion_sample, frozen.behavior, num_samples=m),
             (obs, key),
         ),
         "dynamics step (7-member ensemble)": (partial(ilq.dynamics_step, frozen.dynamics), (obs, act, key)),
-        "ILB targets (all of Eq. 17-20, fresh samples)": (
-            lambda st, fr, b, k: ilq.ilb_targets(cfg, st, fr, b, None, k),
+        "ILB targets (all of Eq. 17-20, fresh samples)": (fresh, (state, frozen, batch, key)),
+        "ILB targets (all of Eq. 17-20, `--behavior-bank`)": (
+            lambda st, fr, b, k: ilq.ilb_targets(cfg, st, fr, b, bank[:256], k),
             (state, frozen, batch, key),
         ),
-        "ILB targets (all of Eq. 17-20, `--behavior-bank`)": (
-            lambda st, fr, b, k: ilq.ilb_targets(cfg_bank, st, fr, b, fr.bank[:256], k),
-            (state, frozen_bank, batch, key),
-        ),
-        "critic update (Eq. 16, given targets)": (critic_step, (state.critic_params, state.critic_opt_state)),
+        "critic update (Eq. 16, given targets)": (critic_step, (state.critic,)),
         "actor + alpha update (Eq. 21)": (partial(ilq.actor_alpha_update, cfg), (state, obs, key)),
     }
     out = {}
@@ -326,7 +320,7 @@ def main(argv=None):
         f"Measured float32 matmul peak (best of square sizes, {peak['n']}x{peak['n']}): "
         f"**{peak['flops_per_s'] / 1e9:.1f} GFLOP/s**.",
         "",
-        "One learner (train()'s compiled update: `make_update_fn(cfg, batched=True)` with one seed):",
+        'One learner (train()\'s compiled update: `make_learners_update(cfg, ("ilq",))` with one seed):',
         "",
         "| behaviour actions | updates per host call | updates/s | compile s | GFLOP per update (XLA) | "
         "achieved GFLOP/s | utilisation of peak |",

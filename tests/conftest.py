@@ -64,6 +64,21 @@ def tiny_args(tmp_path, **kw):
     return ilq.Args(**{**TINY_RUN, "model_dir": str(tmp_path / "models"), **kw})
 
 
+def with_params(state, actor=None, critic=None, target=None, log_alpha=None):
+    """An ilq.ILQState with some parameters replaced (their Adam states kept): tests plant networks and alpha."""
+    import jax.numpy as jnp
+
+    if actor is not None:
+        state = state.replace(actor=state.actor.replace(params=actor))
+    if critic is not None:
+        state = state.replace(critic=state.critic.replace(params=critic))
+    if target is not None:
+        state = state.replace(critic=state.critic.replace(target_params=target))
+    if log_alpha is not None:
+        state = state.replace(alpha=state.alpha.replace(params=dict(log_alpha=jnp.asarray(log_alpha, jnp.float32))))
+    return state
+
+
 def tiny_config(obs_dim=5, act_dim=2, total_steps=100, **overrides):
     """A small ILQConfig for the tests with random networks: ILQConfig.for_task with settings away from 0 and 1."""
     import ilq_jax as ilq

@@ -46,7 +46,7 @@ def _copy(stopped_run, tmp_path):
 
 
 def test_dataset_path_with_a_non_d4rl_env_id_is_refused():
-    with pytest.raises(ilq.ILQError, match=r"--dataset-path \(x\.hdf5\) is read only for a D4RL name") as e:
+    with pytest.raises(ilq.ILQError, match=r"--dataset-path \(\S*x\.hdf5\) is read only for a D4RL name") as e:
         ilq.resolve_args(ilq.Args(dataset_path="x.hdf5"))
     assert "--env-id 'ilq-local/hopper/random-v0' is none" in str(e.value)
 
@@ -101,7 +101,7 @@ def test_a_huge_num_seeds_is_refused_before_anything_is_allocated(tmp_path, monk
     def never(*a, **k):
         raise AssertionError("pretraining started")
 
-    monkeypatch.setattr(ilq, "load_or_pretrain", never)
+    monkeypatch.setattr(ilq, "load_or_train", never)
     with pytest.raises(ilq.ILQError, match=r"100000 learner\(s\) need about [\d.]+ GiB .* GiB available"):
         ilq.train(_tiny_args(tmp_path, run_name="huge", num_seeds=100_000))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
@@ -183,7 +183,7 @@ def test_ctrl_c_during_pretraining_three_times_exits_130_and_keeps_only_the_trai
         code, out = _signal_on(tmp_path, argv, "[models] behavior: training", signal.SIGINT)
         assert code == 130, f"attempt {attempt}: exit code {code}\n{out[-3000:]}"
         assert "[ilq] interrupted (SIGINT); exit code 130" in out and "Traceback" not in out
-        assert not (tmp_path / "runs").exists()  # no run folder before training starts
+        assert os.listdir(tmp_path / "runs") == []  # no run folder before training starts (runs/ itself stays)
         cached = sorted(os.path.basename(f) for f in _files(tmp_path / "models"))
         assert [f.split("-")[0] for f in cached] == ["dynamics", "dynamics"], cached  # its .msgpack and .json
         assert ("[models] dynamics: loaded" in out) == (attempt > 0)

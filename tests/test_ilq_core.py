@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_training_cli, tiny_config
+from conftest import run_training_cli, tiny_config, with_params
 
 import ilq_jax as ilq
 from benchmarks.tabular_ilb import TabularMDP, ilb_fixed_point, limitation_value, one_step_backup
@@ -160,7 +160,7 @@ def np_diffusion_samples(beh, obs, key, m):
     (VP schedule, x0 clipped to [-1, 1], DDPM posterior, no noise at the last step) written from the formulas.
     Draws: k_init, k_chain = split(key); x_K = normal(k_init, (N*M, act)) with row i*M + m for sample (i, m);
     step keys split(k_chain, K), the i-th for the i-th reverse step."""
-    k = beh.k
+    k = beh.K
     t = np.arange(1, k + 1)
     alphas = np.exp(-0.1 / k - 0.5 * (10.0 - 0.1) * (2 * t - 1) / k**2)
     betas, ac = 1.0 - alphas, np.cumprod(alphas)
@@ -184,33 +184,30 @@ def np_diffusion_samples(beh, obs, key, m):
     return out
 
 
-def reference_targets(cfg, state, frozen, batch, key, behavior_actions=None):
-    """Eq. 17-20 in numpy. OOD row i*N + k belongs to dataset state i (its k-th OOD action)."""
-    k_next, k_ood, k_img, k_img_next, k_beh = jax.random.split(key, 5)
-    T = state.target_critic_params
+def reference_targets(cfg, state, frozen, batch, key, k_beh):
+    """Eq. 17-20 in numpy; the behaviour samples from k_beh. OOD row i*N + k belongs to dataset state i (its k-th OOD
+    action)."""
+    k_next, k_ood, k_img, k_img_next = jax.random.split(key, 4)
+    T = state.critic.target_params
     s, r, d, s2 = (f64(x) for x in (batch.observations, batch.rewards, batch.terminals, batch.next_observations))
-    alpha = float(np.exp(state.log_alpha)) if (cfg.entropy and cfg.target_entropy_bonus) else 0.0
+    alpha = float(np.exp(state.alpha.params["log_alpha"])) if (cfg.entropy and cfg.target_entropy_bonus) else 0.0
     n = cfg.num_ood_actions
     out = {}
 
-    a2, logp2 = np_policy_sample(cfg, state.actor_params, s2, k_next)
+    a2, logp2 = np_policy_sample(cfg, state.actor.params, s2, k_next)
     out["y_in"] = r + cfg.gamma * (1 - d) * (np_twin_q(T, s2, a2).min(0) - alpha * logp2)
 
     s_ood = np.repeat(s, n, axis=0)
-    a_ood, _ = np_policy_sample(cfg, state.actor_params, s_ood, k_ood)
+    a_ood, _ = np_policy_sample(cfg, state.actor.params, s_ood, k_ood)
     out["s_ood"], out["a_ood"] = s_ood, a_ood
     # Eq. 19 with the code's own OOD action (float32) as input: compared separately above (a_ood)
     s_img, r_img, pen, done = np_dynamics_step(frozen.dynamics, s_ood, a_ood, k_img)
-    a_img, logp_img = np_policy_sample(cfg, state.actor_params, s_img, k_img_next)
+    a_img, logp_img = np_policy_sample(cfg, state.actor.params, s_img, k_img_next)
     boot = np_twin_q(T, s_img, a_img).min(0) - alpha * logp_img
     out["y_img"] = r_img - cfg.penalty_coef * pen + cfg.gamma * np.where(done, 0.0, boot)
     out["done_img"], out["boot_img"], out["logp_img"] = done, boot, logp_img
 
-    a_beh = (
-        np_diffusion_samples(frozen.behavior, s, k_beh, cfg.num_behavior_samples)
-        if behavior_actions is None
-        else f64(behavior_actions)
-    )
+    a_beh = np_diffusion_samples(frozen.behavior, s, k_beh, cfg.num_behavior_samples)
     per_state = np.array(
         [np_twin_q(T, np.repeat(s[i : i + 1], cfg.num_behavior_samples, 0), a_beh[i]).max(1).min() for i in range(len(s))]
     )  # per critic the max over the M samples at s_i, then the min
@@ -243,15 +240,8 @@ def draw_params(init, *shapes_of_inputs, seed=0, kernel_scale=1.0):
 
 
 def train_state(cfg, actor_params, critic_params, target_params, log_alpha):
-    return ilq.TrainState(
-        actor_params=actor_params,
-        critic_params=critic_params,
-        target_critic_params=target_params,
-        log_alpha=jnp.asarray(log_alpha, jnp.float32),
-        actor_opt_state=cfg.optimizer(cfg.actor_lr).init(actor_params),
-        critic_opt_state=cfg.optimizer(cfg.critic_lr).init(critic_params),
-        alpha_opt_state=cfg.optimizer(cfg.actor_lr).init(jnp.zeros(())),
-    )
+    state = ilq.init_train_state(cfg, jax.random.PRNGKey(0))  # its Adam states: fresh, as for these parameters
+    return with_params(state, actor=actor_params, critic=critic_params, target=target_params, log_alpha=log_alpha)
 
 
 def make_setup(seed=0, family="hopper", **overrides):
@@ -326,9 +316,10 @@ def test_fused_target_equals_independent_reference_with_continuing_imagined_tran
     """Exact (float32 vs float64): y_in, a_ood, y_img (with its bootstrap on the continuing transitions), y_lmt
     (diffusion samples paired with their own state), y_ood. Sampled: nothing beyond the shared draws."""
     cfg, state, frozen, batch = make_setup(seed=len(family), family=family, **overrides)
-    key = jax.random.PRNGKey(7)
-    fused = fused_targets(cfg, state, frozen, batch, None, key)
-    ref = reference_targets(cfg, state, frozen, batch, key)
+    key, k_beh = jax.random.PRNGKey(7), jax.random.PRNGKey(8)
+    a_beh = ilq.diffusion_sample(frozen.behavior, batch.observations, k_beh, cfg.num_behavior_samples)
+    fused = fused_targets(cfg, state, frozen, batch, a_beh, key)
+    ref = reference_targets(cfg, state, frozen, batch, key, k_beh)
     cont = ~ref["done_img"]
     n_rows = B * cfg.num_ood_actions
     # the bootstrap is exercised: a known share of the imagined transitions continues (neither none nor all)
@@ -340,7 +331,7 @@ def test_fused_target_equals_independent_reference_with_continuing_imagined_tran
     for name in ("y_in", "y_img", "y_lmt", "y_ood"):
         np.testing.assert_allclose(getattr(fused, name), ref[name], rtol=1e-5, atol=5e-5, err_msg=name)
     if cfg.target_entropy_bonus:  # alpha * log pi is inside both bootstraps: without it the reference would differ
-        alpha = float(np.exp(state.log_alpha))
+        alpha = float(np.exp(state.alpha.params["log_alpha"]))
         assert np.abs(cfg.gamma * alpha * ref["logp_img"][cont]).max() > 0.05
 
 
@@ -393,11 +384,11 @@ def test_actor_loss_uses_the_online_critics_and_alpha_log_pi():
     obs = jnp.asarray(np.random.default_rng(1).normal(size=(64, OBS)), jnp.float32)
     key = jax.random.PRNGKey(9)
     new, (loss, logp) = actor_step(cfg, state, obs, key)
-    alpha = float(np.exp(state.log_alpha))
-    a, logp_ref = np_policy_sample(cfg, state.actor_params, obs, key)
+    alpha = float(np.exp(state.alpha.params["log_alpha"]))
+    a, logp_ref = np_policy_sample(cfg, state.actor.params, obs, key)
     np.testing.assert_allclose(logp, logp_ref, rtol=1e-5, atol=1e-4)
-    q_online = np_twin_q(state.critic_params, obs, a).min(0)
-    q_target = np_twin_q(state.target_critic_params, obs, a).min(0)
+    q_online = np_twin_q(state.critic.params, obs, a).min(0)
+    q_target = np_twin_q(state.critic.target_params, obs, a).min(0)
     np.testing.assert_allclose(float(loss), np.mean(alpha * logp_ref - q_online), rtol=1e-5, atol=1e-5)
     assert abs(np.mean(q_online - q_target)) > 0.5  # the target critics would give another number
 
@@ -408,21 +399,20 @@ def test_actor_loss_uses_the_online_critics_and_alpha_log_pi():
         mean, log_std = cfg.actor.apply(p, obs)
         u = mean + jnp.exp(log_std) * noise
         lp = jnp.sum(-0.5 * noise**2 - log_std - 0.5 * jnp.log(2 * jnp.pi) - (2 * jnp.log(2.0) - 2 * jnp.logaddexp(u, -u)), -1)
-        return jnp.mean(alpha * lp - cfg.critic.apply(state.critic_params, obs, jnp.tanh(u)).min(0))
+        return jnp.mean(alpha * lp - cfg.critic.apply(state.critic.params, obs, jnp.tanh(u)).min(0))
 
-    grads = jax.jit(jax.grad(ref_loss))(state.actor_params)
+    grads = jax.jit(jax.grad(ref_loss))(state.actor.params)
     checked = 0
-    for g, w0, w1 in zip(*(jax.tree_util.tree_leaves(t) for t in (grads, state.actor_params, new.actor_params))):
+    for g, w0, w1 in zip(*(jax.tree_util.tree_leaves(t) for t in (grads, state.actor.params, new.actor.params))):
         g, step = np.asarray(g), np.asarray(w1) - np.asarray(w0)
         big = np.abs(g) > 1e-4
         np.testing.assert_allclose(step[big], -cfg.actor_lr * np.sign(g[big]), rtol=1e-3)
         checked += big.sum()
     assert checked > 100
-    np.testing.assert_allclose(
-        float(new.log_alpha - state.log_alpha), cfg.actor_lr * np.sign(np.mean(logp_ref) - ACT), rtol=1e-3
-    )
+    step = new.alpha.params["log_alpha"] - state.alpha.params["log_alpha"]
+    np.testing.assert_allclose(float(step), cfg.actor_lr * np.sign(np.mean(logp_ref) - ACT), rtol=1e-3)
     # the critics are not touched by the actor step
-    for x, y in zip(jax.tree_util.tree_leaves(new.critic_params), jax.tree_util.tree_leaves(state.critic_params)):
+    for x, y in zip(jax.tree_util.tree_leaves(new.critic), jax.tree_util.tree_leaves(state.critic)):
         np.testing.assert_array_equal(x, y)
 
 
@@ -444,14 +434,12 @@ def test_actor_climbs_the_online_critic():
     """With online critics that prefer larger actions (both heads, different slopes) and target critics that prefer
     smaller ones, 40 actor steps move the deterministic action tanh(mean) up in every state and dimension."""
     cfg, state, _, _ = make_setup(seed=6, actor_lr=3e-3, entropy=False)
-    state = state.replace(
-        critic_params=planted_linear_critic(cfg, (2.0, 3.0)), target_critic_params=planted_linear_critic(cfg, (-3.0, -2.0))
-    )
+    state = with_params(state, critic=planted_linear_critic(cfg, (2.0, 3.0)), target=planted_linear_critic(cfg, (-3.0, -2.0)))
     obs = jnp.asarray(np.random.default_rng(2).normal(size=(32, OBS)), jnp.float32)
-    before = np.asarray(ilq.deterministic_action(cfg.actor, state.actor_params, obs))
+    before = np.asarray(ilq.deterministic_action(cfg.actor, state.actor.params, obs))
     for i in range(40):
         state, _ = actor_step(cfg, state, obs, jax.random.PRNGKey(i))
-    after = np.asarray(ilq.deterministic_action(cfg.actor, state.actor_params, obs))
+    after = np.asarray(ilq.deterministic_action(cfg.actor, state.actor.params, obs))
     assert np.all(after > before), (before.mean(), after.mean())
     assert np.mean(after - before) > 0.3, np.mean(after - before)
 
@@ -469,15 +457,15 @@ def test_alpha_rises_below_the_target_entropy_and_falls_above(log_std, entropy_r
     """Entropy estimated independently (numpy log pi of the same draws), then one update: exact direction, first
     Adam step of size actor_lr. Sampled: the entropy estimate (2048 states, s.e. ~0.03), asserted in range first."""
     cfg, state, _, _ = make_setup(seed=8)
-    state = state.replace(actor_params=set_actor_head(state.actor_params, cfg.num_hidden, 0.0, log_std))
+    state = with_params(state, actor=set_actor_head(state.actor.params, cfg.num_hidden, 0.0, log_std))
     obs = jnp.asarray(np.random.default_rng(3).normal(size=(2048, OBS)), jnp.float32)
     key = jax.random.PRNGKey(4)
-    _, logp = np_policy_sample(cfg, state.actor_params, obs, key)
+    _, logp = np_policy_sample(cfg, state.actor.params, obs, key)
     entropy = -logp.mean()
     assert entropy_range[0] < entropy < entropy_range[1], entropy
     new, (_, logp_code) = actor_step(cfg, state, obs, key)
     np.testing.assert_allclose(logp_code, logp, rtol=1e-4, atol=1e-3)
-    step = float(new.log_alpha - state.log_alpha)
+    step = float(new.alpha.params["log_alpha"] - state.alpha.params["log_alpha"])
     np.testing.assert_allclose(step, cfg.actor_lr * (1 if rises else -1), rtol=1e-3)
 
 
@@ -519,11 +507,11 @@ class PointMassEps(nn.Module):
     """The exact noise prediction for a point mass at a0(s): eps = (x - sqrt(abar_k) a0(s)) / sqrt(1 - abar_k);
     the reverse chain then returns a0(s) exactly (x0 = a0(s) at every step, no noise at the last)."""
 
-    k: int
+    K: int
 
     @nn.compact
     def __call__(self, x, t, obs):
-        sch = ilq.vp_schedule(self.k)
+        sch = ilq.vp_schedule(self.K)
         a, s = sch["sqrt_ac"][t][:, None], sch["sqrt_one_minus_ac"][t][:, None]
         return (x - a * bank_action(obs)) / s
 
@@ -532,7 +520,7 @@ class PointMassEps(nn.Module):
 class PointMassBehavior(ilq.BehaviorModel):
     @property
     def net(self):
-        return PointMassEps(self.k)
+        return PointMassEps(self.K)
 
 
 @pytest.mark.parametrize("n,chunk", [(37, 8), (5, 8), (16, 8)])
@@ -577,9 +565,9 @@ def planted_distance_critic(cfg, scale=10.0):
 
 
 def test_update_reads_the_bank_rows_of_its_own_minibatch():
-    """The compiled update (make_update_fn) with a bank whose row i holds s_i's first coordinate once (at position
-    i mod M, the other M-1 actions lower), a target critic Q(s, a) = -10 |a_0 - s_0| and tau = 0: y_lmt = 0 exactly
-    when the update pairs bank[idx] with its own minibatch and maxes over M, so the OOD target is delta. Exact."""
+    """The run's compiled update (make_learners_update) with a bank whose row i holds s_i's first coordinate once (at
+    position i mod M, the other M-1 actions lower), a target critic Q(s, a) = -10 |a_0 - s_0| and tau = 0: y_lmt = 0
+    exactly when the update pairs bank[idx] with its own minibatch and maxes over M, so the OOD target is delta."""
     n, m = 50, 4
     cfg, state, _, _ = make_setup(seed=9, imagination=False, tau=0.0, delta=0.3, num_behavior_samples=m, num_ood_actions=1)
     s0 = np.linspace(-0.9, 0.9, n)
@@ -596,10 +584,11 @@ def test_update_reads_the_bank_rows_of_its_own_minibatch():
             for x in (obs, rng.uniform(-1, 1, (n, ACT)), rng.normal(size=n), rng.normal(size=(n, OBS)), np.zeros(n))
         )
     )
-    state = state.replace(target_critic_params=planted_distance_critic(cfg))
-    frozen = ilq.Frozen(data, None, None, jnp.asarray(bank))
-    _, metrics = ilq.make_update_fn(cfg)(state, frozen, jax.random.split(jax.random.PRNGKey(0), 5))
-    np.testing.assert_allclose(np.asarray(metrics["ilq/y_ood"]), np.full(5, cfg.delta), atol=1e-6)
+    state = jax.tree_util.tree_map(lambda x: x[None], with_params(state, target=planted_distance_critic(cfg)))
+    frozen = ilq.Frozen(data, None, None)
+    update = ilq.make_learners_update(cfg, ("no-imagination",), sample_chunk=2)
+    _, metrics = update(state, frozen, jnp.asarray(bank), jax.random.split(jax.random.PRNGKey(0), 5)[None])
+    np.testing.assert_allclose(np.asarray(metrics["ilq/y_ood"][0]), np.full(5, cfg.delta), atol=1e-6)
     # a neighbouring row would cost at least 10 * 1.8 / 49 per state: the check above has teeth
     assert 10 * (s0[1] - s0[0]) > 0.3
 
@@ -748,8 +737,8 @@ def test_iterated_jax_target_converges_to_the_exact_ilb_fixed_point(delta):
         0,
         0,
         "none",
-        tuple(map(tuple, nxt.tolist())),
-        tuple(map(tuple, r.tolist())),
+        nxt=tuple(map(tuple, nxt.tolist())),
+        rew=tuple(map(tuple, r.tolist())),
     )
     s_idx, a_idx = np.nonzero(support)  # every in-support pair once: the minibatch
     batch = ilq.Transitions(
@@ -766,22 +755,14 @@ def test_iterated_jax_target_converges_to_the_exact_ilb_fixed_point(delta):
     )
     beh = np.stack([X_TAB[np.nonzero(support[s])[0]] for s in s_idx])  # (B, 2): the support at each batch state
     beh = jnp.asarray(np.concatenate([beh, beh], 1)[..., None], jnp.float32)  # (B, M=4, 1)
-    state = ilq.TrainState(
-        actor_params=actor_p,
-        critic_params=None,
-        target_critic_params=None,
-        log_alpha=jnp.zeros(()),
-        actor_opt_state=None,
-        critic_opt_state=None,
-        alpha_opt_state=None,
-    )
+    state = with_params(ilq.init_train_state(cfg, jax.random.PRNGKey(0)), actor=actor_p)
     targets = jax.jit(partial(ilq.ilb_targets, cfg))
     frozen = ilq.Frozen(None, dyn, None)
 
     q = np.zeros((S_TAB, A_TAB))
     for it in range(300):
         table = jnp.asarray(np.stack([q, q]), jnp.float32)
-        st = state.replace(target_critic_params={"params": {"table": table}})
+        st = with_params(state, target={"params": {"table": table}})
         t = targets(st, frozen, batch, beh, jax.random.PRNGKey(it))
         if it == 0:  # the sampled OOD actions are pi(s) after the lookup, in every state
             ood_a = np.argmin(np.abs(np.asarray(t.a_ood) - X_TAB[None]), -1)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, run_training_cli, tiny_config
+from conftest import TINY, run_training_cli, tiny_config, with_params
 from conftest import tiny_args as _tiny_args
 
 import ilq_jax as ilq
@@ -48,11 +48,9 @@ def setup(seed=0, family="hopper", **overrides):
     state = ilq.init_train_state(cfg, jax.random.PRNGKey(seed + 100))
     # targets differ from the online critics, alpha != 1: a mix-up of the two would show
     noise = jax.tree_util.tree_map(
-        lambda p: 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 7), p.shape), state.critic_params
+        lambda p: 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 7), p.shape), state.critic.params
     )
-    state = state.replace(
-        target_critic_params=jax.tree_util.tree_map(jnp.add, state.critic_params, noise), log_alpha=jnp.asarray(-0.7)
-    )
+    state = with_params(state, target=jax.tree_util.tree_map(jnp.add, state.critic.params, noise), log_alpha=-0.7)
     batch = jax.tree_util.tree_map(lambda x: x[:B], data)
     return cfg, state, ilq.Frozen(data, dyn, beh), batch
 
@@ -63,25 +61,32 @@ def q_plain(cfg, params, j, s, a):
     return float(ilq.QNetwork(cfg.hidden_dim, cfg.num_hidden).apply(p, np.asarray(s)[None], np.asarray(a)[None])[0])
 
 
-def reference_targets(cfg, state, frozen, batch, key, behavior_actions=None):
-    """Eq. 17-20 element by element, with the same random draws as the fused version."""
-    k_next, k_ood, k_img, k_img_next, k_beh = jax.random.split(key, 5)
-    T = state.target_critic_params
-    s, r, d, s2 = (np.asarray(x) for x in (batch.observations, batch.rewards, batch.terminals, batch.next_observations))
-    alpha = float(np.exp(state.log_alpha)) if (cfg.entropy and cfg.target_entropy_bonus) else 0.0
+def behaviour_samples(cfg, frozen, batch, key):
+    """Eq. 20's M behaviour actions at the batch's states, drawn as ilq_update draws them (None without the limit)."""
+    if not cfg.limitation:
+        return None
+    return ilq.diffusion_sample(frozen.behavior, batch.observations, key, cfg.num_behavior_samples)
 
-    a2, logp2 = ilq.sample_action(cfg.actor, state.actor_params, batch.next_observations, k_next)
+
+def reference_targets(cfg, state, frozen, batch, key, behavior_actions):
+    """Eq. 17-20 element by element, with the same random draws as the fused version."""
+    k_next, k_ood, k_img, k_img_next = jax.random.split(key, 4)
+    T = state.critic.target_params
+    s, r, d, s2 = (np.asarray(x) for x in (batch.observations, batch.rewards, batch.terminals, batch.next_observations))
+    alpha = float(np.exp(state.alpha.params["log_alpha"])) if (cfg.entropy and cfg.target_entropy_bonus) else 0.0
+
+    a2, logp2 = ilq.sample_action(cfg.actor, state.actor.params, batch.next_observations, k_next)
     y_in = [
         r[i] + cfg.gamma * (1 - d[i]) * (min(q_plain(cfg, T, j, s2[i], a2[i]) for j in (0, 1)) - alpha * logp2[i])
         for i in range(B)
     ]
 
     s_ood = np.repeat(s, cfg.num_ood_actions, axis=0)
-    a_ood, _ = ilq.sample_action(cfg.actor, state.actor_params, jnp.asarray(s_ood), k_ood)
+    a_ood, _ = ilq.sample_action(cfg.actor, state.actor.params, jnp.asarray(s_ood), k_ood)
     y_img = y_lmt = None
     if cfg.imagination:
         s_img, r_img, pen, done = ilq.dynamics_step(frozen.dynamics, jnp.asarray(s_ood), a_ood, k_img)
-        a_img, logp_img = ilq.sample_action(cfg.actor, state.actor_params, s_img, k_img_next)
+        a_img, logp_img = ilq.sample_action(cfg.actor, state.actor.params, s_img, k_img_next)
         y_img = []
         for i in range(len(s_ood)):
             boot = (
@@ -91,11 +96,7 @@ def reference_targets(cfg, state, frozen, batch, key, behavior_actions=None):
             )
             y_img.append(float(r_img[i]) - cfg.penalty_coef * float(pen[i]) + boot)
     if cfg.limitation:
-        a_beh = (
-            behavior_actions
-            if behavior_actions is not None
-            else ilq.diffusion_sample(frozen.behavior, batch.observations, k_beh, cfg.num_behavior_samples)
-        )
+        a_beh = np.asarray(behavior_actions)
         per_state = [
             min(max(q_plain(cfg, T, j, s[i], a_beh[i, m]) for m in range(cfg.num_behavior_samples)) for j in (0, 1))
             for i in range(B)
@@ -144,8 +145,9 @@ def reference_loss(cfg, critic_params, batch, ref):
 def test_fused_target_equals_plain_reference(variant):
     cfg, state, frozen, batch = setup(**variant)
     key = jax.random.PRNGKey(42)
-    fused = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, None, key)
-    ref = reference_targets(cfg, state, frozen, batch, key)
+    a_beh = behaviour_samples(cfg, frozen, batch, jax.random.PRNGKey(43))
+    fused = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, a_beh, key)
+    ref = reference_targets(cfg, state, frozen, batch, key, a_beh)
     np.testing.assert_allclose(fused.y_in, ref["y_in"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fused.y_ood, ref["y_ood"], rtol=1e-5, atol=1e-5)
     for name in ("y_img", "y_lmt"):
@@ -153,18 +155,18 @@ def test_fused_target_equals_plain_reference(variant):
             assert getattr(fused, name) is None
         else:
             np.testing.assert_allclose(getattr(fused, name), ref[name], rtol=1e-5, atol=1e-5)
-    loss, _ = jax.jit(partial(ilq.critic_loss, cfg))(state.critic_params, batch, fused)
-    np.testing.assert_allclose(float(loss), reference_loss(cfg, state.critic_params, batch, ref), rtol=1e-5)
+    loss, _ = jax.jit(partial(ilq.critic_loss, cfg))(state.critic.params, batch, fused)
+    np.testing.assert_allclose(float(loss), reference_loss(cfg, state.critic.params, batch, ref), rtol=1e-5)
 
 
-def test_behavior_bank_actions_are_used_for_the_limit():
+def test_the_given_behaviour_actions_are_used_for_the_limit():
     cfg, state, frozen, batch = setup()
     bank = jax.random.uniform(jax.random.PRNGKey(3), (B, M, ACT), minval=-1, maxval=1)
     key = jax.random.PRNGKey(5)
     fused = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, bank, key)
-    ref = reference_targets(cfg, state, frozen, batch, key, behavior_actions=np.asarray(bank))
+    ref = reference_targets(cfg, state, frozen, batch, key, np.asarray(bank))
     np.testing.assert_allclose(fused.y_lmt, ref["y_lmt"], rtol=1e-5, atol=1e-5)
-    fresh = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, None, key)
+    fresh = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, behaviour_samples(cfg, frozen, batch, key), key)
     assert not np.allclose(fresh.y_lmt, fused.y_lmt)
 
 
@@ -172,7 +174,8 @@ def test_ood_target_is_capped_by_the_limit_and_equals_imagination_below_it():
     seen_img, seen_lmt = 0, 0
     for seed in range(6):
         cfg, state, frozen, batch = setup(seed=seed, penalty_coef=float(seed % 3))
-        t = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, None, jax.random.PRNGKey(seed))
+        a_beh = behaviour_samples(cfg, frozen, batch, jax.random.PRNGKey(seed + 1))
+        t = jax.jit(partial(ilq.ilb_targets, cfg))(state, frozen, batch, a_beh, jax.random.PRNGKey(seed))
         y_img, y_lmt, y_ood = map(np.asarray, (t.y_img, t.y_lmt, t.y_ood))
         assert np.all(y_ood <= y_lmt + cfg.delta + 1e-6)
         below = y_img < y_lmt
@@ -183,19 +186,21 @@ def test_ood_target_is_capped_by_the_limit_and_equals_imagination_below_it():
 
 
 def test_no_gradient_flows_into_targets():
-    cfg, state, frozen, batch = setup()
+    cfg, state, frozen, batch = setup(target_entropy_bonus=True)  # alpha inside the targets: its gradient must be 0 too
+    a_beh = behaviour_samples(cfg, frozen, batch, jax.random.PRNGKey(1))
 
     def loss_through_targets(actor_params, target_params, log_alpha):
-        st = state.replace(actor_params=actor_params, target_critic_params=target_params, log_alpha=log_alpha)
-        t = ilq.ilb_targets(cfg, st, frozen, batch, None, jax.random.PRNGKey(0))
-        return ilq.critic_loss(cfg, state.critic_params, batch, t)[0]
+        st = with_params(state, actor=actor_params, target=target_params, log_alpha=log_alpha)
+        t = ilq.ilb_targets(cfg, st, frozen, batch, a_beh, jax.random.PRNGKey(0))
+        return ilq.critic_loss(cfg, state.critic.params, batch, t)[0]
 
-    grads = jax.grad(loss_through_targets, argnums=(0, 1, 2))(state.actor_params, state.target_critic_params, state.log_alpha)
+    params = (state.actor.params, state.critic.target_params, state.alpha.params["log_alpha"])
+    grads = jax.grad(loss_through_targets, argnums=(0, 1, 2))(*params)
     leaves = jax.tree_util.tree_leaves(grads)
     assert leaves and all(np.all(np.asarray(g) == 0) for g in leaves)
     # while the online critics do get a gradient
-    t = ilq.ilb_targets(cfg, state, frozen, batch, None, jax.random.PRNGKey(0))
-    g_critic = jax.grad(lambda p: ilq.critic_loss(cfg, p, batch, t)[0])(state.critic_params)
+    t = ilq.ilb_targets(cfg, state, frozen, batch, a_beh, jax.random.PRNGKey(0))
+    g_critic = jax.grad(lambda p: ilq.critic_loss(cfg, p, batch, t)[0])(state.critic.params)
     assert any(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(g_critic))
 
 
@@ -216,29 +221,29 @@ def test_same_seed_same_numbers_and_the_update_learns_something():
     assert m1["losses/critic_loss"].shape == (6,)
     _, s0, _, _ = setup()
     moved = jax.tree_util.tree_map(
-        lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), s1.target_critic_params, s0.target_critic_params
+        lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), s1.critic.target_params, s0.critic.target_params
     )
     assert max(jax.tree_util.tree_leaves(moved)) > 0  # soft target update happened
-    assert float(s1.log_alpha) != float(s0.log_alpha)  # alpha is tuned
+    assert float(s1.alpha.params["log_alpha"]) != float(s0.alpha.params["log_alpha"])  # alpha is tuned
 
 
 def test_soft_target_update_uses_tau():
     cfg, state, frozen, _ = setup(tau=0.25)
     new_state, _ = ilq.ilq_update(cfg, state, frozen, jax.random.PRNGKey(0))
-    expected = jax.tree_util.tree_map(lambda o, t: 0.25 * o + 0.75 * t, new_state.critic_params, state.target_critic_params)
-    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(new_state.target_critic_params)):
+    expected = jax.tree_util.tree_map(lambda o, t: 0.25 * o + 0.75 * t, new_state.critic.params, state.critic.target_params)
+    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(new_state.critic.target_params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_entropy_off_keeps_alpha_zero():
     cfg, state, frozen, _ = setup(entropy=False)
     new_state, metrics = ilq.ilq_update(cfg, state, frozen, jax.random.PRNGKey(0))
-    assert float(metrics["losses/alpha"]) == 0.0 and float(new_state.log_alpha) == float(state.log_alpha)
+    assert float(metrics["losses/alpha"]) == 0.0 and new_state.alpha.params == state.alpha.params
 
 
 def test_injected_nan_is_caught_with_the_update_step(tmp_path):
     cfg, state, frozen, _ = setup()
-    state = state.replace(critic_params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.critic_params))
+    state = with_params(state, critic=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.critic.params))
     _, metrics = ilq.make_update_fn(cfg)(state, frozen, jax.random.split(jax.random.PRNGKey(0), 3))
     with pytest.raises(ilq.ILQError, match="update 501"):
         ilq.check_finite(jax.device_get(metrics), 501, str(tmp_path))
@@ -418,10 +423,10 @@ def test_adroit_alpha_reading_is_a_flag_zero_by_default_or_fixed():
         cfg, state, frozen, batch = setup(entropy=False, fixed_alpha=fixed)
         key = jax.random.PRNGKey(3)
         new_state, (loss, logp) = ilq.actor_alpha_update(cfg, state, batch.observations, key)
-        a, logp_ref = ilq.sample_action(cfg.actor, state.actor_params, batch.observations, key)
-        q = cfg.critic.apply(state.critic_params, batch.observations, a).min(0)
+        a, logp_ref = ilq.sample_action(cfg.actor, state.actor.params, batch.observations, key)
+        q = cfg.critic.apply(state.critic.params, batch.observations, a).min(0)
         np.testing.assert_allclose(loss, np.mean(fixed * np.asarray(logp_ref) - np.asarray(q)), rtol=1e-5, atol=1e-6)
-        assert float(new_state.log_alpha) == float(state.log_alpha)  # not tuned
+        assert new_state.alpha.params == state.alpha.params  # not tuned
         _, metrics = ilq.ilq_update(cfg, state, frozen, key)
         assert float(metrics["losses/alpha"]) == pytest.approx(fixed)
 

@@ -3,7 +3,6 @@ termination functions do what MOPO / Gymnasium do, and the artifacts round-trip 
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -344,7 +343,7 @@ class ExactEps(nn.Module):
 class ExactBehavior(ilq.BehaviorModel):
     @property
     def net(self):
-        return ExactEps(self.k)
+        return ExactEps(self.K)
 
 
 def mode_stats(samples):
@@ -360,7 +359,7 @@ def bimodal():
     act = MODE * rng.choice([-1.0, 1.0], size=(n, 1))  # every state: -0.7 or +0.7, equally likely
     data = ilq.Transitions(f32(obs), f32(act), jnp.zeros(n), f32(obs), jnp.zeros(n))
     models = {
-        k: ilq.train_diffusion(data, k=k, hidden=64, steps=steps, lr=1e-3, seed=0)[0] for k, steps in ((5, 3000), (20, 2000))
+        k: ilq.train_diffusion(data, K=k, hidden=64, steps=steps, lr=1e-3, seed=0)[0] for k, steps in ((5, 3000), (20, 2000))
     }
     return data, models
 
@@ -394,10 +393,10 @@ def exact_eps_numpy(k):
 def test_one_exp_mish_equals_jax_mish_in_value_and_gradient():
     """The noise network's cheaper Mish (one exp) is jax.nn.mish: same values and gradients, also in both tails."""
     x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 2001), jnp.array([-80.0, 19.99, 20.0, 20.01, 80.0])])
-    np.testing.assert_allclose(ilq.mish(x), jax.nn.mish(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ilq.mish_one_exp(x), jax.nn.mish(x), rtol=1e-5, atol=1e-6)
     grad = lambda f: jax.vmap(jax.grad(f))(x)
-    np.testing.assert_allclose(grad(ilq.mish), grad(jax.nn.mish), rtol=1e-4, atol=1e-5)
-    assert bool(jnp.all(jnp.isfinite(grad(ilq.mish))))
+    np.testing.assert_allclose(grad(ilq.mish_one_exp), grad(jax.nn.mish), rtol=1e-4, atol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(grad(ilq.mish_one_exp))))
 
 
 def test_sampler_matches_an_independent_numpy_chain():
@@ -518,7 +517,7 @@ def cached(tmp_path_factory):
     """One load_or_pretrain() run that trains both models into a fresh cache."""
     model_dir = tmp_path_factory.mktemp("cache") / "models"
     data, info, args = tiny_problem(model_dir)
-    dyn, beh = ilq.load_or_pretrain(args, data, info)
+    (dyn, _, _), (beh, _, _) = ilq.load_or_pretrain(args, data, info)
     return data, info, args, dyn, beh
 
 
@@ -536,7 +535,7 @@ def test_artifacts_round_trip_to_bit_identical_predictions(cached):
     for a, b in zip(jax.tree_util.tree_leaves((dyn, beh)), jax.tree_util.tree_leaves((dyn2, beh2))):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
     assert (dyn2.obs_dim, dyn2.members, dyn2.hidden, dyn2.layers, dyn2.family) == (OBS, 3, 16, 4, "hopper")
-    assert (beh2.act_dim, beh2.k, beh2.hidden) == (ACT, 5, 256)
+    assert (beh2.act_dim, beh2.K, beh2.hidden) == (ACT, 5, 256)
     key, sample = jax.random.PRNGKey(0), jax.jit(ilq.diffusion_sample, static_argnums=3)
     for a, b in zip(STEP(dyn, data.observations, data.actions, key), STEP(dyn2, data.observations, data.actions, key)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -562,7 +561,7 @@ def test_sidecar_describes_the_model_without_loading_it(cached):
     assert side["elites"] == np.asarray(dyn.elites).tolist() == side["metrics"]["elites"]
     assert len(side["metrics"]["holdout_mse"]) == 3 and np.isfinite(side["metrics"]["holdout_mse_elites"])
     # the diffusion sidecar: K, width, the full schedule, the final loss
-    assert bside["config"] == dict(k=5, hidden=256, lr=args.diffusion_lr, seed=0)
+    assert bside["config"] == dict(K=5, hidden=256, lr=args.diffusion_lr, seed=0)
     sch = ilq.vp_schedule(5)
     assert set(bside["schedule"]) == set(sch)
     for name, v in sch.items():
@@ -577,7 +576,7 @@ def test_a_second_call_reuses_the_cache_without_training(cached, monkeypatch, ca
     monkeypatch.setattr(ilq, "train_diffusion", lambda *a, **k: pytest.fail("retrained the behaviour model"))
     capsys.readouterr()
     t0 = time.time()
-    dyn2, beh2 = ilq.load_or_pretrain(args, data, info)
+    (dyn2, _, _), (beh2, _, _) = ilq.load_or_pretrain(args, data, info)
     assert time.time() - t0 < 5  # no training: two loads
     out = capsys.readouterr().out
     assert out.count("loaded") == 2 and "training" not in out
@@ -722,8 +721,8 @@ def test_pretrain_models_cli_trains_both_then_reuses_them(tmp_path):
     ]
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "[models] dynamics: training (1 epochs)" in first.stdout and "[dynamics] epoch   1/1" in first.stdout
-    assert "[models] behavior: training (40 steps)" in first.stdout and "step      40/40" in first.stdout
+    assert "[models] dynamics: training (1 epochs)" in first.stdout and "[dynamics] epoch 1/1 |" in first.stdout
+    assert "[models] behavior: training (40 steps)" in first.stdout and "[diffusion] step 40/40 |" in first.stdout
     (folder,) = list((tmp_path / "models").iterdir())
     assert folder.name.startswith("hopper-medium-replay-")
     files = sorted(os.listdir(folder))
@@ -751,21 +750,46 @@ def test_pretrain_models_cli_trains_both_then_reuses_them(tmp_path):
 
 
 def test_pretraining_prints_progress_between_calls_with_time_left(monkeypatch, capsys):
-    """Both trainers print a line (done, rate, time left) whenever PROGRESS_EVERY_S (30 s) has passed since the last one,
-    the dynamics trainer inside an epoch too (large datasets take minutes per epoch); "eta" never means time left."""
+    """Part I's trainers report through a plain callback(done, total, metrics); Part III's PretrainProgress prints a
+    line (done, rate, time left) whenever PROGRESS_EVERY_S (30 s) has passed since the last one, the dynamics inside
+    an epoch too (large datasets take minutes per epoch), every epoch's losses, and keeps the curves."""
     assert ilq.PROGRESS_EVERY_S == 30.0
     monkeypatch.setattr(ilq, "PROGRESS_EVERY_S", 0.0)  # every jitted call is 30 s long, as far as the trainers know
     monkeypatch.setattr(ilq, "DYNAMICS_BATCHES_PER_CALL", 2)
     data = linear_gaussian(1500)  # 1200 training transitions: 9 minibatches of 128, 5 calls per epoch
-    ilq.train_dynamics(data, "hopper", members=2, elites=1, hidden=8, epochs=2, batch_size=128, report=ilq.PretrainProgress())
+    heard, curves = [], []
+    progress = ilq.PretrainProgress("dynamics", curves=curves)
+    callback = lambda *a: heard.append(a) or progress(*a)  # noqa: E731
+    ilq.train_dynamics(data, "hopper", members=2, elites=1, hidden=8, epochs=2, batch_size=128, callback=callback)
+    assert [(d, t) for d, t, m in heard] == [
+        (2, 18),
+        (4, 18),
+        (6, 18),
+        (8, 18),
+        (9, 18),
+        (11, 18),
+        (13, 18),
+        (15, 18),
+        (17, 18),
+        (18, 18),
+    ]
+    assert [m.get("epoch") for _, _, m in heard] == [None] * 4 + [1] + [None] * 4 + [2]
     out = capsys.readouterr().out
-    inside = [line for line in out.splitlines() if "| batch " in line]
-    assert len(inside) == 2 * 4, out  # after each call but an epoch's last, which prints the epoch line
-    assert inside[0].startswith("[dynamics] epoch   1/2 | batch 2/9 |") and "batches/s | time left" in inside[0]
-    assert out.count("epochs/s | time left") == 2
-    ilq.train_diffusion(data, hidden=16, steps=40, steps_per_call=10, batch_size=32, report=ilq.PretrainProgress())
-    out += capsys.readouterr().out
-    steps = [line for line in out.splitlines() if line.startswith("[diffusion]")]
+    inside = [line for line in out.splitlines() if line.startswith("[dynamics] minibatch")]
+    assert len(inside) == 2 * 4 and inside[0].startswith("[dynamics] minibatch 2/18 |"), out
+    assert all("minibatches/s | time left" in line for line in inside)
+    assert [line.split("|")[0] for line in out.splitlines() if "train loss" in line] == [
+        "[dynamics] epoch 1/2 ",
+        "[dynamics] epoch 2/2 ",
+    ]
+    assert {tag for tag, _, step in curves} == {
+        "dynamics/train_loss",
+        "dynamics/holdout_mse_elites",
+        "dynamics/holdout_mse_member_0",
+        "dynamics/holdout_mse_member_1",
+    }
+    assert sorted({step for _, _, step in curves}) == [1, 2]
+    ilq.train_diffusion(data, hidden=16, steps=40, steps_per_call=10, batch_size=32, callback=ilq.PretrainProgress("behavior"))
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[diffusion]")]
     assert [line.split("|")[0].split()[-1] for line in steps] == ["10/40", "20/40", "30/40", "40/40"]
-    assert all("steps/s | time left" in line for line in steps)
-    assert not re.search(r"\beta\b", out)
+    assert all("steps/s | time left" in line and "| loss " in line for line in steps)

@@ -100,7 +100,7 @@ def sign_model():
     obs = rng.normal(size=(n, 3))
     act = 0.7 * np.sign(obs[:, :1])
     data = ilq.Transitions(f32(obs), f32(act), jnp.zeros(n), f32(obs), jnp.zeros(n))
-    return ilq.train_diffusion(data, k=5, hidden=64, steps=2000, lr=1e-3, seed=0)[0]
+    return ilq.train_diffusion(data, K=5, hidden=64, steps=2000, lr=1e-3, seed=0)[0]
 
 
 def test_diffusion_samples_follow_the_state(sign_model):

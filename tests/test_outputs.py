@@ -36,7 +36,7 @@ def test_a_run_draws_its_curves_and_films_the_first_seed_of_each_method(tmp_path
         seeds = summary["methods"][m]["seeds"]
         assert series["steps"] == summary["eval_steps"] == [20, 40]
         np.testing.assert_allclose(series["mean"], np.mean([s["normalized_scores"] for s in seeds], 0), rtol=1e-6)
-        np.testing.assert_allclose(series["q_std"], np.std([s["q_data"] for s in seeds], 0), rtol=1e-6)
+        np.testing.assert_allclose(series["q_std"], np.std([s["q_data"] for s in seeds], 0, ddof=1), rtol=1e-6)
         assert len(series["std"]) == len(series["q_mean"]) == 2
     assert max(max(s["std"]) for s in drawn.values()) > 0  # two seeds differ
 

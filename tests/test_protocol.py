@@ -1,7 +1,8 @@
-"""The paper's protocol as one program: every (method, seed) learner of one jitted scan equals the single run of that
-method and seed; the behaviour samples of a chunk of updates drawn in one chain equal those drawn update by update
-(at the paper's sizes); evaluation in a worker process equals evaluation in the training loop; the learner axis
-split over two devices gives the same learners."""
+"""The paper's protocol as one program (Part II's make_learners_update, built on Part I's ilq_update): every (method,
+seed) learner of one jitted scan equals Part I's single run of that method and seed (make_update_fn, ilq_update
+scanned); the behaviour samples of a chunk of updates drawn in one chain equal those drawn update by update (at the
+paper's sizes); evaluation in a worker process equals evaluation in the training loop; the learner axis split over
+two devices gives the same learners."""
 
 import os
 import subprocess
@@ -30,14 +31,13 @@ def learner_keys(seeds, n):
 
 def test_each_method_seed_learner_of_the_batch_is_the_single_run_of_that_method_and_seed():
     """200 updates of 3 methods x 2 seeds in one call (behaviour samples drawn 4 updates at a time) against 6 single
-    runs (samples drawn inside each update): learner (m, s) == method m with seed s, for every m."""
+    runs of Part I's make_update_fn (samples drawn inside each update): learner (m, s) == method m with seed s."""
     cfg, _, frozen, _ = setup()
     seeds, n = (3, 8), 200
     keys = learner_keys(seeds, n)
     init = jax.vmap(lambda k: ilq.init_train_state(cfg, k))(jnp.stack([jax.random.PRNGKey(s) for s in seeds * len(ALL)]))
-    batched, m_batched = ilq.make_update_fn(cfg, batched=True, methods=ALL, sample_chunk=4)(
-        init, frozen, jnp.tile(keys, (3, 1, 1))
-    )
+    update = ilq.make_learners_update(cfg, ALL, sample_chunk=4)
+    batched, m_batched = update(init, frozen, None, jnp.tile(keys, (3, 1, 1)))
     for g, (method, method_cfg) in enumerate(zip(ALL, ilq.method_configs(cfg, ALL))):
         single_run = ilq.make_update_fn(method_cfg)  # compiled once per method
         for i, s in enumerate(seeds):
@@ -46,6 +46,7 @@ def test_each_method_seed_learner_of_the_batch_is_the_single_run_of_that_method_
             assert_trees_close(jax.tree_util.tree_map(lambda x: x[learner], batched), single)
             for k in m_single:
                 np.testing.assert_allclose(m_batched[k][learner], m_single[k], rtol=2e-4, atol=2e-4, err_msg=f"{method} {k}")
+            assert {k for k in m_batched if np.isfinite(m_batched[k][learner]).all()} == set(m_single)
     # the methods really differ (ILQ's OOD target is neither ablation's), and only ILQ has the clip diagnostic
     q_ood = m_batched["losses/q_ood"]
     assert not np.allclose(q_ood[0], q_ood[2]) and not np.allclose(q_ood[0], q_ood[4]) and not np.allclose(q_ood[2], q_ood[4])
@@ -68,23 +69,19 @@ def paper_sized():
 
 
 def test_chunk_sampled_update_equals_the_per_update_one_at_the_papers_sizes():
+    """The run's update with the behaviour samples of 3 updates drawn in one batched chain (sample_chunk 3, then a
+    remainder of 1) == Part I's make_update_fn, whose ilq_update draws them itself, at the paper's sizes."""
     cfg, frozen = paper_sized()
-    keys = jax.random.split(jax.random.PRNGKey(5), 3)
-    # the chunk's samples: one batched chain == one chain per update (exactly the draws of the update)
-    idx, k_beh, _, _ = jax.vmap(lambda k: ilq.minibatch_draws(cfg, frozen, k))(keys)
-    chunk = np.asarray(ilq.presample_behavior(cfg, frozen, idx, k_beh))
-    for u in range(len(keys)):
-        one = ilq.diffusion_sample(frozen.behavior, frozen.data.observations[idx[u]], k_beh[u], 10)
-        np.testing.assert_allclose(chunk[u], np.asarray(one), atol=2e-5)
-    assert chunk.shape == (3, cfg.batch_size, 10, 3) and not np.allclose(chunk[0], chunk[1])
-    # the update with them == the update that draws its own
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
     state = ilq.init_train_state(cfg, jax.random.PRNGKey(1))
-    chunked, m_chunked = ilq.make_update_fn(cfg, sample_chunk=3)(state, frozen, keys)
+    chunked, m_chunked = ilq.make_learners_update(cfg, ("ilq",), sample_chunk=3)(
+        jax.tree_util.tree_map(lambda x: x[None], state), frozen, None, keys[None]
+    )
     state = ilq.init_train_state(cfg, jax.random.PRNGKey(1))
     plain, m_plain = ilq.make_update_fn(cfg)(state, frozen, keys)
-    assert_trees_close(chunked, plain, rtol=1e-4, atol=1e-5)
+    assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], chunked), plain, rtol=1e-4, atol=1e-5)
     for k in m_plain:
-        np.testing.assert_allclose(m_chunked[k], m_plain[k], rtol=1e-4, atol=1e-4, err_msg=k)
+        np.testing.assert_allclose(m_chunked[k][0], m_plain[k], rtol=1e-4, atol=1e-4, err_msg=k)
 
 
 def test_two_methods_in_one_run_with_a_worker_evaluator_and_a_resume_equal_the_single_run(tmp_path, monkeypatch):
@@ -110,7 +107,7 @@ def test_evaluation_in_a_worker_process_equals_evaluation_in_the_loop():
     cfg, _, _, _ = setup()
     info = ilq.DatasetInfo("x", "test", None, "hopper", ilq.gym_env("Hopper-v5"), None, None, 11, 3, np.zeros(1), "f")
     cfg = ilq.ILQConfig(**{**cfg.__dict__, "obs_dim": 11, "act_dim": 3})
-    params = jax.vmap(lambda k: ilq.init_train_state(cfg, k).actor_params)(jnp.stack([jax.random.PRNGKey(s) for s in (1, 2)]))
+    params = jax.vmap(lambda k: ilq.init_train_state(cfg, k).actor.params)(jnp.stack([jax.random.PRNGKey(s) for s in (1, 2)]))
     results = []
     for workers in (0, 1):
         ev = ilq.Evaluator(info, cfg, 2, 3, workers)
@@ -136,11 +133,11 @@ cfg, _, frozen, _ = setup()
 methods = ("ilq", "no-imagination")
 keys = jnp.tile(jnp.stack([jax.random.split(jax.random.PRNGKey(100 + s), 30) for s in (1, 2)]), (2, 1, 1))
 init = lambda: jax.vmap(lambda k: ilq.init_train_state(cfg, k))(jnp.stack([jax.random.PRNGKey(s) for s in (1, 2, 1, 2)]))
-update = ilq.make_update_fn(cfg, batched=True, methods=methods, sample_chunk=2)
-plain, m_plain = update(init(), frozen, keys)
+update = ilq.make_learners_update(cfg, methods, sample_chunk=2)
+plain, m_plain = update(init(), frozen, None, keys)
 state, frozen_s, keys_s = ilq.shard_learners(init(), frozen, keys, 4)
-assert len(state.log_alpha.sharding.device_set) == 2
-sharded, m_sharded = update(state, frozen_s, keys_s)
+assert len(state.alpha.params["log_alpha"].sharding.device_set) == 2
+sharded, m_sharded = update(state, frozen_s, None, keys_s)
 for a, b in zip(jax.tree_util.tree_leaves((plain, m_plain)), jax.tree_util.tree_leaves((sharded, m_sharded))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 print("SAME")
@@ -157,14 +154,25 @@ def test_learners_split_over_two_devices_are_the_same_learners():
 
 
 def test_bf16_models_move_the_targets_a_little_and_nothing_else():
-    """--bf16-models: the frozen models' weights (and so their activations) in bfloat16; the in-sample target does not
-    touch them and is unchanged, the imagined and limitation values move by a few percent at most, all float32."""
+    """--bf16-models: the frozen models compute in bfloat16 (their activations half the bytes); the in-sample target
+    does not touch them and is unchanged, the imagined and limitation values move by a few percent at most, all
+    float32 (the behaviour samples drawn by each model from the same key)."""
     cfg, frozen = paper_sized()
-    low = ilq.Frozen(frozen.data, ilq.low_precision(frozen.dynamics), ilq.low_precision(frozen.behavior))
-    assert {str(p.dtype) for p in jax.tree_util.tree_leaves((low.dynamics.params, low.behavior.params))} == {"bfloat16"}
+    bf16 = dict(dtype=jnp.bfloat16)
+    low = ilq.Frozen(frozen.data, frozen.dynamics.replace(**bf16), frozen.behavior.replace(**bf16))
+    eps = jax.jit(lambda beh, x: beh.net.apply(beh.params, x, jnp.zeros(1, jnp.int32), frozen.data.observations[:8]))
+    assert (
+        eps(low.behavior, jnp.zeros((8, 3))).dtype == jnp.bfloat16
+        and eps(frozen.behavior, jnp.zeros((8, 3))).dtype == jnp.float32
+    )
     state = ilq.init_train_state(cfg, jax.random.PRNGKey(1))
     batch = jax.tree_util.tree_map(lambda x: x[:256], frozen.data)
-    targets = jax.jit(lambda fr, k: ilq.ilb_targets(cfg, state, fr, batch, None, k))
+
+    def targets(fr, k):
+        a_beh = ilq.diffusion_sample(fr.behavior, batch.observations, jax.random.PRNGKey(4), cfg.num_behavior_samples)
+        return ilq.ilb_targets(cfg, state, fr, batch, a_beh, k)
+
+    targets = jax.jit(targets)
     f32, bf16 = targets(frozen, jax.random.PRNGKey(3)), targets(low, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(f32.y_in, bf16.y_in)
     for name in ("y_img", "y_lmt", "y_ood"):

@@ -4,6 +4,7 @@ checked against its hash, a second signal never crashes, a run folder in use is 
 that cannot be written costs no run, and a time-boxed run can be continued."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -25,30 +26,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _evaluator(workers: int):
+    """An Evaluator whose workers have started (one evaluation done), and a snapshot to submit."""
     info = ilq.DatasetInfo("x", "test", None, "hopper", ilq.gym_env("Hopper-v5"), None, None, 11, 3, np.zeros(1), "f")
     cfg = ilq.ILQConfig.for_task(None, 11, 3, 100, hidden_dim=16)
-    params = jax.vmap(lambda k: ilq.init_train_state(cfg, k).actor_params)(jnp.stack([jax.random.PRNGKey(1)]))
-    return ilq.Evaluator(info, cfg, 1, 2, workers, "runs/r"), params
+    params = jax.vmap(lambda k: ilq.init_train_state(cfg, k).actor.params)(jnp.stack([jax.random.PRNGKey(1)]))
+    ev = ilq.Evaluator(info, cfg, 1, 2, workers, "runs/r")
+    ev.submit(0, params, [0, 1], None)
+    assert ev.ready(wait=True)[0][1].shape == (1, 2)
+    return ev, params
 
 
 def test_a_dead_evaluation_worker_ends_the_wait_at_once_saying_how_to_resume():
     ev, params = _evaluator(1)
-    ev.procs[0].kill()  # the OOM killer, kill -9
-    ev.procs[0].join()
-    ev.submit(10, params, [0, 1], None)
+    (worker,) = multiprocessing.active_children()
+    worker.kill()  # the OOM killer, kill -9
+    worker.join()
     t0 = time.time()
     with pytest.raises(ilq.ILQError, match=r"worker process died.*--resume runs/r --eval-workers 0"):
+        ev.submit(10, params, [0, 1], None)
         ev.ready(wait=True)
-    ev.close()  # returns although no worker reads the snapshot in the queue
+    ev.close()
     assert time.time() - t0 < 20
 
 
 WORKER_ORPHAN = r"""
-import os, sys, signal
+import multiprocessing, os, sys, signal
 sys.path.insert(0, sys.argv[1])
 from test_stops import _evaluator
 ev, _ = _evaluator(1)
-print(ev.procs[0].pid, flush=True)
+print(multiprocessing.active_children()[0].pid, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # the training process killed with kill -9
 """
 
@@ -92,26 +98,35 @@ def test_a_checkpoint_that_fails_to_be_written_leaves_the_previous_one_and_resum
     assert resumed["seeds"] == full["seeds"]
 
 
-def test_resume_refuses_a_replaced_dataset_or_a_retrained_model_and_the_summary_names_them(tmp_path, monkeypatch):
+def test_a_stopped_run_resumes_on_its_own_models_whatever_the_cache_holds_and_a_replaced_dataset_is_refused(
+    tmp_path, monkeypatch
+):
+    """Issue 37, trap 1: run a stops; run b retrains the cached models with other lengths (the cache entry a came from
+    is replaced); a's resume trains on its own copies and equals the uninterrupted run. With a's own copy deleted too,
+    the resume trains the model again from a's settings (exact on a CPU) and still equals it. A replaced dataset is
+    refused before any model is loaded."""
     monkeypatch.chdir(tmp_path)
     write_d4rl(tmp_path / "h.hdf5", n=400)
-    args = tiny_args(tmp_path, env_id="hopper-medium", dataset_path=str(tmp_path / "h.hdf5"), run_name="r")
-    assert ilq.train(dict_replace(args, stop_after=20)) == {}
-    run = tmp_path / "runs" / "r"
+    args = tiny_args(tmp_path, env_id="hopper-medium", dataset_path=str(tmp_path / "h.hdf5"), run_name="full")
+    full = ilq.train(args)
+    for name in ("a", "c"):
+        assert ilq.train(dict_replace(args, run_name=name, stop_after=20)) == {}
+    run = tmp_path / "runs" / "a"
     inputs = ilq.read_checkpoint(run)[0]["inputs"]
     assert set(inputs) == {"dataset", "dynamics", "behavior"} and len(inputs["dynamics"]["sha256"]) == 64
-    assert os.path.exists(inputs["dynamics"]["path"])
-    # the cached dynamics model retrained longer (pretrain_models.py with other flags): the resume would load it
-    data, info = ilq.load_dataset(args)
-    ilq.load_or_pretrain(dict_replace(ilq.resolve_args(args), dynamics_epochs=2), data, info)
-    with pytest.raises(ilq.ILQError, match=r"the dynamics changed since the run started .*start a new run"):
-        ilq.train(ilq.Args(resume=str(run)))
+    assert inputs["dynamics"]["file"] == os.path.join("runs", "a", "models", "dynamics.msgpack")
+    cached = inputs["dynamics"]["source"]
+    ilq.train(dict_replace(args, run_name="b", dynamics_epochs=2, diffusion_steps=150, stop_after=10))
+    assert ilq.sha256(open(cached, "rb").read()) != ilq.read_checkpoint(run)[0]["inputs"]["dynamics"]["sha256"]
+    assert ilq.train(ilq.Args(resume=str(run)))["seeds"] == full["seeds"]
     write_d4rl(tmp_path / "h.hdf5", n=401)  # the dataset file replaced: refused before any model is loaded
     with pytest.raises(ilq.ILQError, match=r"the dataset changed since the run started"):
-        ilq.train(ilq.Args(resume=str(run)))
-    summary = ilq.train(dict_replace(args, run_name="whole", stop_after=None))
-    assert summary["inputs"]["dataset"]["fingerprint"] == summary["dataset"]["fingerprint"]
-    assert summary["inputs"]["dynamics"]["path"].endswith(".msgpack")
+        ilq.train(ilq.Args(resume=str(tmp_path / "runs" / "c")))
+    write_d4rl(tmp_path / "h.hdf5", n=400)  # the same file again
+    for f in ("dynamics.msgpack", "dynamics.json"):
+        os.remove(tmp_path / "runs" / "c" / "models" / f)
+    assert ilq.train(ilq.Args(resume=str(tmp_path / "runs" / "c")))["seeds"] == full["seeds"]
+    assert full["inputs"]["dataset"]["fingerprint"] == full["dataset"]["fingerprint"]
 
 
 def dict_replace(args, **kw):
@@ -127,14 +142,14 @@ def test_model_files_are_checked_against_their_hashes(tmp_path, capsys):
     blob[-50] ^= 0xFF  # one flipped byte in the weights: same shapes, other numbers
     open(d_path, "wb").write(bytes(blob))
     with pytest.raises(ilq.ILQError, match="damaged .*msgpack_sha256"):
-        ilq.load_artifact(d_path, "dynamics", info, given=True)
+        ilq.load_artifact(d_path, "dynamics", info, "Pass an intact model.")
     capsys.readouterr()
     ilq.load_or_pretrain(args, data, info)  # in the cache: retrained
     assert "[models] dynamics: training" in capsys.readouterr().out
     side = json.load(open(side_path))
     json.dump(dict(side, trained=40), open(side_path, "w"))  # a sidecar edited by hand
     with pytest.raises(ilq.ILQError, match=r"sidecar .* is damaged .*changed since it was written"):
-        ilq.load_artifact(d_path, "dynamics", info, given=True)
+        ilq.load_artifact(d_path, "dynamics", info, "Pass an intact model.")
 
 
 def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):
@@ -144,7 +159,7 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, mo
         raise OSError(30, "Read-only file system", path)
 
     monkeypatch.setattr(ilq, "_atomic_write", read_only)
-    dyn, beh = ilq.load_or_pretrain(args, data, info)
+    (dyn, _, _), (beh, _, _) = ilq.load_or_pretrain(args, data, info)
     out = capsys.readouterr().out
     assert out.count("could not cache the") == 2 and "it is used from memory" in out
     assert isinstance(dyn, ilq.DynamicsModel) and isinstance(beh, ilq.BehaviorModel)

@@ -22,17 +22,18 @@ from test_learner import setup
 import ilq_jax as ilq
 import pretrain_models
 
-REAL_MAKE_UPDATE_FN = ilq.make_update_fn
+REAL_LEARNERS_UPDATE = ilq.make_learners_update
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_vmapped_seed_is_the_single_run_of_that_seed():
-    """300 updates of two learners in one vmapped call; learner i == the unbatched learner of seed i."""
+    """300 updates of two learners in one vmapped call (the run's update, no chunks); learner i == Part I's unbatched
+    learner of seed i."""
     cfg, _, frozen, _ = setup()
     seeds, n = (3, 8), 300
     keys = jnp.stack([jax.random.split(jax.random.PRNGKey(100 + s), n) for s in seeds])
     batched = jax.vmap(lambda k: ilq.init_train_state(cfg, k))(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-    batched, m_batched = ilq.make_update_fn(cfg, batched=True)(batched, frozen, keys)
+    batched, m_batched = ilq.make_learners_update(cfg, ("ilq",))(batched, frozen, None, keys)
     for i, s in enumerate(seeds):
         single, m_single = ilq.make_update_fn(cfg)(ilq.init_train_state(cfg, jax.random.PRNGKey(s)), frozen, keys[i])
         member = jax.tree_util.tree_map(lambda x: x[i], batched)
@@ -49,7 +50,7 @@ def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
     assert [s["seed"] for s in summary["seeds"]] == [5, 6] and summary["num_seeds"] == 2
     finals = [s["final_normalized_score"] for s in summary["seeds"]]
     assert np.isclose(summary["final_normalized_score"], np.mean(finals))
-    assert np.isclose(summary["final_normalized_score_std"], np.std(finals))
+    assert np.isclose(summary["final_normalized_score_std"], np.std(finals, ddof=1)) and "ddof=1" in summary["std"]
     assert summary["train_state_bytes_per_seed"] > 0
     for s in (5, 6):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "runs" / "two" / f"seed_{s}"))
@@ -62,20 +63,20 @@ def test_cli_num_seeds_2_gives_each_seeds_own_run(tmp_path, monkeypatch):
 
 
 def _counting_update_fn(monkeypatch, counter, interrupt_on_call=None):
-    """Wrap ilq.make_update_fn: count the updates each call runs; optionally send Ctrl-C to ourselves."""
+    """Wrap ilq.make_learners_update: count the updates each call runs; optionally send Ctrl-C to ourselves."""
 
-    def make(cfg, batched=False, **kw):
-        fn = REAL_MAKE_UPDATE_FN(cfg, batched, **kw)
+    def make(*a, **kw):
+        fn = REAL_LEARNERS_UPDATE(*a, **kw)
 
-        def run(state, frozen, keys):
+        def run(state, frozen, bank, keys):
             counter.append(keys.shape[-2])
             if interrupt_on_call == len(counter):
                 os.kill(os.getpid(), signal.SIGINT)
-            return fn(state, frozen, keys)
+            return fn(state, frozen, bank, keys)
 
         return run
 
-    monkeypatch.setattr(ilq, "make_update_fn", make)
+    monkeypatch.setattr(ilq, "make_learners_update", make)
 
 
 def test_ctrl_c_checkpoints_exits_130_and_resume_runs_only_the_rest_bit_for_bit(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """From the command line to the compiled update: for every row of the paper's hyper-parameter tables and for every
-learner flag, the ILQConfig that make_update_fn receives holds exactly the intended values. The values are captured
-at that boundary (make_update_fn is replaced by a recorder) and compared with numbers typed here from the paper,
+learner flag, the ILQConfig that make_learners_update receives holds exactly the intended values. The values are
+captured at that boundary (make_learners_update is replaced by a recorder) and compared with numbers typed here from the paper,
 not recomputed by the code under test. Also: "mean of the last 10 evaluations" with 12 evaluations."""
 
 import dataclasses
@@ -51,7 +51,7 @@ def capture(monkeypatch, tmp_path):
     are stand-ins (they carry no hyper-parameter); everything between the CLI and the update runs for real."""
     seen = {}
 
-    def recorder(cfg, batched=False, **kw):
+    def recorder(cfg, methods, sample_chunk=1):
         seen["cfg"] = cfg
         raise Captured
 
@@ -59,7 +59,7 @@ def capture(monkeypatch, tmp_path):
         def close(self):
             pass
 
-    def models(args, data, info, report=None, force=False):
+    def models(kind, args, data, info, force=False, stop=None, curves=None):
         obs, act = info.obs_dim, info.act_dim
         net = ilq.DynamicsEnsemble(obs + 1, 2, 8, 2)
         dyn = ilq.DynamicsModel(
@@ -77,11 +77,12 @@ def capture(monkeypatch, tmp_path):
         beh = ilq.BehaviorModel(
             noise.init(jax.random.PRNGKey(1), jnp.zeros((1, act)), jnp.zeros(1, jnp.int32), jnp.zeros((1, obs))), act, 2, 8
         )
-        return dyn, beh
+        side = dict(kind=kind, config={}, trained=0, metrics={})
+        return (dyn if kind == "dynamics" else beh), side, "stand-in"
 
-    monkeypatch.setattr(ilq, "make_update_fn", recorder)
+    monkeypatch.setattr(ilq, "make_learners_update", recorder)
     monkeypatch.setattr(ilq, "make_env", lambda info, n=1: NoEnv())
-    monkeypatch.setattr(ilq, "load_or_pretrain", models)
+    monkeypatch.setattr(ilq, "load_or_train", models)
     monkeypatch.chdir(tmp_path)
     return seen
 
