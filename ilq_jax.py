@@ -749,8 +749,6 @@ FlagOrPaper = tyro.conf.DisallowNone[Optional[bool]] if tyro else Optional[bool]
 
 
 # --------------------------------------------------------------------------------------------------------------- flags
-
-
 @dataclass
 class RunFlags:
     """The run: its name and seeds, the methods trained together, its length, stopping and resuming."""
@@ -762,18 +760,15 @@ class RunFlags:
     # methods trained together, each with --num-seeds seeds, in one jitted scan: comma-separated from ilq, no-imagination,
     # no-limitation (Sec. 5.4's ablations); None: one method, ilq or what --no-imagination / --no-limitation make it
     methods: Optional[str] = None
-    # the run folder runs/<run-name>, one folder name (None: <dataset>__<methods>__<exp-name>__<seed>__<unix time>)
-    run_name: Optional[str] = None
-    # continue the run saved in this folder (runs/<run-name>) with its saved settings; only --stop-after, --time-box-min
-    # and --eval-workers may be added (None: a new run)
+    run_name: Optional[str] = None  # runs/<run-name>, one folder name (None: <dataset>__<methods>__<exp-name>__<seed>__<time>)
+    # continue the run in runs/<run-name> with its saved settings, adding only --stop-after, --time-box-min, --eval-workers
+    # (None: a new run)
     resume: Optional[str] = None
     stop_after: Optional[int] = None  # stop after this many updates in this call, with a checkpoint (None: run to the end)
-    # end the run at the first evaluation after this many minutes of this invocation, with a checkpoint and a summary
-    # that says how far it got; --resume continues it (None: no time box)
+    # end the run at the first evaluation after this many minutes, as a finished run --resume continues (None: no box)
     time_box_min: Optional[float] = None
-    # cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: 5-10 min on 2 CPU cores); paper: 1e6
-    # updates, 3e5 diffusion steps, 40 dynamics epochs (Table 3); None: paper on a GPU/TPU, cpu on a CPU and for the
-    # data generated here (ilq-local/...)
+    # cpu: 5000 updates, 2e4 diffusion steps, 10 dynamics epochs (the default run: 5-10 min on 2 CPU cores); paper: 1e6,
+    # 3e5, 40 (Table 3); None: paper on a GPU/TPU, cpu on a CPU and for the data generated here (ilq-local/...)
     budget: Optional[Literal["cpu", "paper"]] = None
     total_steps: Optional[int] = None  # gradient updates of each learner (None: from --budget, cpu 5000, paper 1e6)
     updates_per_call: int = 250  # updates fused into one jitted lax.scan call (the last call may be shorter)
@@ -788,9 +783,8 @@ class DataFlags:
     """The dataset: what the models and the learners are trained on (pretrain_models.py takes the same flags)."""
 
     GROUP: ClassVar[str] = "data"  # its box in --help
-    # the DATASET (the evaluation env follows from it): a D4RL name (hopper-medium-replay), a Minari id
-    # (mujoco/hopper/medium-v0, D4RL/pen/human-v2) or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy
-    # dataset this file generates offline (the default)
+    # the DATASET (the evaluation env follows from it): a D4RL name (hopper-medium-replay), a Minari id (D4RL/pen/human-v2)
+    # or ilq-local/<hopper|walker2d|halfcheetah>/random-v0, a random-policy dataset generated here offline (the default)
     env_id: str = "ilq-local/hopper/random-v0"
     dataset_path: Optional[str] = None  # D4RL HDF5 file for a D4RL name (None: the D4RL cache folder, else a download)
     download: bool = True  # --no-download: never download a dataset that is not on disk
@@ -817,8 +811,7 @@ class ILQFlags:
     imagination: bool = True  # --no-imagination: OOD target = y_lmt + delta (the ablation of Sec. 5.4)
     limitation: bool = True  # --no-limitation: OOD target = y_img + delta (the ablation of Sec. 5.4)
     behavior_bank: bool = False  # M behaviour actions per state sampled once (faster on CPU), not in every update (the paper)
-    # the frozen dynamics and diffusion models compute in bfloat16 (fewer bytes on a GPU; the targets move slightly, see
-    # benchmarks/RESULTS.md); the learners stay float32 (off: the paper's float32 everywhere)
+    # the frozen models compute in bfloat16 (fewer bytes on a GPU; the targets move slightly: benchmarks/RESULTS.md)
     bf16_models: bool = False
     target_entropy_bonus: bool = False  # -alpha log pi in the critic targets as in SAC/MCQ (the paper's Eq. 17/19 have none)
     fixed_alpha: float = 0.0  # alpha when entropy tuning is off (Adroit's "Entropy: False"): 0 = none (default), >0 fixed
@@ -870,13 +863,11 @@ class EvaluationFlags:
     # worker processes that evaluate snapshots while training goes on (0: in the training loop; None: 1 when JAX runs
     # on an accelerator, else 0); the results are the same either way
     eval_workers: Optional[int] = None
-    # one evaluation episode of each method's first seed (deterministic policy, evaluation env) on video at the end of
-    # training: runs/<run-name>/videos/<method>-update<step>.mp4
+    # film one evaluation episode of each method's first seed at the end: runs/<run-name>/videos/<method>-update<step>.mp4
     capture_video: bool = False
     capture_video_every: Optional[int] = None  # also at every K-th evaluation; implies --capture-video (None: the end only)
-    # evaluate the learners of the run in this folder again (finished or stopped: its checkpoint), --eval-episodes each
-    # from --eval-seed + e in its evaluation env or --eval-env-id, filmed with --capture-video; writes
-    # evaluation-<time>.json there (only those four flags may be added; None: train)
+    # evaluate every learner of this run folder again (its checkpoint), --eval-episodes from --eval-seed in its evaluation
+    # env or --eval-env-id, --capture-video: writes evaluation-<time>.json there (those flags only; None: train)
     evaluate: Optional[str] = None
     plot: Optional[str] = None  # draw curves.png of the run in this folder again, from its summary.json (None: train)
 
@@ -890,13 +881,12 @@ class Args(RunFlags, DataFlags, ILQFlags, ModelFileFlags, EvaluationFlags):
 
 
 # ----------------------------------------------------------------------------------------------- the settings of a run
-
-
-BUDGETS = {  # the paper's Table 3, and one whose default run takes 5-10 minutes on 2 CPU cores
-    "paper": dict(total_steps=1_000_000, eval_interval=5_000, diffusion_steps=300_000, dynamics_epochs=40),
-    "cpu": dict(total_steps=5_000, eval_interval=500, diffusion_steps=20_000, dynamics_epochs=10),
+BUDGETS = {  # the paper's Table 3 (a checkpoint of 15 learners: ~86 MiB), and one whose default run takes 5-10 min on 2 cores
+    "paper": dict(
+        total_steps=1_000_000, eval_interval=5_000, checkpoint_interval=50_000, diffusion_steps=300_000, dynamics_epochs=40
+    ),
+    "cpu": dict(total_steps=5_000, eval_interval=500, checkpoint_interval=500, diffusion_steps=20_000, dynamics_epochs=10),
 }
-CHECKPOINT_EVERY = {"paper": 50_000, "cpu": 500}  # --checkpoint-interval's default (15 paper learners: ~86 MiB a file)
 MAX_INT = 2**31 - 1  # JAX's int32 indices and counters, and its 32-bit seeds (2**32 + 1 would be the seed 1)
 RULES = (  # (flags, what each must be, the test) for resolve_args; a flag left None is the paper's or the budget's
     ("total_steps eval_interval updates_per_call eval_episodes batch_size num_seeds num_behavior_samples num_ood_actions "
@@ -925,11 +915,8 @@ def default_budget(env_id: str) -> tuple[str, str]:
 def resolve_args(args: Args) -> Args:
     """Fill the budget's defaults, make the paths absolute and check every flag, before any work starts or any
     folder is made."""
-    if args.budget is None:
-        args = dataclasses.replace(args, budget=default_budget(args.env_id)[0])
+    args = dataclasses.replace(args, budget=args.budget or default_budget(args.env_id)[0])
     args = dataclasses.replace(args, **{k: v for k, v in BUDGETS[args.budget].items() if getattr(args, k) is None})
-    if args.checkpoint_interval is None:
-        args = dataclasses.replace(args, checkpoint_interval=CHECKPOINT_EVERY[args.budget])
     paths = ("dataset_path", "dynamics_path", "behavior_path", "model_dir")  # a resume from elsewhere finds them
     args = dataclasses.replace(
         args, **{k: os.path.abspath(os.path.expanduser(getattr(args, k))) for k in paths if getattr(args, k)}
@@ -949,9 +936,7 @@ def resolve_args(args: Args) -> Args:
     if args.dataset_path is not None and parse_d4rl_name(args.env_id) is None:
         bad.append(
             f"--dataset-path ({args.dataset_path}) is read only for a D4RL name, and --env-id '{args.env_id}' is none: "
-            "pass the D4RL name that says what the file holds (e.g. --env-id walker2d-medium-replay for walker2d "
-            "medium-replay data; it picks the paper's row and the evaluation env), or drop --dataset-path to train on "
-            "--env-id's own data"
+            "pass the D4RL name of the file's data (it picks the paper's row and the evaluation env), or drop it"
         )
     if bad:
         raise ILQError("; ".join(bad) + ".")
@@ -990,11 +975,9 @@ def effective_hparams(args: Args, info: DatasetInfo) -> dict:
 
 
 # ------------------------------------------------- Algorithm 1, lines 2-3: the frozen models, cached or pretrained now
-
-
 def mish_one_exp(x):
-    """jax.nn.mish's values (to rounding) with one exp: tanh(log(1 + e)) = e(e + 2) / (e(e + 2) + 2), e = exp(x); a
-    quarter of its cost on a CPU, where the diffusion sampler is dominated by it (the whole update: +21 %)."""
+    """jax.nn.mish's values (to rounding) with one exp: tanh(log(1 + e)) = e(e + 2) / (e(e + 2) + 2), e = exp(x); the
+    whole update runs 21 % faster with it on a CPU, where the diffusion sampler is dominated by mish."""
     e = jnp.exp(jnp.minimum(x, 20.0))
     n = e * (e + 2.0)
     return jnp.where(x > 20.0, x, x * n / (n + 2.0))
@@ -1029,7 +1012,6 @@ def pretrained_models(args: Args, data: Transitions, info: DatasetInfo, methods:
         else:  # a new run, or a resumed one whose own copy is gone: found in the cache or made again from its settings
             model, side, source = load_or_train(kind, args, data, info, stop=check, curves=curves)
             if saved and saved[kind]["sha256"] != sha256(flax.serialization.to_bytes(model)):  # the cache's is another
-                print(f"[models] {kind}: the run's own copy {own} is gone: training it again from the run's settings")
                 model, side, source = load_or_train(kind, args, data, info, force=True, stop=check, curves=curves)
         sha = sha256(flax.serialization.to_bytes(model))
         if saved and saved[kind]["sha256"] != sha:
@@ -1055,8 +1037,6 @@ def pretrained_models(args: Args, data: Transitions, info: DatasetInfo, methods:
 
 
 # ------------------------------------------------------------------------------ the update of every learner of a run
-
-
 def method_configs(cfg: ILQConfig, methods) -> tuple:
     """One ILQConfig per method: cfg with that method's imagination / limitation."""
     return tuple(dataclasses.replace(cfg, imagination=METHODS[m][0], limitation=METHODS[m][1]) for m in methods)
@@ -1124,8 +1104,6 @@ def make_learners_update(cfg: ILQConfig, methods: tuple, sample_chunk: int = 1):
 
 
 # -------------------------------------------------------------------------- Algorithm 1, lines 4-12: the training loop
-
-
 def train(args: Args) -> dict:
     """Algorithm 1 as a run, top to bottom: settings and dataset, the frozen models (lines 2-3), then calls of fused
     updates of every (method, seed) learner (lines 4-12), each followed by its logs, an evaluation when due, a
@@ -1153,8 +1131,6 @@ def train(args: Args) -> dict:
     learners = [(m, s) for m in methods for s in seeds]  # the learner axis: method-major (method_rows)
     name = args.run_name or f"{slug(info.name)}__{'+'.join(methods)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", name)
-    if not args.resume and os.path.exists(run_dir):
-        raise ILQError(f"Run folder {run_dir} already exists; pick another --run-name or continue it with --resume {run_dir}.")
     behavior = "bank" if args.behavior_bank else f"fresh samples every update, drawn {args.sample_chunk} updates at a time"
     print(
         f"[ilq] {args.total_steps} updates, eval every {args.eval_interval} ({args.eval_episodes} episodes), checkpoint "
@@ -1172,12 +1148,12 @@ def train(args: Args) -> dict:
         # --- the run folder: taken (locked) before minutes of pretraining; a new one is removed if training never starts ---
         try:
             os.makedirs(run_dir, exist_ok=bool(args.resume))
-        except FileExistsError:  # made a moment ago by another process with the same --run-name
-            raise ILQError(f"Run folder {run_dir} was just made by another process; pick another --run-name.") from None
+        except FileExistsError:  # an old run, or one another process just started
+            raise ILQError(f"Run folder {run_dir} already exists; pick another --run-name or --resume {run_dir}.") from None
         on_exit.callback(lock_run_folder(run_dir).close)
         if not args.resume:
             on_exit.callback(remove_if_never_trained, run_dir)
-        state, progress = load_checkpoint(run_dir, template) if args.resume else (None, new_progress(len(learners)))
+        progress, state = read_checkpoint(run_dir, template) if args.resume else (new_progress(len(learners)), None)
         dataset = dict(name=info.name, fingerprint=info.fingerprint)  # what the run trains on
         if args.resume:
             if progress["updates"] >= args.total_steps:
@@ -1202,20 +1178,14 @@ def train(args: Args) -> dict:
             progress.update(inputs=dict(dataset=dataset, **models), record=run_record(args, info, cfg, methods, seeds))
             _atomic_write(os.path.join(run_dir, "args.json"), json.dumps(dataclasses.asdict(args), indent=2).encode())
             save_checkpoint(run_dir, state, progress)
-            log = tensorboard_writer(os.path.join(run_dir, "pretrain"))
-            for tag, value, step in curves:
-                log.add_scalar(tag, value, step)
-            log.close()
+            tensorboard_writer(os.path.join(run_dir, "pretrain"), curves).close()
         _atomic_write(os.path.join(run_dir, "run.json"), json.dumps(run_json(progress), indent=2).encode())
-        folders = [f"{m}/seed_{s}" if len(methods) > 1 else f"seed_{s}" for m, s in learners]
-        writers = [tensorboard_writer(os.path.join(run_dir, folder)) for folder in folders]
-        for w in writers:
-            on_exit.callback(w.close)
+        log = on_exit.enter_context(contextlib.closing(RunLog(run_dir, methods, seeds, args.total_steps)))
         workers = args.eval_workers if args.eval_workers is not None else int(jax.default_backend() != "cpu")
         evaluator = Evaluator(info, cfg, len(learners), args.eval_episodes, workers, run_dir)
         on_exit.callback(evaluator.close)
         videos = VideoRecorder(args, info, cfg, methods, len(learners), run_dir)  # --capture-video (else it does nothing)
-        wall_before, last_print, start = progress["wall_time_s"], time.time(), progress["updates"]
+        wall_before, start = progress["wall_time_s"], progress["updates"]
         while progress["updates"] < args.total_steps:
             # --- one call: up to --updates-per-call updates, ending at the next evaluation, checkpoint or stop ---
             u0, every = progress["updates"], (args.eval_interval, args.checkpoint_interval)
@@ -1233,19 +1203,7 @@ def train(args: Args) -> dict:
             # Q(data) of each update, summed in order in float64: the same curve however the updates were split into calls
             q_sums = np.add.accumulate(np.c_[progress["q_data_sum"], metrics["losses/q_data"]], axis=1, dtype=np.float64)
             progress["q_data_sum"], progress["q_data_count"] = q_sums[:, -1].tolist(), progress["q_data_count"] + n
-            for i, w in enumerate(writers):
-                for name, values in metrics.items():
-                    if np.isfinite(values[i]).all():  # an ablation has no y_img - y_lmt (NaN)
-                        w.add_scalar(name, float(np.mean(values[i])), step)
-                w.add_scalar("charts/SPS", n / seconds, step)
-            if time.time() - last_print >= PROGRESS_EVERY_S:
-                rate = step / max(progress["train_time_s"], 1e-9)
-                line = f"[ilq] update {step:8d}/{args.total_steps} | {rate:6.1f} updates/s"
-                line += f" per learner x {len(learners)}" if len(learners) > 1 else ""
-                line += f" | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f}"
-                line += f" | alpha {float(np.mean(metrics['losses/alpha'])):.3f}"
-                print(line + f" | time left {(args.total_steps - step) / rate:5.0f}s", flush=True)
-                last_print = time.time()
+            log.updates(step, metrics, n / seconds, progress["train_time_s"])
 
             # --- evaluate a snapshot when due (in worker processes with --eval-workers: training goes on) ---
             evaluated = step % args.eval_interval == 0 or step == args.total_steps
@@ -1272,20 +1230,12 @@ def train(args: Args) -> dict:
                 progress["returns"].append(returns.tolist())
                 progress["normalized_scores"].append(None if norm is None else norm.mean(1).tolist())
                 progress["q_data"].append(q_data)  # the over-optimism diagnostic (Fig. 10)
-                for i, w in enumerate(writers):
-                    w.add_scalar("eval/episodic_return", returns[i].mean(), at)
-                    if norm is not None:
-                        w.add_scalar("eval/normalized_score", norm[i].mean(), at)
-                values = (returns if norm is None else norm).mean(1)
-                parts = [f"{m} {spread(values[method_rows(g, len(learners), len(methods))])}" for g, m in enumerate(methods)]
-                print(f"[ilq] evaluation at update {at:8d} | {'return' if norm is None else 'normalised'} {' | '.join(parts)}")
+                log.evaluation(at, returns, norm)
             if due:
                 progress["wall_time_s"] = wall_before + time.time() - t_invocation
                 save_checkpoint(run_dir, state, progress)
             if ending in ("interrupted", "stopped (--stop-after)"):
-                print(
-                    f"[ilq] {ending} at update {step}; checkpoint saved. Continue with: python ilq_jax.py --resume {run_dir}"
-                )
+                print(f"[ilq] {ending} at update {step}; checkpoint saved. Continue: python ilq_jax.py --resume {run_dir}")
                 if stop["signal"]:
                     raise Interrupted(stop["signal"])
                 return {}
@@ -1299,23 +1249,17 @@ def run_record(args: Args, info: DatasetInfo, cfg: ILQConfig, methods: tuple, se
     """What a run is, fixed when it starts (run.json, summary.json): the dataset, the evaluation protocol, the
     effective hyper-parameters, the learners' ILQConfig, the methods and seeds."""
     norm = info.normalize(info.episode_returns)
-    dataset = {k: getattr(info, k) for k in ("name", "source", "task", "family", "ref_min", "ref_max", "obs_dim", "act_dim")}
-    dataset.update(
-        fingerprint=info.fingerprint, episodes=len(info.episode_returns), mean_return=float(info.episode_returns.mean())
-    )
+    dataset = {k: getattr(info, k) for k in (*DatasetInfo.RECORDED, "fingerprint")}
+    dataset.update(episodes=len(info.episode_returns), mean_return=float(info.episode_returns.mean()))
     dataset.update(mean_normalized_return=None if norm is None else float(norm.mean()))
-    starts = f"eval_seed + index * episodes + e with eval_seed {args.eval_seed}, index = 0, 1, ... per evaluation, "
-    starts += f"e = 0..{args.eval_episodes - 1} per episode; the same for every learner"
-    evaluation = dict(env=info.eval_env.id, env_note=info.eval_env.note, env_spec=info.eval_env.spec)
+    starts = "episode e of evaluation i (0, 1, ...) starts from eval_seed + i * episodes + e, for every learner"
+    evaluation = dict(env=info.eval_env.id, env_note=info.eval_env.note, env_spec=info.eval_env.spec, start_seeds=starts)
     evaluation.update(episodes=args.eval_episodes, interval=args.eval_interval, eval_seed=args.eval_seed)
-    evaluation.update(policy="deterministic tanh(mean)")
     hp = {k: v for k, v in effective_hparams(args, info).items() if k != "overridden"}
-    config = dataclasses.asdict(cfg)
     protocol = dict(
         methods=list(methods), seeds=seeds, learner_axis="method-major: learner g * seeds + i is seed i of method g"
     )
-    return dict(dataset=dataset, evaluation=dict(evaluation, start_seeds=starts), hyperparameters=hp, config=config,
-                protocol=protocol)  # fmt: skip
+    return dict(dataset=dataset, evaluation=evaluation, hyperparameters=hp, config=dataclasses.asdict(cfg), protocol=protocol)
 
 
 def run_json(progress: dict) -> dict:
@@ -1325,8 +1269,6 @@ def run_json(progress: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- evaluation of a snapshot
-
-
 def evaluate(envs, policy, params, seed) -> np.ndarray:
     """One episode per vectorised env with the deterministic action tanh(mean); returns (num_envs,) returns.
     seed: an int (env i starts from seed + i) or a list with one seed per env."""
@@ -1353,8 +1295,6 @@ def learners_policy(cfg: ILQConfig, n_learners: int, episodes: int):
 
 
 # --------------------------------------------------------------------------------------------------------- the summary
-
-
 def new_progress(n_learners: int = 0) -> dict:
     """The progress record of a run, saved in every checkpoint: updates done, the evaluations so far, times, each
     learner's sum of Q(data) since the last evaluation, the run's record and its invocations."""
@@ -1419,22 +1359,17 @@ def write_summary(
 
 
 # ------------------------------------------------------------------------------------------- after training: a policy
-
-
 class Policy:
     """The deterministic policy tanh(mean) of one learner of a run: policy(obs) -> action for one observation or a
     batch (Dict observations flattened as in training), jitted; policy.env() makes the run's evaluation env."""
 
     def __init__(self, cfg: ILQConfig, actor_params, eval_env: EvalEnv, method: str, seed: int, updates: int):
-        self.params, self.eval_env, self.method, self.seed, self.updates = actor_params, eval_env, method, seed, updates
+        self.params, self.env, self.method, self.seed, self.updates = actor_params, eval_env.make, method, seed, updates
         self.act = jax.jit(partial(deterministic_action, cfg.actor))
 
     def __call__(self, obs) -> np.ndarray:
         x = jnp.asarray(flatten_obs(obs))
         return np.asarray(self.act(self.params, x[None]))[0] if x.ndim == 1 else np.asarray(self.act(self.params, x))
-
-    def env(self, render_mode: Optional[str] = None):
-        return self.eval_env.make(render_mode=render_mode)
 
 
 def load_policy(run_dir: str, method: Optional[str] = None, seed: Optional[int] = None) -> Policy:
@@ -1466,23 +1401,15 @@ def evaluate_run(args: Args, eval_seed: Optional[int]) -> dict:
         )
     returns, stamp = returns.reshape(n, episodes), time.strftime("%Y%m%d-%H%M%S")
     norm = info.normalize(returns)
+    one = dict(eval_steps=[progress["updates"]], returns=[returns.tolist()], q_data=[[None] * n])  # as one evaluation
+    one.update(normalized_scores=[None if norm is None else norm.mean(1).tolist()])
     out = dict(run=args.evaluate, updates=progress["updates"], env=info.eval_env.id, env_note=info.eval_env.note)
-    out.update(episodes=episodes, start_seeds=list(range(start, start + episodes)), std="sample std over seeds (ddof=1)")
-    out.update(invocation=invocation(), versions=package_versions(), methods={})
+    out.update(episodes=episodes, start_seeds=list(range(start, start + episodes)), invocation=invocation())
+    out.update(versions=package_versions(), methods={})
     for g, m in enumerate(methods):
-        rows = method_rows(g, n, len(methods))
-        values = (returns if norm is None else norm)[rows].mean(1)
-        per_seed = [
-            dict(seed=s, returns=returns[i].tolist(), mean_return=float(returns[i].mean()))
-            for i, s in zip(range(rows.start, rows.stop), seeds)
-        ]
-        if norm is not None:
-            for p, i in zip(per_seed, range(rows.start, rows.stop)):
-                p["mean_normalized_score"] = float(norm[i].mean())
-        out["methods"][m] = dict(
-            mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else None, seeds=per_seed
-        )
-        print(f"[ilq] {m}: {'normalised score' if norm is not None else 'return'} {spread(values)} over {len(seeds)} seed(s)")
+        out["methods"][m] = summarize(one, seeds, method_rows(g, n, len(methods)))
+        finals = [p["final_return" if norm is None else "final_normalized_score"] for p in out["methods"][m]["seeds"]]
+        print(f"[ilq] {m}: {'return' if norm is None else 'normalised score'} {spread(finals)} over {len(seeds)} seed(s)")
     videos = VideoRecorder(
         dataclasses.replace(args, capture_video_every=None, eval_seed=start), info, cfg, methods, n, args.evaluate
     )
@@ -1494,8 +1421,6 @@ def evaluate_run(args: Args, eval_seed: Optional[int]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- the command line
-
-
 MAY_ADD = {  # the modes that read a run folder, and the only flags that may come with each (they change no learner)
     "resume": ("stop_after", "time_box_min", "eval_workers"),
     "evaluate": ("eval_episodes", "eval_env_id", "eval_seed", "capture_video"),
@@ -1507,7 +1432,7 @@ def refuse_flags(mode: str, given: list) -> None:
     """--resume, --evaluate and --plot read a run folder: refused with any flag but the few each may take."""
     if extra := [f for f in given if f not in map(flag, (mode, *MAY_ADD[mode]))]:
         also = f"; it may take {', '.join(map(flag, MAY_ADD[mode]))}" if MAY_ADD[mode] else ""
-        advice = " (to train longer, start a new run with a larger --total-steps)" if mode == "resume" else ""
+        advice = " (to evaluate its policies again: --evaluate RUN; to train longer: a new run)" if mode == "resume" else ""
         raise ILQError(f"{flag(mode)} reads a run folder with its saved settings: drop {', '.join(extra)}{also}{advice}.")
 
 
@@ -1553,9 +1478,8 @@ import subprocess
 import urllib.request
 import warnings
 
+
 # -------------------------------------------------------------------------------------------------- errors and signals
-
-
 class ILQError(Exception):
     """A problem the user can fix: main() prints it as one paragraph, without a traceback."""
 
@@ -1636,8 +1560,6 @@ def run_cli(fn, *args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ datasets
-
-
 @dataclass
 class DatasetInfo:
     name: str  # the dataset's id (a generated dataset: the id it is stored under)
@@ -1651,7 +1573,7 @@ class DatasetInfo:
     act_dim: int
     episode_returns: np.ndarray
     fingerprint: str
-    eval_env_given: bool = False  # named by --eval-env-id
+    RECORDED: ClassVar = ("name", "source", "task", "family", "ref_min", "ref_max", "obs_dim", "act_dim")  # in run.json
 
     def normalize(self, returns):
         """D4RL's normalised score 100 * (R - random) / (expert - random); None without reference scores."""
@@ -1723,10 +1645,8 @@ def _fingerprint(arrays: dict) -> str:
 
 def _episode_returns(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Sum rewards per episode; `ends` marks the last step of each episode (the tail counts too)."""
-    cuts = np.flatnonzero(ends) + 1
-    if len(cuts) == 0 or cuts[-1] != len(rewards):
-        cuts = np.append(cuts, len(rewards))
-    return np.add.reduceat(rewards, np.concatenate([[0], cuts[:-1]])) if len(rewards) else np.zeros(0)
+    starts = np.r_[0, np.flatnonzero(ends[:-1]) + 1]
+    return np.add.reduceat(rewards, starts) if len(rewards) else np.zeros(0)
 
 
 def validate_arrays(arrays: dict, name: str) -> None:
@@ -1749,59 +1669,48 @@ def validate_arrays(arrays: dict, name: str) -> None:
 
 
 def read_d4rl_hdf5(path: str, advice: str = "Delete it and download it again.") -> dict:
-    """Transitions of a D4RL-format HDF5 file. Without next_observations the successor is obs[i+1], so rows whose
-    successor is unknown (timeouts, a final row that is not terminal) are dropped, as D4RL's qlearning_dataset drops
-    timeouts (for a file without `timeouts` it guesses them from the env's time limit). advice: what to do with a
-    damaged file."""
+    """Transitions of a D4RL-format HDF5 file, refused unless its arrays are numeric, one row per transition and its
+    flags 0/1. Without next_observations the successor is obs[i+1], so rows whose successor is unknown (timeouts, a
+    final row that is not terminal) are dropped, as D4RL's qlearning_dataset drops timeouts (without `timeouts` it
+    guesses them from the env's time limit). advice: what to do with a damaged file."""
     import h5py
 
     keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
     if os.path.exists(path) and not os.path.isfile(path):  # open() of a FIFO would wait for a writer forever
         kind = "a directory" if os.path.isdir(path) else "a special file (a FIFO, a socket or a device)"
         raise ILQError(f"'{path}' is {kind}, not a regular file: give the path of the D4RL HDF5 file itself.")
-    try:  # a file that cannot be opened is not called truncated or corrupt
-        open(path, "rb").close()
-    except OSError as e:
-        raise ILQError(
-            f"'{path}' cannot be read: {(e.strerror or str(e)).lower()}. Make it readable by this user, or pass a "
-            "readable copy with --dataset-path."
-        ) from None
+    with errors_as(f"'{path}' cannot be read", "Make it readable by this user, or pass a readable copy with --dataset-path."):
+        open(path, "rb").close()  # a file that cannot be opened is not called truncated or corrupt
     with errors_as(f"Could not read '{path}' as HDF5", f"The file is truncated or corrupt. {advice}"):
         with h5py.File(path, "r") as f:
             raw = {k: np.asarray(f[k]) for k in keys if k in f}
             label = f.attrs.get("ilq_local_description")  # a file benchmarks/make_datasets.py made (not D4RL data)
     if label is not None:  # made here, never downloaded: remade, not downloaded again
         advice = "It was made locally (not D4RL data): make it again with `python benchmarks/make_datasets.py`."
+    unusable = f"'{path}' is not a usable D4RL-format file:"
     if missing := [k for k in keys[:4] if k not in raw]:
         raise ILQError(
-            f"'{path}' is not a D4RL-format HDF5 file: it lacks {missing}. Expected: {', '.join(keys)} (the last two "
-            "optional)."
+            f"'{path}' is not a D4RL-format HDF5 file: it lacks {missing}. Expected: {', '.join(keys)} (the last two optional)"
         )
-    per_row = {k: v.shape for k, v in raw.items() if k in ("rewards", "terminals", "timeouts")}
-    if bad := {k: s for k, s in per_row.items() if len(s) == 0 or s[1:] not in ((), (1,))}:
-        raise ILQError(
-            f"'{path}' is not a usable D4RL-format file: {', '.join(f'`{k}` has shape {s}' for k, s in bad.items())}, "
-            f"but rewards, terminals and timeouts hold one value per transition (shape (N,)). {advice}"
-        )
-    if scalars := [k for k, v in raw.items() if v.ndim == 0]:
-        raise ILQError(f"'{path}' is not a usable D4RL-format file: {scalars} are single values, not arrays. {advice}")
     if odd := [f"`{k}` has dtype {v.dtype.str}" for k, v in raw.items() if v.dtype.kind not in "biuf"]:
-        raise ILQError(f"'{path}' is not a usable D4RL-format file: {', '.join(odd)}; every array must hold numbers. {advice}")
+        raise ILQError(f"{unusable} {', '.join(odd)}; every array must hold numbers. {advice}")
+    two_d = ("observations", "actions", "next_observations")
+    wrong = lambda k, v: v.ndim != 2 if k in two_d else v.ndim == 0 or v.shape[1:] not in ((), (1,))  # noqa: E731
+    if bad := [f"`{k}` has shape {v.shape}" for k, v in raw.items() if wrong(k, v)]:
+        raise ILQError(
+            f"{unusable} {', '.join(bad)}, but rewards, terminals and timeouts hold one value per transition (shape (N,)) "
+            f"and the others must be 2-D (transitions x features). {advice}"
+        )
     n = len(raw["observations"])
     if any(len(v) != n for v in raw.values()):
         raise ILQError(f"'{path}' is inconsistent: its arrays have lengths { {k: len(v) for k, v in raw.items()} }. {advice}")
-    shapes = {k: v.shape for k, v in raw.items() if k in ("observations", "actions", "next_observations")}
-    if (
-        n == 0
-        or any(len(s) != 2 for s in shapes.values())
-        or shapes.get("next_observations", shapes["observations"]) != shapes["observations"]
-    ):
+    if n == 0 or raw.get("next_observations", raw["observations"]).shape != raw["observations"].shape:
+        shapes = {k: v.shape for k, v in raw.items() if k in two_d}
         raise ILQError(
-            f"'{path}' is not a usable D4RL-format file: its arrays have shapes {shapes}, but they must be 2-D (transitions "
-            f"x features), non-empty, with next_observations shaped like observations. {advice}"
+            f"{unusable} its arrays ({shapes}) must be non-empty, next_observations shaped like observations. {advice}"
         )
     if flags := [k for k in ("terminals", "timeouts") if k in raw and not np.isin(raw[k], (0, 1)).all()]:
-        raise ILQError(f"'{path}' is not a usable D4RL-format file: {flags} must hold 0/1 (or booleans) only. {advice}")
+        raise ILQError(f"{unusable} {flags} must hold 0/1 (or booleans) only. {advice}")
     obs, terminals = raw["observations"].astype(np.float32), raw["terminals"].reshape(-1).astype(bool)
     timeouts = raw.get("timeouts", np.zeros(n)).reshape(-1).astype(bool)
     keep, next_obs = np.ones(n, bool), raw.get("next_observations", obs).astype(np.float32)
@@ -1957,22 +1866,14 @@ def download_minari(args: Args, dataset_id: str, root: str):
 
     if dataset_id.startswith(LOCAL_NAMESPACE + "/"):
         raise ILQError(
-            f"'{dataset_id}' is not in the local Minari folder. ilq_jax.py generates {LOCAL_NAMESPACE}/<hopper|walker2d|"
-            "halfcheetah>/random-v0 itself; the medium and medium-replay datasets come from "
-            "`python benchmarks/make_datasets.py`."
+            f"'{dataset_id}' is not in the local Minari folder. ilq_jax.py generates {LOCAL_NAMESPACE}/<robot>/random-v0 "
+            "itself; the medium and medium-replay datasets come from `python benchmarks/make_datasets.py`."
         )
     if not args.download:
         raise ILQError(
             f"Minari dataset '{dataset_id}' is not in the local Minari folder and --no-download is set. Run "
             f"`minari download {dataset_id}` on a machine with network access."
         )
-    try:
-        import huggingface_hub  # noqa: F401  Minari's remote store needs it (minari's `hf` extra)
-    except ImportError:
-        raise ILQError(
-            f"Minari dataset '{dataset_id}' is not on disk, and downloading it needs huggingface_hub (Minari's `hf` "
-            "extra), which is not installed: `pip install -r requirements.txt` installs it."
-        ) from None
     what = f"Minari dataset '{dataset_id}' is not on disk and could not be downloaded"
     with errors_as(what, f"Run `minari download {dataset_id}` where the network is reachable, or copy it into {root}."):
         return minari.load_dataset(dataset_id, download=True)
@@ -2071,7 +1972,7 @@ def load_dataset(args: Args) -> tuple[Transitions, DatasetInfo]:
     obs_dim, act_dim = arrays["observations"].shape[1], arrays["actions"].shape[1]
     info = DatasetInfo(**meta, obs_dim=obs_dim, act_dim=act_dim, episode_returns=returns, fingerprint=_fingerprint(arrays))
     if args.eval_env_id:
-        info.eval_env, info.eval_env_given = gym_env(args.eval_env_id), True
+        info.eval_env = gym_env(args.eval_env_id)
     return Transitions(**{k: jnp.asarray(arrays[k], jnp.float32) for k in Transitions._fields}), info
 
 
@@ -2083,17 +1984,15 @@ def describe_dataset(data: Transitions, info: DatasetInfo) -> str:
         refs = (
             f"reference scores min {info.ref_min:g} / max {info.ref_max:g}; dataset mean normalised return {norm.mean():.2f}"
         )
-    lines = [f"[data] {info.name}: {info.source}"]
-    lines.append(f"[data] {len(data.rewards)} transitions, {len(r)} episodes, obs dim {info.obs_dim}, action dim ")
-    lines[-1] += f"{info.act_dim}, terminals {int(np.asarray(data.terminals).sum())}"
-    lines.append(f"[data] episode return mean {r.mean():.1f} / std {r.std():.1f} / min {r.min():.1f} / max {r.max():.1f}")
-    lines.append(f"[data] evaluation env {env}; {refs}")
-    return "\n".join(lines)
+    return (
+        f"[data] {info.name}: {info.source}\n[data] {len(data.rewards)} transitions, {len(r)} episodes, obs dim "
+        f"{info.obs_dim}, action dim {info.act_dim}, terminals {int(np.asarray(data.terminals).sum())}\n[data] episode "
+        f"return mean {r.mean():.1f} / std {r.std():.1f} / min {r.min():.1f} / max {r.max():.1f}\n[data] evaluation env "
+        f"{env}; {refs}"
+    )
 
 
 # --------------------------------------------------------------------- evaluation envs where D4RL's data were recorded
-
-
 # D4RL locomotion data come from gym's -v2 envs (mujoco-py); Gymnasium's -v4 envs reproduce their model, observation,
 # reward (alive bonus on every step, the terminal one included), termination and reset noise (-v5 changes Walker2d's
 # foot friction and drops the terminal step's healthy reward); restore_v2_masses undoes MuJoCo 2.1.2's capsule masses.
@@ -2252,13 +2151,10 @@ V2_MASS_FIELDS = ("body_mass", "body_inertia", "body_ipos", "body_iquat")  # wha
 
 def restore_v2_masses(env: gym.Env) -> None:
     """Give a Gymnasium MuJoCo env the body masses, inertias and inertial frames that MuJoCo before 2.1.2 (mujoco-py,
-    where D4RL's -v2 data were recorded) compiled from the same MJCF. MuJoCo 2.1.2's changelog (Bug fixes 7,
-    mujoco.readthedocs.io/en/2.1.2/changelog.html): "Computed capsule inertias are now exact. Until this change,
-    capsule masses and inertias computed by the compiler's inertiafromgeom mechanism were approximated by a cylinder,
-    formed by the capsule's cylindrical middle section, extended on both ends by half the capsule radius." So a copy
-    of the MJCF with every capsule replaced by that cylinder is compiled (its settotalmass, as halfcheetah's, scales
-    the cylinder-based masses as the old compiler did) and its mass properties are copied into the env's model; the
-    contacts still use the capsules."""
+    where D4RL's -v2 data were recorded) compiled from the same MJCF: until 2.1.2 "capsule masses and inertias [...]
+    were approximated by a cylinder [...] extended on both ends by half the capsule radius" (its changelog). A copy of
+    the MJCF with every capsule replaced by that cylinder is compiled (settotalmass, as halfcheetah's, scales them as
+    the old compiler did) and its mass properties are copied into the env's model; the contacts keep the capsules."""
     import xml.etree.ElementTree as ET
 
     import mujoco
@@ -2322,22 +2218,14 @@ def make_env(info: DatasetInfo, num_envs: int = 1):
     act_dim = int(np.prod(envs.single_action_space.shape))
     if (obs_dim, act_dim) != (info.obs_dim, info.act_dim):
         envs.close()
-        advice = "The dataset names this env, yet its data do not fit it"
-        if info.eval_env_given:
-            advice = "The env was named with --eval-env-id"
-        elif info.family in ("maze2d", "pen") and info.task:
-            advice = "D4RL's maze2d/pen data were recorded on envs whose observations differ from Gymnasium-Robotics' today"
-        advice += ": name an env that matches the data with --eval-env-id."
         raise ILQError(
             f"Evaluation env {sid} has observation size {obs_dim} and action size {act_dim}, but the dataset "
-            f"'{info.name}' has {info.obs_dim} and {info.act_dim}. {advice}"
+            f"'{info.name}' has {info.obs_dim} and {info.act_dim}: name an env that fits the data with --eval-env-id."
         )
     return envs
 
 
 # --------------------------------------------------------------------------------------------------------- model files
-
-
 def package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -2440,9 +2328,7 @@ def load_artifact(path: str, kind: str, info: DatasetInfo, advice: Optional[str]
         raw = open(path, "rb").read()
         if sha256(raw) != side["msgpack_sha256"]:
             raise ValueError("its bytes do not match the msgpack_sha256 its sidecar records")
-        model = flax.serialization.from_bytes(template, raw)
-        if [x.shape for x in jax.tree_util.tree_leaves(model)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
-            raise ValueError("its arrays have other shapes than the sidecar's architecture")
+        model = restore(template, raw)
     return model, side
 
 
@@ -2498,8 +2384,6 @@ def load_or_train(kind: str, args: Args, data: Transitions, info: DatasetInfo, f
 
 
 # ----------------------------------------------------------------------------------------------------------- run files
-
-
 def slug(name: str) -> str:
     """A name as one path component (run folders, model cache folders)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -2593,29 +2477,26 @@ def save_checkpoint(run_dir: str, state: ILQState, progress: dict) -> None:
         _atomic_write(os.path.join(run_dir, CHECKPOINT), flax.serialization.msgpack_serialize(record))
 
 
-def read_checkpoint(run_dir: str) -> tuple[dict, bytes]:
-    """(progress record, state bytes) of a run's checkpoint, refused unless whole: its state matches its SHA-256."""
-    path = os.path.join(run_dir, CHECKPOINT)
+def restore(template, raw: bytes):
+    """flax's from_bytes into template, refused (ValueError) when its arrays have other shapes (flax does not check)."""
+    tree = flax.serialization.from_bytes(template, raw)
+    if [x.shape for x in jax.tree_util.tree_leaves(tree)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
+        raise ValueError("its arrays have other shapes than the networks they are loaded into")
+    return tree
+
+
+def read_checkpoint(run_dir: str, template=None) -> tuple:
+    """(progress record, the learners' state restored into template; None: its bytes) of a run's checkpoint, refused
+    unless whole: its state matches its SHA-256 (and the template's shapes)."""
     raw = _read_run_file(run_dir, CHECKPOINT, "no checkpoint")
-    with errors_as(f"{run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
+    with errors_as(f"{run_dir}: {os.path.join(run_dir, CHECKPOINT)} is damaged", "Nothing was changed in the run folder."):
         record = flax.serialization.msgpack_restore(raw)
-        progress, state_bytes = json.loads(record["progress"]), record["state"]
-        if sha256(state_bytes) != record["sha256"]:
+        progress, state = json.loads(record["progress"]), record["state"]
+        if sha256(state) != record["sha256"]:
             raise ValueError("its train state does not match its SHA-256")
         if not (isinstance(progress, dict) and set(new_progress()) <= set(progress)):
             raise ValueError(f"its progress record lacks {sorted(set(new_progress()) - set(progress))} (another version?)")
-    return progress, state_bytes
-
-
-def load_checkpoint(run_dir: str, template: ILQState) -> tuple[ILQState, dict]:
-    """The train state (shaped like template) and progress record of a run's checkpoint."""
-    progress, state_bytes = read_checkpoint(run_dir)
-    path = os.path.join(run_dir, CHECKPOINT)
-    with errors_as(f"{run_dir}: {path} is damaged", "Nothing was changed in the run folder."):
-        state = flax.serialization.from_bytes(template, state_bytes)
-        if [x.shape for x in jax.tree_util.tree_leaves(state)] != [x.shape for x in jax.tree_util.tree_leaves(template)]:
-            raise ValueError("its arrays have other shapes than this run's networks")
-    return state, progress
+        return progress, state if template is None else restore(template, state)
 
 
 def same_inputs(run_dir: str, saved: dict, inputs: dict) -> None:
@@ -2651,16 +2532,17 @@ def finished_run(args: Args, info: DatasetInfo, methods, seeds, run_dir: str, pr
 def read_run(run_dir: str, eval_env_id: Optional[str] = None):
     """A run folder's learners from its checkpoint (finished or stopped), refused in one paragraph unless it is a
     whole run of this version: (ILQConfig, progress record, every learner's state, the DatasetInfo of its record)."""
-    progress, _ = read_checkpoint(run_dir)
+    progress, state = read_checkpoint(run_dir)
     record = progress["record"]
     if not {"config", "dataset", "evaluation", "protocol"} <= set(record):
         raise ILQError(f"{run_dir}: its checkpoint holds no run record of this version of ilq_jax.py.")
     cfg = ILQConfig(**record["config"])
     keys = jnp.stack([jax.random.PRNGKey(0)] * len(record["protocol"]["methods"]) * len(record["protocol"]["seeds"]))
-    state, _ = load_checkpoint(run_dir, jax.eval_shape(jax.vmap(partial(init_train_state, cfg)), keys))
-    ds, env = record["dataset"], gym_env(eval_env_id) if eval_env_id else eval_env_from(record["evaluation"])
-    info = DatasetInfo(**{k: ds[k] for k in ("name", "source", "task", "family", "ref_min", "ref_max", "obs_dim", "act_dim")},
-                       eval_env=env, episode_returns=np.zeros(0), fingerprint=ds["fingerprint"])  # fmt: skip
+    with errors_as(f"{run_dir}: {os.path.join(run_dir, CHECKPOINT)} is damaged", "Nothing was changed in the run folder."):
+        state = restore(jax.eval_shape(jax.vmap(partial(init_train_state, cfg)), keys), state)
+    env = gym_env(eval_env_id) if eval_env_id else eval_env_from(record["evaluation"])
+    fields = {k: record["dataset"][k] for k in (*DatasetInfo.RECORDED, "fingerprint")}
+    info = DatasetInfo(**fields, eval_env=env, episode_returns=np.zeros(0))
     return cfg, progress, state, info
 
 
@@ -2728,18 +2610,55 @@ def shard_learners(state: TrainState, frozen: Frozen, run_keys, n_learners: int)
 
 
 # ----------------------------------------------------------------- logs: TensorBoard, progress lines; evaluation workers
-
-
-def tensorboard_writer(logdir: str):
-    """TensorBoard's own framework-free writer (no TensorFlow or torch): writer.add_scalar(tag, value, step)."""
+def tensorboard_writer(logdir: str, curves=()):
+    """TensorBoard's own framework-free writer (no TensorFlow or torch), with these (tag, value, step) written:
+    writer.add_scalar(tag, value, step)."""
     from tensorboard.summary import Writer
 
-    return Writer(logdir)
+    writer = Writer(logdir)
+    for curve in curves:
+        writer.add_scalar(*curve)
+    return writer
 
 
 def rate_and_time_left(done: int, total: int, seconds: float, unit: str) -> str:
     rate = done / max(seconds, 1e-9)
     return f"{rate:7.1f} {unit}/s | time left {(total - done) / max(rate, 1e-9):5.0f}s"
+
+
+class RunLog:
+    """A run's logs: TensorBoard per learner (runs/<run>/seed_<s>, or runs/<run>/<method>/seed_<s>) and the console's
+    progress line (at least every PROGRESS_EVERY_S) and evaluation lines (per method: mean +- sample std over seeds)."""
+
+    def __init__(self, run_dir: str, methods: tuple, seeds: list, total_steps: int):
+        self.methods, self.total_steps, self.last = methods, total_steps, time.time()
+        folders = [f"{m}/seed_{s}" if len(methods) > 1 else f"seed_{s}" for m in methods for s in seeds]
+        self.writers = [tensorboard_writer(os.path.join(run_dir, folder)) for folder in folders]
+
+    def updates(self, step: int, metrics: dict, updates_per_s: float, train_time_s: float) -> None:
+        for i, w in enumerate(self.writers):
+            for name, values in metrics.items():
+                if np.isfinite(values[i]).all():  # an ablation has no y_img - y_lmt (NaN)
+                    w.add_scalar(name, float(np.mean(values[i])), step)
+            w.add_scalar("charts/SPS", updates_per_s, step)
+        if time.time() - self.last >= PROGRESS_EVERY_S:
+            line = f"[ilq] update {step:8d}/{self.total_steps} | Q(data) {float(np.mean(metrics['losses/q_data'])):8.2f} | "
+            line += f"alpha {float(np.mean(metrics['losses/alpha'])):.3f} | {len(self.writers)} learner(s) at "
+            print(line + rate_and_time_left(step, self.total_steps, train_time_s, "updates"), flush=True)
+            self.last = time.time()
+
+    def evaluation(self, step: int, returns, norm) -> None:
+        for i, w in enumerate(self.writers):
+            w.add_scalar("eval/episodic_return", returns[i].mean(), step)
+            if norm is not None:
+                w.add_scalar("eval/normalized_score", norm[i].mean(), step)
+        values, n = (returns if norm is None else norm).mean(1), len(self.writers)
+        parts = [f"{m} {spread(values[method_rows(g, n, len(self.methods))])}" for g, m in enumerate(self.methods)]
+        print(f"[ilq] evaluation at update {step:8d} | {'return' if norm is None else 'normalised'} {' | '.join(parts)}")
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
 
 
 class PretrainProgress:
@@ -2850,8 +2769,6 @@ class Evaluator:
 
 
 # -------------------------------------------------------------------------------------------------- figures and videos
-
-
 def optional_output(what: str, advice: str, fn, *args) -> bool:
     """fn(*args) for an extra of a run (a figure, a video): a failure is said in one sentence and the run goes on."""
     try:
@@ -2977,8 +2894,6 @@ class VideoRecorder:
 
 
 # ---------------------------------------------------------------------------------------------------- the command line
-
-
 def parse_flags(cls, argv: list, description: Optional[str] = None):
     """The command line as a flags dataclass made of flag groups (its bases, each with its GROUP): --help shows one
     box per group, and the flags keep their plain names (--env-id, not --data.env-id)."""

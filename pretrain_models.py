@@ -52,10 +52,7 @@ def pretrain(p: PretrainArgs) -> None:
         ilq_jax.load_or_pretrain(args, data, info, force=p.force, curves=curves)
     finally:  # the curves of what was trained, even when a signal ended the rest
         if curves:
-            tb = ilq_jax.tensorboard_writer(log_dir)
-            for tag, value, step in curves:
-                tb.add_scalar(tag, value, step)
-            tb.close()
+            ilq_jax.tensorboard_writer(log_dir, curves).close()
     print(f"[models] done in {time.time() - t0:.1f}s" + (f"; TensorBoard logs in {log_dir}" if curves else ""))
 
 

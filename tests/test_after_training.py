@@ -58,12 +58,13 @@ def test_evaluate_scores_every_learner_again_with_more_episodes_and_touches_noth
     (path,) = glob.glob(os.path.join(run, "evaluation-*.json"))
     out = json.load(open(path))
     assert out["updates"] == 40 and out["episodes"] == 3 and out["start_seeds"] == [start, start + 1, start + 2]
-    for i, s in enumerate(out["methods"]["ilq"]["seeds"]):
-        assert len(s["returns"]) == 3 and s["seed"] == 3 + i
-        np.testing.assert_allclose(s["returns"][:2], summary["seeds"][i]["returns"][-1], rtol=1e-3, atol=0.02)
-    assert np.isclose(
-        out["methods"]["ilq"]["std"], np.std([s["mean_normalized_score"] for s in out["methods"]["ilq"]["seeds"]], ddof=1)
-    )
+    ilq_ = out["methods"]["ilq"]  # as summary.json's, for one evaluation of 3 episodes
+    for i, s in enumerate(ilq_["seeds"]):
+        (returns,) = s["returns"]
+        assert len(returns) == 3 and s["seed"] == 3 + i
+        np.testing.assert_allclose(returns[:2], summary["seeds"][i]["returns"][-1], rtol=1e-3, atol=0.02)
+    finals = [s["final_normalized_score"] for s in ilq_["seeds"]]
+    assert np.isclose(ilq_["final_normalized_score_std"], np.std(finals, ddof=1)) and ilq_["std"].endswith("(ddof=1)")
     assert {f: open(f, "rb").read() for f in before} == before  # the run's own files are untouched
     os.remove(path)
     with pytest.raises(ilq.ILQError, match="--evaluate reads a run folder .*drop --total-steps"):

@@ -249,7 +249,7 @@ def test_an_unreadable_file_is_called_unreadable_not_corrupt(tmp_path):
     write_d4rl(tmp_path / "h.hdf5")
     os.chmod(tmp_path / "h.hdf5", 0)
     try:
-        with pytest.raises(ilq.ILQError, match="cannot be read: permission denied") as e:
+        with pytest.raises(ilq.ILQError, match=r"cannot be read \(PermissionError") as e:
             _load(dataset_path=str(tmp_path / "h.hdf5"))
         assert "truncated or corrupt" not in str(e.value)
     finally:

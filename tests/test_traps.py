@@ -123,7 +123,7 @@ def test_the_messages_say_what_happened(tmp_path, monkeypatch):
     # two runs started at the same instant with one --run-name: the second is told so, not to free disk space
     real = ilq.memory_check
     monkeypatch.setattr(ilq, "memory_check", lambda *a: os.makedirs("runs/same") or real(*a))
-    with pytest.raises(ilq.ILQError, match="was just made by another process; pick another --run-name"):
+    with pytest.raises(ilq.ILQError, match=r"Run folder runs/same already exists; pick another --run-name"):
         ilq.train(tiny_args(tmp_path, run_name="same"))
     monkeypatch.setattr(ilq, "memory_check", real)
     # --plot on a summary of another shape names the summary, not matplotlib
