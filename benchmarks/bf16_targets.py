@@ -76,7 +76,7 @@ def main(argv=None):
         "",
         f"Dataset `{info.name}` with its '{a.budget}'-budget models; one learner after {a.updates} float32 updates (seed "
         f"{a.seed}); {a.batches} minibatches of {cfg.batch_size} states (M = {cfg.num_behavior_samples}), the same "
-        "draws with the float32 models and with their bfloat16 copies (`--bf16-models`).",
+        "draws with the float32 models and with the same models computing in bfloat16 (`--bf16-models`).",
         "",
         "| quantity | float32 std | mean abs difference | max abs difference | mean difference / std |",
         "|---|---|---|---|---|",
