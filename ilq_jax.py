@@ -11,9 +11,8 @@ the usual Bellman target. Every action of the current policy is treated as out-o
     python ilq_jax.py --methods ilq,no-imagination,no-limitation --num-seeds 5   # the paper's protocol, one program
     python ilq_jax.py --evaluate runs/NAME --eval-episodes 100   # a trained run's policies again (--capture-video)
 
-Part I (ILQ itself) imports only jax, flax, optax, chex and numpy: copy the file, or this part alone, into your code.
-Part II runs it (flags, a run's settings, the frozen models, train, evaluation, the summary, load_policy); Part III is
-plumbing a reader of the algorithm may skip (datasets, evaluation envs, model and run files, logs).
+Part I (ILQ) imports only jax, flax, optax, chex and numpy: copy the file, or this part alone. Part II runs it (flags,
+settings, frozen models, train, evaluation, summary, load_policy); Part III is plumbing (data, envs, files, logs).
 
     paper                                           Part I
     Eq. 5     dynamics model, maximum likelihood    DynamicsEnsemble, dynamics_loss, train_dynamics; dynamics_step
@@ -235,7 +234,8 @@ def terminated(family: str, next_obs):
     """Termination of imagined transitions (the paper has none; MOPO's hand-written functions). A non-finite state is
     always terminal, so it can never feed a bootstrap."""
     finite = jnp.all(jnp.isfinite(next_obs), -1)
-    height, angle = next_obs[..., 0], next_obs[..., 1]
+    height = next_obs[..., 0]
+    angle = next_obs[..., 1]
     if family == "hopper":  # |obs[1:]| < 100 elementwise (the common port applies abs to a boolean)
         healthy = jnp.all(jnp.abs(next_obs[..., 1:]) < 100, -1) & (height > 0.7) & (jnp.abs(angle) < 0.2)
     elif family == "walker2d":
@@ -357,9 +357,8 @@ class ILQConfig:
 
     @classmethod
     def for_task(cls, task: Optional[str], obs_dim: int, act_dim: int, total_steps: int, **overrides) -> ILQConfig:
-        """The paper's settings for a D4RL task name such as "hopper-medium-replay" (Tables 3-6: eta, delta, penalty,
-        learning rates; Adroit: no entropy, a cosine schedule); a task not in the tables gets DEFAULT_HPARAMS.
-        overrides: any field's value instead."""
+        """The paper's settings for a D4RL task such as "hopper-medium-replay" (Tables 3-6: eta, delta, penalty, learning
+        rates; Adroit: no entropy, cosine decay; others: DEFAULT_HPARAMS), overrides: any field's value instead."""
         adroit = task in ADROIT_TASKS
         paper = dict(zip(TABLE_FIELDS, PAPER_HPARAMS.get(task, DEFAULT_HPARAMS)), entropy=not adroit, cosine_lr=adroit)
         return cls(obs_dim=obs_dim, act_dim=act_dim, total_steps=total_steps, **{**paper, **overrides})
@@ -399,7 +398,8 @@ class Targets(NamedTuple):
 def init_train_state(cfg: ILQConfig, key) -> ILQState:
     """Algorithm 1, line 1: the actor, the twin critics, the targets as copies of the critics, log alpha = 0."""
     k_actor, k_critic = jax.random.split(key)
-    obs, act = jnp.zeros((1, cfg.obs_dim)), jnp.zeros((1, cfg.act_dim))
+    obs = jnp.zeros((1, cfg.obs_dim))
+    act = jnp.zeros((1, cfg.act_dim))
     actor = TrainState.create(apply_fn=cfg.actor.apply, params=cfg.actor.init(k_actor, obs), tx=cfg.optimizer(cfg.actor_lr))
     theta = cfg.critic.init(k_critic, obs, act)
     critic = CriticState.create(apply_fn=cfg.critic.apply, params=theta, tx=cfg.optimizer(cfg.critic_lr), target_params=theta)
@@ -419,13 +419,16 @@ def one_pass(fn, axis: int, **sets) -> dict:
 def ilb_targets(cfg: ILQConfig, state: ILQState, frozen: Frozen, batch: Transitions, a_beh, key) -> Targets:
     """The Imagination-Limited Bellman targets of one minibatch (Eq. 17-20), under stop-gradient. a_beh: Eq. 20's M
     behaviour actions at the batch's states, (B, M, act) (None without the limitation)."""
-    b, n, m = batch.rewards.shape[0], cfg.num_ood_actions, cfg.num_behavior_samples
+    b = batch.rewards.shape[0]
+    n = cfg.num_ood_actions
+    m = cfg.num_behavior_samples
 
     def value(q, logp):  # min_j Q_theta-_j(s', a'); Eq. 17 and 19 have no -alpha log pi (--target-entropy-bonus adds it)
         return q.min(0) - temperature(cfg, state) * logp if cfg.target_entropy_bonus else q.min(0)
 
     k_next, k_ood, k_img, k_img_next = jax.random.split(key, 4)
-    s, s_next = batch.observations, batch.next_observations
+    s = batch.observations
+    s_next = batch.next_observations
     s_ood = jnp.repeat(s, n, axis=0)  # each dataset state once per OOD action
 
     # a' ~ pi(.|s') (Eq. 17) and the OOD actions a_oos ~ pi(.|s): "we directly treat policy pi as the sampling
@@ -464,8 +467,8 @@ def ilb_targets(cfg: ILQConfig, state: ILQState, frozen: Frozen, batch: Transiti
 def critic_loss(cfg: ILQConfig, critic_params, batch: Transitions, targets: Targets):
     """Eq. 16: eta * in-sample TD error + (1 - eta) * OOD error, each averaged over its own set, summed over the twin
     critics (each regresses to the same target). One critic pass over the dataset and the OOD pairs."""
-    data_pairs, ood_pairs = (batch.observations, batch.actions), (targets.s_ood, targets.a_ood)
-    q = one_pass(partial(cfg.critic.apply, critic_params), 1, data=data_pairs, ood=ood_pairs)  # (2, B), (2, B*N)
+    pairs = dict(data=(batch.observations, batch.actions), ood=(targets.s_ood, targets.a_ood))
+    q = one_pass(partial(cfg.critic.apply, critic_params), 1, **pairs)  # (2, B), (2, B*N)
     loss_in = jnp.mean((q["data"] - targets.y_in) ** 2, axis=1).sum()
     loss_ood = jnp.mean((q["ood"] - targets.y_ood) ** 2, axis=1).sum()
     return cfg.eta * loss_in + (1.0 - cfg.eta) * loss_ood, (loss_in, loss_ood, q["data"].mean(), q["ood"].mean())
@@ -622,24 +625,25 @@ def train_dynamics(
     done of all epochs after every jitted call of DYNAMICS_BATCHES_PER_CALL, with an epoch's losses at its end.
     Returns the model and its training record."""
     model = init_dynamics(data.observations.shape[1], data.actions.shape[1], family, seed=seed, **sizes)
-    members, elites = model.members, len(model.elites)
-    obs, act = np.asarray(data.observations), np.asarray(data.actions)
-    x = np.concatenate([obs, act], -1)
+    obs = np.asarray(data.observations)
+    x = np.concatenate([obs, np.asarray(data.actions)], -1)
     y = np.concatenate([np.asarray(data.next_observations) - obs, np.asarray(data.rewards)[:, None]], -1)
     rng = np.random.default_rng(seed)
     hold, train = np.split(rng.permutation(len(x)), [min(int(0.2 * len(x)), 1000)])
-    mean, std = x[train].mean(0), x[train].std(0)
+    mean = x[train].mean(0)
+    std = x[train].std(0)
     std[std < 1e-12] = 1.0
-    xs, ys, hold = jnp.asarray((x - mean) / std, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(hold)
-    boot = jnp.asarray(train[rng.integers(0, len(train), size=(members, len(train)))])
+    xs = jnp.asarray((x - mean) / std, jnp.float32)
+    ys = jnp.asarray(y, jnp.float32)
+    boot = jnp.asarray(train[rng.integers(0, len(train), size=(model.members, len(train)))])
     n_batches = max(1, len(train) // batch_size)
     model = model.replace(input_mean=jnp.asarray(mean, jnp.float32), input_std=jnp.asarray(std, jnp.float32))
     opt = optax.adam(lr)
 
     @jax.jit
     def shuffle(key, boot):  # (batches, members, batch_size): each member its own minibatch of its own bootstrap
-        idx = jax.vmap(jax.random.permutation)(jax.random.split(key, members), boot)
-        return idx[:, : n_batches * batch_size].reshape(members, n_batches, -1).transpose(1, 0, 2)
+        idx = jax.vmap(jax.random.permutation)(jax.random.split(key, model.members), boot)
+        return idx[:, : n_batches * batch_size].reshape(model.members, n_batches, -1).transpose(1, 0, 2)
 
     @jax.jit
     def fit(params, opt_state, batches, xs, ys):
@@ -653,11 +657,14 @@ def train_dynamics(
         return params, opt_state, losses.sum()
 
     holdout_mse = jax.jit(lambda p, xs, ys, h: jnp.mean((model.net.apply(p, xs[h])[0] - ys[h]) ** 2, (1, 2)))
-    params, opt_state, key = model.params, opt.init(model.params), jax.random.PRNGKey(seed + 1)
+    params = model.params
+    opt_state = opt.init(params)
+    key = jax.random.PRNGKey(seed + 1)
     t0 = time.time()
     for ep in range(1, epochs + 1):
         key, sub = jax.random.split(key)
-        batches, loss_sum = shuffle(sub, boot), 0.0
+        batches = shuffle(sub, boot)
+        loss_sum = 0.0
         for i in range(0, n_batches, DYNAMICS_BATCHES_PER_CALL):
             params, opt_state, chunk_loss = fit(params, opt_state, batches[i : i + DYNAMICS_BATCHES_PER_CALL], xs, ys)
             loss_sum += chunk_loss
@@ -665,7 +672,7 @@ def train_dynamics(
             if callback and done < n_batches:  # a report can follow each call
                 callback((ep - 1) * n_batches + done, epochs * n_batches, {})
         mse = np.asarray(holdout_mse(params, xs, ys, hold))
-        elite_idx = np.sort(np.argsort(mse)[:elites])
+        elite_idx = np.sort(np.argsort(mse)[: len(model.elites)])
         record = dict(epoch=ep, train_loss=float(loss_sum) / n_batches, holdout_mse=mse.tolist())
         record.update(holdout_mse_elites=float(mse[elite_idx].mean()), elites=elite_idx.tolist())
         if callback:
@@ -697,7 +704,8 @@ def train_diffusion(
     callback(done, total, {"loss": ...}), if given, hears the steps done after every call of steps_per_call steps.
     Returns the model and its training record."""
     beh = init_behavior(data.observations.shape[1], data.actions.shape[1], K, hidden, seed)
-    key, opt = jax.random.PRNGKey(seed), optax.adam(lr)
+    key = jax.random.PRNGKey(seed)
+    opt = optax.adam(lr)
 
     @partial(jax.jit, static_argnums=3)
     def run(beh, opt_state, key, n_steps, data):
@@ -713,7 +721,9 @@ def train_diffusion(
         (beh, opt_state), losses = jax.lax.scan(step, (beh, opt_state), jax.random.split(key, n_steps))
         return beh, opt_state, losses.mean()
 
-    opt_state, done, t0 = opt.init(beh.params), 0, time.time()
+    opt_state = opt.init(beh.params)
+    done = 0
+    t0 = time.time()
     while done < steps:
         n = min(steps_per_call, steps - done)
         key, sub = jax.random.split(key)

@@ -382,7 +382,11 @@ def test_part_one_alone_runs_a_fused_update():
     lines = text.splitlines()
     part_one = next(i for i, line in enumerate(lines) if line.startswith("# Part I "))
     ilb = next(i for i, line in enumerate(lines) if line.startswith("def ilb_targets"))
-    assert part_one < 200 and ilb < 0.45 * len(lines), (part_one, ilb, len(lines))
+    update = next(i for i, line in enumerate(lines) if line.startswith("def make_update_fn"))  # right after ilq_update
+    assert part_one < 200 and ilb < 420 and update - ilb <= 150, (part_one, ilb, update)  # Eq. 16-21 read in one piece
+    part_one_text = text[text.index("\n# Part I ") : text.index("\n# Part II")]  # the code (the docstring names flags)
+    for run_option in ("sample_chunk", "method_rows", "bank", "bf16", "mish_one_exp"):  # chosen where a run is assembled
+        assert run_option not in part_one_text, run_option
 
 
 README_SNIPPET_RUN = r"""
