@@ -1168,7 +1168,7 @@ def train(args: Args) -> dict:
         if args.resume:
             if progress["updates"] >= args.total_steps:
                 return finished_run(args, info, methods, seeds, run_dir, progress, seed_bytes)
-            same_inputs(run_dir, progress["inputs"], dict(dataset=dataset))
+            same_dataset(run_dir, progress["inputs"]["dataset"], dataset)
 
         # --- Algorithm 1, lines 2-3: the frozen models (cached, or pretrained now; stoppable between jitted calls) ---
         frozen, bank, models, curves = pretrained_models(args, data, info, methods, stop, run_dir, progress["inputs"])
@@ -2509,12 +2509,11 @@ def read_checkpoint(run_dir: str, template=None) -> tuple:
         return progress, state if template is None else restore(template, state)
 
 
-def same_inputs(run_dir: str, saved: dict, inputs: dict) -> None:
-    """--resume trains on what the run started with: refused when the dataset changed since."""
-    if changed := [k for k, v in inputs.items() if saved.get(k) != v]:
-        was = "; ".join(f"{k} {saved.get(k)} then, {inputs[k]} now" for k in changed)
+def same_dataset(run_dir: str, saved: dict, dataset: dict) -> None:
+    """--resume trains on what the run started with: refused when the dataset changed since (its fingerprint)."""
+    if saved != dataset:
         raise ILQError(
-            f"--resume {run_dir}: the {' and the '.join(changed)} changed since the run started ({was}). A resumed run "
+            f"--resume {run_dir}: the dataset changed since the run started ({saved} then, {dataset} now). A resumed run "
             "trains on what it started with: restore it, or start a new run (nothing was changed in the run folder)."
         )
 
@@ -2565,12 +2564,11 @@ def check_finite(metrics: dict, first_update: int, run_dir: str, learners=None) 
         bad = bad.reshape(-1, bad.shape[-1])
         which, offset = np.unravel_index(int(np.argmax(bad)), bad.shape)
         where = f"update {first_update + offset}" + (f" of {learners[which]}" if learners is not None else "")
-        advice = "No checkpoint was saved before it."
-        if os.path.exists(os.path.join(run_dir, CHECKPOINT)):
-            advice = f"The last good checkpoint is in {run_dir} (python ilq_jax.py --evaluate {run_dir} evaluates its "
-            advice += "policies); to train on, start a new run with a smaller --delta or learning rate (--resume would "
-            advice += "repeat the same updates)."
-        raise ILQError(f"Non-finite loss or Q value at {where}. {advice}")
+        advice = (
+            f"The last good checkpoint is in {run_dir} (python ilq_jax.py --evaluate {run_dir} evaluates its policies); to "
+            "train on, start a new run with a smaller --delta or learning rate (--resume would repeat the same updates)"
+        )
+        raise ILQError(f"Non-finite loss or Q value at {where}. {advice}.")
 
 
 def memory_check(cfg: ILQConfig, args: Args, info: DatasetInfo, transitions: int, n_learners: int) -> int:
