@@ -986,8 +986,8 @@ def effective_hparams(args: Args, info: DatasetInfo) -> dict:
 
 # ------------------------------------------------- Algorithm 1, lines 2-3: the frozen models, cached or pretrained now
 def mish_one_exp(x):
-    """jax.nn.mish's values (to rounding) with one exp: tanh(log(1 + e)) = e(e + 2) / (e(e + 2) + 2), e = exp(x); the
-    whole update runs 21 % faster with it on a CPU, where the diffusion sampler is dominated by mish."""
+    """jax.nn.mish's values (to rounding) with one exp: tanh(log(1 + e)) = e(e + 2) / (e(e + 2) + 2), e = exp(x);
+    cheaper on a CPU, where the diffusion sampler is dominated by mish."""
     e = jnp.exp(jnp.minimum(x, 20.0))
     n = e * (e + 2.0)
     return jnp.where(x > 20.0, x, x * n / (n + 2.0))

@@ -35,17 +35,11 @@ import submitit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from paper_numbers import PAPER  # noqa: E402
+
 import ilq_jax as ilq  # noqa: E402
 
-PAPER = {  # Liu et al., IJCAI 2025, Tables 1-2, ILQ: normalised score, mean ± std over 5 seeds of the last 10 evaluations
-    "halfcheetah-random": (31.7, 0.7), "hopper-random": (31.6, 0.2), "walker2d-random": (21.6, 0.1),
-    "halfcheetah-medium": (65.7, 0.5), "hopper-medium": (92.1, 5.8), "walker2d-medium": (91.5, 0.7),
-    "halfcheetah-medium-replay": (59.6, 1.0), "hopper-medium-replay": (102.7, 0.3), "walker2d-medium-replay": (95.3, 1.8),
-    "halfcheetah-medium-expert": (100.0, 0.4), "hopper-medium-expert": (111.6, 0.6), "walker2d-medium-expert": (117.0, 1.2),
-    "maze2d-umaze": (91.9, 26.0), "maze2d-umaze-dense": (116.2, 15.4), "maze2d-medium": (163.6, 31.4),
-    "maze2d-medium-dense": (137.8, 9.2), "maze2d-large": (198.5, 23.8), "maze2d-large-dense": (152.8, 10.4),
-    "pen-human": (77.3, 7.9), "pen-cloned": (85.6, 10.2),
-}  # fmt: skip
 TABLE_1 = tuple(
     f"{r}-{k}" for k in ("random", "medium", "medium-replay", "medium-expert") for r in ("halfcheetah", "hopper", "walker2d")
 )

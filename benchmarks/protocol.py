@@ -23,21 +23,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from paper_numbers import PAPER  # noqa: E402
 from results_md import command, git_commit, machine, write_section  # noqa: E402
 
 import ilq_jax as ilq  # noqa: E402
 
 METHODS = ("ilq", "no-imagination", "no-limitation")
 NAMES = {"ilq": "ILQ", "no-imagination": "ILQ w/o imagination", "no-limitation": "ILQ w/o limitation"}
-PAPER_TABLE_1 = {  # ILQ's Table 1 (MuJoCo -v2, final 10 evaluations, 5 seeds); Table 2 for maze2d and pen
-    "halfcheetah-random": "31.7 ± 0.7", "hopper-random": "31.6 ± 0.2", "walker2d-random": "21.6 ± 0.1",
-    "halfcheetah-medium": "65.7 ± 0.5", "hopper-medium": "92.1 ± 5.8", "walker2d-medium": "91.5 ± 0.7",
-    "halfcheetah-medium-replay": "59.6 ± 1.0", "hopper-medium-replay": "102.7 ± 0.3", "walker2d-medium-replay": "95.3 ± 1.8",
-    "halfcheetah-medium-expert": "100.0 ± 0.4", "hopper-medium-expert": "111.6 ± 0.6", "walker2d-medium-expert": "117.0 ± 1.2",
-    "maze2d-umaze": "91.9 ± 26.0", "maze2d-umaze-dense": "116.2 ± 15.4", "maze2d-medium": "163.6 ± 31.4",
-    "maze2d-medium-dense": "137.8 ± 9.2", "maze2d-large": "198.5 ± 23.8", "maze2d-large-dense": "152.8 ± 10.4",
-    "pen-human": "77.3 ± 7.9", "pen-cloned": "85.6 ± 10.2",
-}  # fmt: skip
 REHEARSAL = dict(random_dataset_steps=3000, total_steps=40, updates_per_call=10, eval_interval=20, eval_episodes=2,
                  dynamics_epochs=1, diffusion_steps=100, hidden_dim=32, dynamics_hidden=32, batch_size=32,
                  num_behavior_samples=3, sample_chunk=2)  # fmt: skip
@@ -67,7 +59,7 @@ def protocol_args(a, run_name: str) -> ilq.Args:
 
 def table(summary: dict, task, wall_s: float, rehearse: bool, out_md_command: str) -> str:
     methods, ds = summary["methods"], summary["dataset"]
-    paper = PAPER_TABLE_1.get(task) if task else None
+    paper = "{:.1f} ± {:.1f}".format(*PAPER[task]) if task in PAPER else None
     local = "LOCALLY MADE" in ds["source"] or ds["name"].startswith(ilq.LOCAL_NAMESPACE)
     lines = ["**Rehearsal on CPU (tiny sizes and budget): proves the command, measures nothing.**", ""] if rehearse else []
     reached = f"{summary['updates']} of {summary['args']['total_steps']} updates per learner"

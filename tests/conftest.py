@@ -88,16 +88,21 @@ def tiny_config(obs_dim=5, act_dim=2, total_steps=100, **overrides):
     return ilq.ILQConfig.for_task(None, obs_dim, act_dim, total_steps, **{**kw, **overrides})
 
 
+def train_in(folder, **kw):
+    """ilq_jax.train of the tiny run (kw: other settings) with `folder` as the current directory: its runs/ there."""
+    import ilq_jax as ilq
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return ilq.train(tiny_args(folder, **kw))
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run stopped after 20 of 40 updates (--stop-after), with its checkpoint (one per test module)."""
-    import ilq_jax as ilq
-
     tmp = tmp_path_factory.mktemp("stopped")
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
-        assert ilq.train(tiny_args(tmp, run_name="half", stop_after=20)) == {}
-    finally:
-        os.chdir(cwd)
+    assert train_in(tmp, run_name="half", stop_after=20) == {}
     return tmp / "runs" / "half"

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import tiny_args
+from conftest import train_in
 
 import ilq_jax as ilq
 
@@ -19,12 +19,7 @@ import ilq_jax as ilq
 def finished(tmp_path_factory):
     """A tiny finished run of two seeds: evaluations at updates 20 and 40, 2 episodes each."""
     tmp = tmp_path_factory.mktemp("finished")
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
-        summary = ilq.train(tiny_args(tmp, num_seeds=2, seed=3))
-    finally:
-        os.chdir(cwd)
+    summary = train_in(tmp, num_seeds=2, seed=3)
     (run,) = glob.glob(str(tmp / "runs" / "*"))
     return run, summary
 
